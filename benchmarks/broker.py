@@ -1,0 +1,1412 @@
+"""Measure MQTT routing throughput and broker CPU cost for IronShadow and Mosquitto.
+
+For every selected broker and QoS level the script starts a fresh broker on a free
+loopback port, connects N publishers (one topic each, ``bench/{i}``) and one subscriber
+on ``#``, lets the publishers send as fast as the broker accepts for a warm-up period and
+then for the measurement window, and stops the broker again. It reports:
+
+* published and delivered messages per second during the window,
+* broker CPU as a percentage of one core, and broker CPU microseconds per delivered
+  message, from utime + stime in /proc/<pid>/stat of the broker and its child processes,
+* the CPU used by the load generator's own processes, so a reader can tell whether the
+  generator, not the broker, limited the rate.
+
+At QoS 1 each publisher connection keeps a window of unacknowledged PUBLISH packets and
+sends the next one when the broker's PUBACK arrives. The subscriber subscribes with QoS 1
+and acknowledges every delivery.
+
+The load generator writes pre-encoded MQTT 3.1.1 packets through asyncio protocols on
+uvloop and counts deliveries by parsing only the fixed header, so it costs little CPU per
+message. The subscriber runs in its own process, and the publishers in one or more other
+processes.
+
+Usage (from the repository root)::
+
+    /work/venv/bin/python benchmarks/broker.py
+    /work/venv/bin/python benchmarks/broker.py --only mosquitto --duration 5
+    /work/venv/bin/python benchmarks/broker.py --qos 1 --publishers 50 --json
+
+All traffic goes to 127.0.0.1, and only to brokers that this script starts itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import json
+import multiprocessing
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnContext
+from pathlib import Path
+from typing import Any, cast
+
+try:
+    import uvloop
+except ImportError:  # The benchmark still runs, only with a slower generator.
+    uvloop = None
+
+# All brokers listen on loopback only, and no option changes this.
+BROKER_HOST = "127.0.0.1"
+
+DEFAULT_DURATION_S = 10.0
+DEFAULT_WARMUP_S = 2.0
+DEFAULT_PUBLISHERS = 100
+DEFAULT_PUBLISHER_PROCESSES = 1
+DEFAULT_QOS1_WINDOW = 20  # unacknowledged PUBLISH packets per publisher connection
+DEFAULT_PAYLOAD_BYTES = 64
+DEFAULT_MOSQUITTO = "/usr/sbin/mosquitto"
+DEFAULT_IRONSHADOW_CMD = (
+    "{python} -m ironshadow serve --host {host} --mqtt-port {mqtt_port}"
+    " --http-port {http_port} --data-dir {data_dir}"
+)
+
+BROKER_START_TIMEOUT_S = 20.0
+BROKER_STOP_TIMEOUT_S = 5.0
+WORKER_SETUP_TIMEOUT_S = 30.0  # connect, CONNACK and SUBACK for all connections
+WORKER_STOP_TIMEOUT_S = 5.0
+WORKER_STOP_GRACE_S = 5.0  # added to warm-up + duration for the workers' own deadline
+CONNECT_TIMEOUT_S = 10.0
+MAX_CONCURRENT_CONNECTS = 20
+PORT_POLL_INTERVAL_S = 0.1
+
+# A keep-alive of 0 turns the mechanism off (MQTT 3.1.1 section 3.1.2.10), so the
+# subscriber, which sends nothing at QoS 0, needs no PINGREQ.
+KEEPALIVE_S = 0
+
+# Publishers pause once this many messages are published but not yet delivered, and
+# resume below half of it. Without a limit, a broker that accepts messages faster
+# than it delivers them queues them without bound, and its CPU per delivered message
+# then includes receiving messages that are not delivered in the window.
+DEFAULT_MAX_BACKLOG = 20_000
+BACKLOG_POLL_INTERVAL_S = 0.001
+
+QOS0_PACKETS_PER_WRITE = 32
+QOS0_WRITES_PER_CALLBACK = 8  # then yield to the event loop so other connections run
+WRITE_BUFFER_HIGH_BYTES = 256 * 1024
+WRITE_BUFFER_LOW_BYTES = 64 * 1024
+
+# Mosquitto 2.0 defaults to 20 in-flight and 1000 queued QoS 1 messages per client and
+# drops QoS 1 messages beyond that, which would make the subscriber lose deliveries.
+MOSQUITTO_MAX_INFLIGHT_MESSAGES = 1000
+MOSQUITTO_MAX_QUEUED_MESSAGES = 0  # 0 means no limit
+
+# Thresholds for the notes printed under the table.
+GENERATOR_SATURATED_PERCENT = 90.0  # of one core, for a single generator process
+HOST_SATURATED_PERCENT = 95.0  # of all cores
+MIN_DELIVERED_FRACTION = 0.95  # of published messages
+
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+MICROSECONDS_PER_S = 1_000_000
+
+# MQTT 3.1.1 control packet types (the high nibble of the first byte).
+CONNACK = 2
+PUBLISH = 3
+PUBACK = 4
+SUBACK = 9
+PINGRESP = 13
+
+MQTT_PROTOCOL_LEVEL_3_1_1 = 4
+CONNECT_FLAG_CLEAN_SESSION = 0x02
+SUBACK_FAILURE = 0x80
+MAX_PACKET_ID = 0xFFFF
+DISCONNECT_PACKET = b"\xe0\x00"
+PUBACK_HEADER = b"\x40\x02"
+
+# Messages on the control pipe between the parent and a worker process.
+READY = "ready"
+START = "start"
+STOP = "stop"
+ERROR = "error"
+
+
+class BenchmarkError(Exception):
+    """A broker or a load-generator process failed, so one run has no result."""
+
+
+class ProtocolError(Exception):
+    """The broker sent bytes that are not a valid MQTT 3.1.1 packet for this client."""
+
+
+# --- MQTT 3.1.1 packet encoding ------------------------------------------------------
+
+
+def encode_remaining_length(length: int) -> bytes:
+    """Encode the Remaining Length field: 7 bits per byte, high bit set on all but the last."""
+    if not 0 <= length <= 268_435_455:
+        raise ValueError(f"remaining length {length} is outside 0..268435455")
+    encoded = bytearray()
+    while True:
+        digit, length = length % 128, length // 128
+        if length:
+            encoded.append(digit | 0x80)
+        else:
+            encoded.append(digit)
+            return bytes(encoded)
+
+
+def encode_string(text: str) -> bytes:
+    """Encode a UTF-8 string with its two-byte big-endian length prefix."""
+    data = text.encode()
+    return len(data).to_bytes(2, "big") + data
+
+
+def encode_packet(first_byte: int, body: bytes) -> bytes:
+    return bytes([first_byte]) + encode_remaining_length(len(body)) + body
+
+
+def encode_connect(client_id: str, keepalive_s: int) -> bytes:
+    variable_header = (
+        encode_string("MQTT")
+        + bytes([MQTT_PROTOCOL_LEVEL_3_1_1, CONNECT_FLAG_CLEAN_SESSION])
+        + keepalive_s.to_bytes(2, "big")
+    )
+    return encode_packet(0x10, variable_header + encode_string(client_id))
+
+
+def encode_subscribe(packet_id: int, topic_filter: str, qos: int) -> bytes:
+    body = packet_id.to_bytes(2, "big") + encode_string(topic_filter) + bytes([qos])
+    return encode_packet(0x82, body)
+
+
+def encode_publish(topic: str, payload: bytes, qos: int, packet_id: int = 0) -> bytes:
+    body = encode_string(topic)
+    if qos > 0:
+        body += packet_id.to_bytes(2, "big")
+    return encode_packet(0x30 | (qos << 1), body + payload)
+
+
+def decode_remaining_length(data: bytes, index: int) -> tuple[int, int] | None:
+    """Decode the Remaining Length that starts at data[index].
+
+    Returns (length, index of the first byte after the field), or None when the field
+    is not complete yet. Raises ProtocolError when the field is longer than 4 bytes.
+    """
+    length = 0
+    for shift in (0, 7, 14, 21):
+        if index >= len(data):
+            return None
+        digit = data[index]
+        index += 1
+        length |= (digit & 0x7F) << shift
+        if digit < 0x80:
+            return length, index
+    raise ProtocolError("remaining length field is longer than 4 bytes")
+
+
+# --- Load generator: asyncio protocols -----------------------------------------------
+
+
+SUBSCRIBER_SLOT = 0
+
+
+@dataclass
+class SharedCounters:
+    """Counters in shared memory that all processes of a run read without locks.
+
+    Each slot has a single writer: slot 0 is the subscriber, slot 1 + n is publisher
+    process n.
+    """
+
+    messages: ctypes.Array[ctypes.c_longlong]  # deliveries (slot 0) or PUBLISH packets sent
+    disconnects: ctypes.Array[ctypes.c_longlong]  # connections closed before the stop
+
+    @classmethod
+    def create(cls, context: SpawnContext, publisher_processes: int) -> SharedCounters:
+        slots = 1 + publisher_processes
+        return cls(
+            messages=context.RawArray(ctypes.c_longlong, slots),
+            disconnects=context.RawArray(ctypes.c_longlong, slots),
+        )
+
+    def delivered(self) -> int:
+        return self.messages[SUBSCRIBER_SLOT]
+
+    def published(self) -> int:
+        return sum(self.messages[SUBSCRIBER_SLOT + 1 :])
+
+
+class BacklogGate:
+    """Holds back a publisher process while too many published messages are undelivered.
+
+    A max_backlog of 0 disables the limit.
+    """
+
+    def __init__(self, counters: SharedCounters, max_backlog: int) -> None:
+        self.counters = counters
+        self.max_backlog = max_backlog
+        self._resume_below = max_backlog // 2
+        self._waiting: list[Callable[[], None]] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def backlog(self) -> int:
+        return self.counters.published() - self.counters.delivered()
+
+    def is_open(self) -> bool:
+        return not self.max_backlog or self.backlog() < self.max_backlog
+
+    def wait(self, callback: Callable[[], None]) -> None:
+        """Call callback once the backlog has fallen below half of max_backlog."""
+        self._waiting.append(callback)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(BACKLOG_POLL_INTERVAL_S, self._poll)
+
+    def _poll(self) -> None:
+        if self.backlog() >= self._resume_below:
+            self._timer = asyncio.get_running_loop().call_later(BACKLOG_POLL_INTERVAL_S, self._poll)
+            return
+        self._timer = None
+        waiting, self._waiting = self._waiting, []
+        for callback in waiting:
+            callback()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+class BenchClient(asyncio.Protocol):
+    """MQTT 3.1.1 client connection that splits incoming bytes into packets.
+
+    It handles CONNACK, SUBACK and PINGRESP. Subclasses handle PUBLISH or PUBACK in
+    handle_packet() and write their replies for a whole read in flush().
+    """
+
+    def __init__(self, counters: SharedCounters, slot: int) -> None:
+        self.counters = counters
+        self.slot = slot
+        self.transport: asyncio.Transport | None = None
+        self.stopping = False
+        self._partial = b""
+        loop = asyncio.get_running_loop()
+        self.connack: asyncio.Future[None] = loop.create_future()
+        self.suback: asyncio.Future[int] = loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TCP transport implements asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        transport.set_write_buffer_limits(WRITE_BUFFER_HIGH_BYTES, WRITE_BUFFER_LOW_BYTES)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.stopping:
+            return
+        self.counters.disconnects[self.slot] += 1
+        error = ConnectionError(f"broker closed the connection: {exc or 'end of stream'}")
+        for future in (self.connack, self.suback):
+            if not future.done():
+                future.set_exception(error)
+
+    def data_received(self, data: bytes) -> None:
+        if self._partial:
+            data = self._partial + data
+        end = len(data)
+        position = 0
+        while end - position >= 2:
+            first_byte = data[position]
+            remaining_length = data[position + 1]
+            body_start = position + 2
+            if remaining_length >= 0x80:
+                decoded = decode_remaining_length(data, position + 1)
+                if decoded is None:
+                    break
+                remaining_length, body_start = decoded
+            body_end = body_start + remaining_length
+            if body_end > end:
+                break
+            self.handle_packet(first_byte, data, body_start, body_end)
+            position = body_end
+        self._partial = data[position:]
+        self.flush()
+
+    def handle_packet(self, first_byte: int, data: bytes, body_start: int, body_end: int) -> None:
+        packet_type = first_byte >> 4
+        if packet_type == CONNACK:
+            return_code = data[body_start + 1]
+            if return_code == 0:
+                self.connack.set_result(None)
+            else:
+                self.connack.set_exception(
+                    ConnectionError(f"broker rejected CONNECT with return code {return_code}")
+                )
+        elif packet_type == SUBACK:
+            self.suback.set_result(data[body_end - 1])
+        elif packet_type != PINGRESP:
+            raise ProtocolError(f"unexpected packet type {packet_type} for this client")
+
+    def flush(self) -> None:
+        """Send the replies collected while handling one read and update the counters."""
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(DISCONNECT_PACKET)
+            self.transport.close()
+
+
+class SubscriberClient(BenchClient):
+    """Counts PUBLISH deliveries and acknowledges the QoS 1 ones."""
+
+    def __init__(self, counters: SharedCounters) -> None:
+        super().__init__(counters, SUBSCRIBER_SLOT)
+        self._received = 0
+        self._pubacks = bytearray()
+
+    def handle_packet(self, first_byte: int, data: bytes, body_start: int, body_end: int) -> None:
+        if first_byte >> 4 != PUBLISH:
+            super().handle_packet(first_byte, data, body_start, body_end)
+            return
+        self._received += 1
+        qos = (first_byte >> 1) & 0x03
+        if qos == 1:
+            # The packet id follows the topic name, whose length is in the first two bytes.
+            topic_length = (data[body_start] << 8) | data[body_start + 1]
+            packet_id_start = body_start + 2 + topic_length
+            self._pubacks += PUBACK_HEADER
+            self._pubacks += data[packet_id_start : packet_id_start + 2]
+        elif qos != 0:
+            raise ProtocolError(f"received a QoS {qos} PUBLISH but subscribed with QoS 0 or 1")
+
+    def flush(self) -> None:
+        if self._pubacks:
+            self.write(bytes(self._pubacks))
+            self._pubacks.clear()
+        if self._received:
+            self.counters.messages[self.slot] += self._received
+            self._received = 0
+
+
+class PublisherClient(BenchClient):
+    """Publishes pre-encoded packets to one topic as fast as the broker takes them.
+
+    At QoS 0 it writes batches until the transport's write buffer passes its high-water
+    mark and resumes when the buffer drains. At QoS 1 it keeps `window` packets in
+    flight and, for each PUBACK, resends the pre-encoded packet with the freed packet id.
+    At both levels it also waits while the backlog gate is closed.
+    """
+
+    def __init__(
+        self,
+        counters: SharedCounters,
+        slot: int,
+        gate: BacklogGate,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        window: int,
+    ) -> None:
+        super().__init__(counters, slot)
+        self.gate = gate
+        self.qos = qos
+        self._paused = False
+        self._qos0_write_scheduled = False
+        self._refills: list[bytes] = []
+        self._refills_waiting = False
+        if qos == 0:
+            self._qos0_batch = encode_publish(topic, payload, 0) * QOS0_PACKETS_PER_WRITE
+            self._packets_by_id: list[bytes] = []
+        else:
+            self._qos0_batch = b""
+            # Index 0 is unused because packet id 0 is not allowed.
+            self._packets_by_id = [b""] + [
+                encode_publish(topic, payload, 1, packet_id) for packet_id in range(1, window + 1)
+            ]
+
+    def start(self) -> None:
+        if self.qos == 0:
+            self._schedule_qos0_write()
+        else:
+            self.write(b"".join(self._packets_by_id[1:]))
+            self.counters.messages[self.slot] += len(self._packets_by_id) - 1
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self.qos == 0:
+            self._schedule_qos0_write()
+
+    def _schedule_qos0_write(self) -> None:
+        # The flag keeps one chain of write callbacks per connection, whichever of
+        # start(), resume_writing() and the gate restarts it.
+        if not self._qos0_write_scheduled:
+            self._qos0_write_scheduled = True
+            asyncio.get_running_loop().call_soon(self._write_qos0_batches)
+
+    def _write_qos0_batches(self) -> None:
+        self._qos0_write_scheduled = False
+        for _ in range(QOS0_WRITES_PER_CALLBACK):
+            if self._paused or self.stopping:
+                return
+            if not self.gate.is_open():
+                self.gate.wait(self._schedule_qos0_write)
+                return
+            self.write(self._qos0_batch)
+            self.counters.messages[self.slot] += QOS0_PACKETS_PER_WRITE
+        self._schedule_qos0_write()
+
+    def handle_packet(self, first_byte: int, data: bytes, body_start: int, body_end: int) -> None:
+        if first_byte >> 4 != PUBACK:
+            super().handle_packet(first_byte, data, body_start, body_end)
+            return
+        packet_id = (data[body_start] << 8) | data[body_start + 1]
+        if not 0 < packet_id < len(self._packets_by_id):
+            raise ProtocolError(f"PUBACK for packet id {packet_id}, which was never sent")
+        self._refills.append(self._packets_by_id[packet_id])
+
+    def flush(self) -> None:
+        if self._refills and not self._refills_waiting:
+            self._send_refills()
+
+    def _send_refills(self) -> None:
+        self._refills_waiting = False
+        if self.stopping:
+            self._refills.clear()
+            return
+        if not self.gate.is_open():
+            self._refills_waiting = True
+            self.gate.wait(self._send_refills)
+            return
+        self.write(b"".join(self._refills))
+        self.counters.messages[self.slot] += len(self._refills)
+        self._refills.clear()
+
+
+# --- Load generator: worker processes ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """Settings that the parent passes to every worker process."""
+
+    port: int
+    qos: int
+    payload_bytes: int
+    qos1_window: int
+    max_backlog: int  # messages, 0 for no limit
+    run_limit_s: float  # a worker stops by itself this long after START
+
+
+class ControlChannel:
+    """Receives the parent's commands from a pipe without blocking the event loop."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    def send(self, kind: str, detail: str = "") -> None:
+        self.connection.send((kind, detail))
+
+    async def receive(self, timeout_s: float) -> str | None:
+        """Return the next command, or None after timeout_s or when the parent is gone."""
+        loop = asyncio.get_running_loop()
+        command: asyncio.Future[str | None] = loop.create_future()
+
+        def on_readable() -> None:
+            if command.done():
+                return
+            try:
+                kind, _ = self.connection.recv()
+            except EOFError:
+                command.set_result(None)
+            else:
+                command.set_result(kind)
+
+        loop.add_reader(self.connection.fileno(), on_readable)
+        try:
+            return await asyncio.wait_for(command, timeout_s)
+        except TimeoutError:
+            return None
+        finally:
+            loop.remove_reader(self.connection.fileno())
+
+
+async def connect_client(client: BenchClient, port: int, client_id: str) -> None:
+    loop = asyncio.get_running_loop()
+    await asyncio.wait_for(
+        loop.create_connection(lambda: client, BROKER_HOST, port), CONNECT_TIMEOUT_S
+    )
+    client.write(encode_connect(client_id, KEEPALIVE_S))
+    await asyncio.wait_for(client.connack, CONNECT_TIMEOUT_S)
+
+
+async def run_subscriber(
+    settings: LoadSettings, counters: SharedCounters, slot: int, control: ControlChannel
+) -> None:
+    assert slot == SUBSCRIBER_SLOT
+    client = SubscriberClient(counters)
+    await connect_client(client, settings.port, "bench-subscriber")
+    client.write(encode_subscribe(1, "#", settings.qos))
+    granted_qos = await asyncio.wait_for(client.suback, CONNECT_TIMEOUT_S)
+    if granted_qos == SUBACK_FAILURE:
+        raise BenchmarkError("broker rejected the subscription to '#'")
+    if granted_qos != settings.qos:
+        raise BenchmarkError(
+            f"broker granted QoS {granted_qos:#x} for '#', but QoS {settings.qos} was requested"
+        )
+    control.send(READY)
+
+    # The subscriber needs no START because it only receives.
+    await control.receive(WORKER_SETUP_TIMEOUT_S + settings.run_limit_s)
+    client.stop()
+
+
+async def run_publishers(
+    settings: LoadSettings,
+    counters: SharedCounters,
+    slot: int,
+    control: ControlChannel,
+    first_index: int,
+    count: int,
+) -> None:
+    payload = b"x" * settings.payload_bytes
+    gate = BacklogGate(counters, settings.max_backlog)
+    clients = [
+        PublisherClient(
+            counters, slot, gate, f"bench/{index}", payload, settings.qos, settings.qos1_window
+        )
+        for index in range(first_index, first_index + count)
+    ]
+    limit = asyncio.Semaphore(MAX_CONCURRENT_CONNECTS)
+
+    async def connect(index: int, client: PublisherClient) -> None:
+        async with limit:
+            await connect_client(client, settings.port, f"bench-publisher-{index}")
+
+    await asyncio.gather(
+        *(connect(first_index + offset, client) for offset, client in enumerate(clients))
+    )
+    control.send(READY)
+
+    if await control.receive(WORKER_SETUP_TIMEOUT_S) != START:
+        raise BenchmarkError("no start command from the parent process")
+    for client in clients:
+        client.start()
+    await control.receive(settings.run_limit_s)
+    gate.cancel()
+    for client in clients:
+        client.stop()
+
+
+def worker_main(
+    role: Callable[..., Any],
+    settings: LoadSettings,
+    counters: SharedCounters,
+    slot: int,
+    connection: Connection,
+    *role_args: int,
+) -> None:
+    """Run one load-generator role in this process and report failures to the parent."""
+    control = ControlChannel(connection)
+
+    async def run() -> None:
+        await role(settings, counters, slot, control, *role_args)
+        await asyncio.sleep(0.1)  # let the DISCONNECT packets reach the broker
+
+    try:
+        if uvloop is not None:
+            uvloop.run(run())
+        else:
+            asyncio.run(run())
+    except (BenchmarkError, ConnectionError, ProtocolError, OSError, TimeoutError) as error:
+        control.send(ERROR, f"{type(error).__name__}: {error}")
+        sys.exit(1)
+
+
+@dataclass
+class Worker:
+    """A load-generator process as seen from the parent."""
+
+    name: str
+    process: multiprocessing.Process
+    control: Connection
+
+
+def start_worker(
+    context: SpawnContext,
+    name: str,
+    role: Callable[..., Any],
+    settings: LoadSettings,
+    counters: SharedCounters,
+    slot: int,
+    *role_args: int,
+) -> Worker:
+    parent_end, child_end = context.Pipe()
+    process = context.Process(
+        target=worker_main,
+        args=(role, settings, counters, slot, child_end, *role_args),
+        name=name,
+        daemon=True,
+    )
+    process.start()
+    child_end.close()
+    return Worker(name, process, parent_end)
+
+
+def wait_until_ready(worker: Worker, timeout_s: float) -> None:
+    if not worker.control.poll(timeout_s):
+        raise BenchmarkError(f"{worker.name} did not connect within {timeout_s:.0f} s")
+    try:
+        kind, detail = worker.control.recv()
+    except EOFError:
+        worker.process.join(1.0)
+        raise BenchmarkError(
+            f"{worker.name} exited with code {worker.process.exitcode} before connecting"
+        ) from None
+    if kind != READY:
+        raise BenchmarkError(f"{worker.name} failed: {detail}")
+
+
+def send_command(worker: Worker, command: str) -> None:
+    # An OSError means the worker has exited already, and stop_workers() reports that.
+    with contextlib.suppress(OSError):
+        worker.control.send((command, ""))
+
+
+def stop_workers(workers: Sequence[Worker]) -> list[str]:
+    """Stop the workers, ending any that hang by PID, and return their error reports."""
+    for worker in workers:
+        send_command(worker, STOP)
+    errors = []
+    for worker in workers:
+        worker.process.join(WORKER_STOP_TIMEOUT_S)
+        if worker.process.is_alive():
+            errors.append(f"{worker.name} did not stop within {WORKER_STOP_TIMEOUT_S:.0f} s")
+            worker.process.terminate()
+            worker.process.join(WORKER_STOP_TIMEOUT_S)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+        while worker.control.poll():
+            try:
+                kind, detail = worker.control.recv()
+            except EOFError:
+                break
+            if kind == ERROR:
+                errors.append(f"{worker.name} failed: {detail}")
+        worker.control.close()
+    return errors
+
+
+# --- CPU accounting from /proc -------------------------------------------------------
+
+
+def read_proc_stat_fields(pid: int) -> list[str] | None:
+    """Return the fields of /proc/<pid>/stat after the command name, or None if pid is gone.
+
+    The command name is in parentheses and may contain spaces, so the fields are split
+    after the last ')'. Field 3 of proc(5), the state, is at index 0.
+    """
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """Return utime + stime of a process (all its threads), or 0.0 once it has exited."""
+    fields = read_proc_stat_fields(pid)
+    if fields is None:
+        return 0.0
+    utime_ticks, stime_ticks = int(fields[11]), int(fields[12])
+    return (utime_ticks + stime_ticks) / CLOCK_TICKS_PER_S
+
+
+def descendant_pids(root_pid: int) -> list[int]:
+    """Return the PIDs of all live descendants of root_pid."""
+    children_by_parent: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = read_proc_stat_fields(int(entry.name))
+        if fields is not None:
+            children_by_parent.setdefault(int(fields[1]), []).append(int(entry.name))
+    descendants = []
+    pending = [root_pid]
+    while pending:
+        children = children_by_parent.get(pending.pop(), [])
+        descendants.extend(children)
+        pending.extend(children)
+    return descendants
+
+
+def process_tree_cpu_seconds(root_pid: int) -> float:
+    """Return the CPU seconds of root_pid, its live descendants and its reaped children.
+
+    NOTE: a descendant that starts and exits between two readings, and is not a direct
+    child of root_pid, is not counted.
+    """
+    fields = read_proc_stat_fields(root_pid)
+    if fields is None:
+        return 0.0
+    cutime_ticks, cstime_ticks = int(fields[13]), int(fields[14])
+    total = process_cpu_seconds(root_pid) + (cutime_ticks + cstime_ticks) / CLOCK_TICKS_PER_S
+    return total + sum(process_cpu_seconds(pid) for pid in descendant_pids(root_pid))
+
+
+def host_cpu_ticks() -> tuple[int, int]:
+    """Return (busy, total) clock ticks summed over all CPUs, from /proc/stat."""
+    values = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle_ticks = values[3] + values[4]  # idle + iowait
+    # guest and guest_nice (fields 9 and 10) are already included in user and nice.
+    total_ticks = sum(values[:8])
+    return total_ticks - idle_ticks, total_ticks
+
+
+# --- Brokers -------------------------------------------------------------------------
+
+
+def find_free_port() -> int:
+    """Return a loopback TCP port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((BROKER_HOST, 0))
+        return probe.getsockname()[1]
+
+
+def mosquitto_tuning(tcp_nodelay: bool) -> dict[str, str]:
+    """Return the Mosquitto settings that affect the results, as config file values."""
+    return {
+        "max_inflight_messages": str(MOSQUITTO_MAX_INFLIGHT_MESSAGES),
+        "max_queued_messages": str(MOSQUITTO_MAX_QUEUED_MESSAGES),
+        "set_tcp_nodelay": "true" if tcp_nodelay else "false",
+    }
+
+
+def mosquitto_config_lines(port: int, tcp_nodelay: bool) -> list[str]:
+    tuning_lines = [f"{name} {value}" for name, value in mosquitto_tuning(tcp_nodelay).items()]
+    return [
+        f"listener {port} {BROKER_HOST}",
+        "allow_anonymous true",
+        "persistence false",
+        *tuning_lines,
+        "log_dest stderr",
+        "log_type error",
+        "log_type warning",
+    ]
+
+
+def mosquitto_settings_note(tcp_nodelay: bool) -> str:
+    settings = ", ".join(f"{name} {value}" for name, value in mosquitto_tuning(tcp_nodelay).items())
+    return (
+        f"Mosquitto runs with {settings}. A max_queued_messages of 0 means no limit, so QoS 1"
+        " messages are queued, not dropped."
+    )
+
+
+@dataclass
+class BrokerSpec:
+    """How to start one broker under test."""
+
+    name: str
+    build_command: Callable[[int, Path], list[str]]  # (MQTT port, temporary dir) -> argv
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+def make_mosquitto_spec(executable: str, tcp_nodelay: bool) -> BrokerSpec:
+    def build(port: int, workdir: Path) -> list[str]:
+        config_path = workdir / "mosquitto.conf"
+        config_path.write_text("\n".join(mosquitto_config_lines(port, tcp_nodelay)) + "\n")
+        return [executable, "-c", str(config_path)]
+
+    return BrokerSpec("mosquitto", build)
+
+
+def make_ironshadow_spec(command_template: str) -> BrokerSpec:
+    def build(port: int, workdir: Path) -> list[str]:
+        data_dir = workdir / "data"
+        data_dir.mkdir()
+        placeholders = {
+            "python": shlex.quote(sys.executable),
+            "host": BROKER_HOST,
+            "mqtt_port": str(port),
+            "http_port": str(find_free_port()),
+            "data_dir": shlex.quote(str(data_dir)),
+        }
+        return shlex.split(command_template.format(**placeholders))
+
+    # Let `python -m ironshadow` find the package in this checkout even if it is not installed.
+    source_dir = Path(__file__).resolve().parents[1] / "src"
+    python_path = os.pathsep.join(filter(None, [str(source_dir), os.environ.get("PYTHONPATH")]))
+    return BrokerSpec("ironshadow", build, {"PYTHONPATH": python_path})
+
+
+class RunningBroker:
+    """A broker process started for one run, and stopped by its PID on exit."""
+
+    def __init__(self, spec: BrokerSpec) -> None:
+        self.spec = spec
+        self.port = find_free_port()
+        self._tempdir = tempfile.TemporaryDirectory(prefix=f"bench-{spec.name}-")
+        self.workdir = Path(self._tempdir.name)
+        self.log_path = self.workdir / "broker.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> RunningBroker:
+        command = self.spec.build_command(self.port, self.workdir)
+        try:
+            with self.log_path.open("wb") as log:
+                self.process = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, **self.spec.extra_env},
+                )
+        except OSError as error:
+            self._tempdir.cleanup()
+            raise BenchmarkError(f"cannot start {shlex.join(command)}: {error}") from error
+        try:
+            self._wait_for_port()
+        except BaseException:
+            self.stop()
+            self._tempdir.cleanup()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+        self._tempdir.cleanup()
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def _wait_for_port(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + BROKER_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BenchmarkError(
+                    f"{self.spec.name} exited with code {self.process.returncode} at start."
+                    f" Output:\n{self.log_tail()}"
+                )
+            try:
+                with socket.create_connection((BROKER_HOST, self.port), PORT_POLL_INTERVAL_S):
+                    return
+            except OSError:
+                time.sleep(PORT_POLL_INTERVAL_S)
+        raise BenchmarkError(
+            f"{self.spec.name} did not accept connections on port {self.port} within"
+            f" {BROKER_START_TIMEOUT_S:.0f} s. Output:\n{self.log_tail()}"
+        )
+
+    def check_running(self) -> None:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise BenchmarkError(
+                f"{self.spec.name} exited with code {self.process.returncode} during the run."
+                f" Output:\n{self.log_tail()}"
+            )
+
+    def stop(self) -> None:
+        """Send SIGTERM to the broker and its descendants by PID, then SIGKILL after a timeout."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        descendants = descendant_pids(self.process.pid)
+        self.process.terminate()
+        try:
+            self.process.wait(BROKER_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        # Workers that the broker started and that outlived it would load the next run.
+        for pid in descendants:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no output)"
+        return "\n".join(text.splitlines()[-lines:]) or "(no output)"
+
+
+# --- One measurement run -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Counters and CPU times read at one instant of a run."""
+
+    wall_s: float
+    published: int
+    delivered: int
+    broker_cpu_s: float
+    subscriber_cpu_s: float
+    publishers_cpu_s: tuple[float, ...]
+    host_busy_ticks: int
+    host_total_ticks: int
+
+
+@dataclass
+class RunResult:
+    """Rates and CPU costs of one broker at one QoS level over the measurement window."""
+
+    broker: str
+    qos: int
+    window_s: float
+    published_per_s: float
+    delivered_per_s: float
+    broker_cpu_percent: float  # of one core
+    broker_us_per_message: float | None  # broker CPU per delivered message, None if none
+    generator_cpu_s: float
+    subscriber_cpu_percent: float  # of one core
+    publisher_cpu_percent: list[float]  # of one core, one entry per publisher process
+    host_cpu_percent: float  # of all CPUs, including processes outside the benchmark
+    disconnects: int
+
+
+def worker_pid(worker: Worker) -> int:
+    assert worker.process.pid is not None, "the worker process was never started"
+    return worker.process.pid
+
+
+def take_snapshot(
+    broker: RunningBroker,
+    counters: SharedCounters,
+    subscriber: Worker,
+    publishers: Sequence[Worker],
+) -> Snapshot:
+    host_busy, host_total = host_cpu_ticks()
+    return Snapshot(
+        wall_s=time.monotonic(),
+        published=counters.published(),
+        delivered=counters.delivered(),
+        broker_cpu_s=process_tree_cpu_seconds(broker.pid),
+        subscriber_cpu_s=process_cpu_seconds(worker_pid(subscriber)),
+        publishers_cpu_s=tuple(process_cpu_seconds(worker_pid(worker)) for worker in publishers),
+        host_busy_ticks=host_busy,
+        host_total_ticks=host_total,
+    )
+
+
+def compute_result(
+    broker_name: str, qos: int, before: Snapshot, after: Snapshot, disconnects: int
+) -> RunResult:
+    window_s = after.wall_s - before.wall_s
+    delivered = after.delivered - before.delivered
+    broker_cpu_s = after.broker_cpu_s - before.broker_cpu_s
+    subscriber_cpu_s = after.subscriber_cpu_s - before.subscriber_cpu_s
+    publisher_cpu_s = [
+        a - b for a, b in zip(after.publishers_cpu_s, before.publishers_cpu_s, strict=True)
+    ]
+    host_total = after.host_total_ticks - before.host_total_ticks
+    host_busy = after.host_busy_ticks - before.host_busy_ticks
+    return RunResult(
+        broker=broker_name,
+        qos=qos,
+        window_s=window_s,
+        published_per_s=(after.published - before.published) / window_s,
+        delivered_per_s=delivered / window_s,
+        broker_cpu_percent=100 * broker_cpu_s / window_s,
+        broker_us_per_message=(
+            MICROSECONDS_PER_S * broker_cpu_s / delivered if delivered else None
+        ),
+        generator_cpu_s=subscriber_cpu_s + sum(publisher_cpu_s),
+        subscriber_cpu_percent=100 * subscriber_cpu_s / window_s,
+        publisher_cpu_percent=[100 * seconds / window_s for seconds in publisher_cpu_s],
+        host_cpu_percent=100 * host_busy / host_total if host_total else 0.0,
+        disconnects=disconnects,
+    )
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    duration_s: float
+    warmup_s: float
+    publishers: int
+    publisher_processes: int
+    payload_bytes: int
+    qos1_window: int
+    max_backlog: int
+    mosquitto_tcp_nodelay: bool
+
+
+def split_evenly(total: int, parts: int) -> list[tuple[int, int]]:
+    """Split range(total) into `parts` contiguous (start, count) slices of nearly equal size."""
+    slices = []
+    start = 0
+    for part in range(parts):
+        count = total // parts + (1 if part < total % parts else 0)
+        slices.append((start, count))
+        start += count
+    return slices
+
+
+def measure(spec: BrokerSpec, qos: int, options: RunOptions) -> RunResult:
+    """Start the broker and the load generator, measure one window, and stop everything."""
+    context = multiprocessing.get_context("spawn")
+    with RunningBroker(spec) as broker:
+        settings = LoadSettings(
+            port=broker.port,
+            qos=qos,
+            payload_bytes=options.payload_bytes,
+            qos1_window=options.qos1_window,
+            max_backlog=options.max_backlog,
+            run_limit_s=options.warmup_s + options.duration_s + WORKER_STOP_GRACE_S,
+        )
+        counters = SharedCounters.create(context, options.publisher_processes)
+        workers: list[Worker] = []
+        errors: list[str] = []
+        try:
+            subscriber = start_worker(
+                context, "subscriber", run_subscriber, settings, counters, SUBSCRIBER_SLOT
+            )
+            workers.append(subscriber)
+            wait_until_ready(subscriber, WORKER_SETUP_TIMEOUT_S)
+
+            publishers = [
+                start_worker(
+                    context,
+                    f"publishers-{number}",
+                    run_publishers,
+                    settings,
+                    counters,
+                    SUBSCRIBER_SLOT + 1 + number,
+                    start,
+                    count,
+                )
+                for number, (start, count) in enumerate(
+                    split_evenly(options.publishers, options.publisher_processes)
+                )
+            ]
+            workers.extend(publishers)
+            for worker in publishers:
+                wait_until_ready(worker, WORKER_SETUP_TIMEOUT_S)
+
+            for worker in publishers:
+                send_command(worker, START)
+            time.sleep(options.warmup_s)
+            before = take_snapshot(broker, counters, subscriber, publishers)
+            time.sleep(options.duration_s)
+            after = take_snapshot(broker, counters, subscriber, publishers)
+            broker.check_running()
+        except BenchmarkError as error:
+            errors.append(str(error))
+        finally:
+            errors.extend(stop_workers(workers))
+    if errors:
+        raise BenchmarkError("; ".join(errors))
+
+    disconnects = sum(counters.disconnects)
+    return compute_result(spec.name, qos, before, after, disconnects)
+
+
+# --- Report --------------------------------------------------------------------------
+
+TABLE_COLUMNS = [  # (heading, width)
+    ("broker", 10),
+    ("QoS", 3),
+    ("published msg/s", 15),
+    ("delivered msg/s", 15),
+    ("broker CPU %", 12),
+    ("broker µs/msg", 13),
+    ("gen CPU s", 9),
+    ("sub CPU %", 9),
+    ("pub CPU %", 9),
+    ("host CPU %", 10),
+]
+
+
+def format_row(result: RunResult) -> list[str]:
+    us_per_message = result.broker_us_per_message
+    return [
+        result.broker,
+        str(result.qos),
+        f"{result.published_per_s:,.0f}",
+        f"{result.delivered_per_s:,.0f}",
+        f"{result.broker_cpu_percent:.1f}",
+        "n/a" if us_per_message is None else f"{us_per_message:.2f}",
+        f"{result.generator_cpu_s:.2f}",
+        f"{result.subscriber_cpu_percent:.1f}",
+        "+".join(f"{percent:.1f}" for percent in result.publisher_cpu_percent),
+        f"{result.host_cpu_percent:.1f}",
+    ]
+
+
+def format_table(results: Sequence[RunResult]) -> str:
+    header = "  ".join(f"{heading:>{width}}" for heading, width in TABLE_COLUMNS)
+    lines = [header, "-" * len(header)]
+    for result in results:
+        cells = format_row(result)
+        lines.append(
+            "  ".join(
+                f"{cell:>{width}}" for cell, (_, width) in zip(cells, TABLE_COLUMNS, strict=True)
+            )
+        )
+    return "\n".join(lines)
+
+
+def compute_ratios(results: Sequence[RunResult]) -> dict[int, float]:
+    """Return IronShadow µs/msg divided by Mosquitto µs/msg for each QoS measured on both."""
+    cost = {(result.broker, result.qos): result.broker_us_per_message for result in results}
+    ratios = {}
+    for qos in sorted({result.qos for result in results}):
+        ironshadow, mosquitto = cost.get(("ironshadow", qos)), cost.get(("mosquitto", qos))
+        if ironshadow is not None and mosquitto is not None:
+            ratios[qos] = ironshadow / mosquitto
+    return ratios
+
+
+def describe_bottlenecks(result: RunResult) -> list[str]:
+    """Return notes on what may have limited a run other than the broker itself."""
+    label = f"{result.broker} QoS {result.qos}"
+    notes = []
+    generator_percents = [("subscriber", result.subscriber_cpu_percent)] + [
+        (f"publisher process {number}", percent)
+        for number, percent in enumerate(result.publisher_cpu_percent)
+    ]
+    for name, percent in generator_percents:
+        if percent >= GENERATOR_SATURATED_PERCENT:
+            notes.append(
+                f"{label}: the {name} used {percent:.0f}% of a core, so the load generator"
+                " may have limited the rate."
+            )
+    if result.host_cpu_percent >= HOST_SATURATED_PERCENT:
+        notes.append(
+            f"{label}: all {os.cpu_count()} CPUs were {result.host_cpu_percent:.0f}% busy, so the"
+            " broker and the generator competed for CPU time."
+        )
+    if (
+        result.published_per_s
+        and result.delivered_per_s < MIN_DELIVERED_FRACTION * result.published_per_s
+    ):
+        notes.append(
+            f"{label}: {result.delivered_per_s / result.published_per_s:.0%} of the published"
+            " messages were delivered in the window. The rest were queued in the broker or"
+            " dropped, and broker µs/msg includes the work of receiving them."
+        )
+    if result.disconnects:
+        notes.append(f"{label}: the broker closed {result.disconnects} connections during the run.")
+    return notes
+
+
+def print_report(
+    results: Sequence[RunResult], failures: Sequence[str], options: RunOptions
+) -> None:
+    print(
+        f"{options.publishers} publishers in {options.publisher_processes} process(es) and 1"
+        f" subscriber on '#', {options.payload_bytes}-byte payloads, QoS 1 window"
+        f" {options.qos1_window} per publisher, {options.warmup_s:g} s warm-up +"
+        f" {options.duration_s:g} s window, {os.cpu_count()} CPUs."
+    )
+    if options.max_backlog:
+        print(
+            f"Publishers pause while {options.max_backlog} messages are published but not yet"
+            " delivered (--max-backlog)."
+        )
+    print(
+        "CPU % is of one core. Broker µs/msg is broker CPU per delivered message. Gen CPU s"
+        " is the load generator's CPU time in the window, split into sub (subscriber) and"
+        " pub (one figure per publisher process)."
+    )
+    if any(result.broker == "mosquitto" for result in results):
+        print(mosquitto_settings_note(options.mosquitto_tcp_nodelay))
+    print()
+    if results:
+        print(format_table(results))
+    ratios = compute_ratios(results)
+    print()
+    if ratios:
+        parts = [f"QoS {qos}: {ratio:.2f}x" for qos, ratio in ratios.items()]
+        print("IronShadow µs/msg / Mosquitto µs/msg: " + ", ".join(parts))
+    else:
+        print("IronShadow µs/msg / Mosquitto µs/msg: not available (needs both brokers)")
+    notes = [note for result in results for note in describe_bottlenecks(result)]
+    for note in notes:
+        print(f"note: {note}")
+    for failure in failures:
+        print(f"failed: {failure}")
+
+
+def build_json_report(
+    results: Sequence[RunResult], failures: Sequence[str], options: RunOptions
+) -> dict[str, Any]:
+    return {
+        "options": asdict(options),
+        "cpus": os.cpu_count(),
+        "mosquitto_config": mosquitto_tuning(options.mosquitto_tcp_nodelay),
+        "results": [asdict(result) for result in results],
+        "us_per_message_ratio_ironshadow_to_mosquitto": {
+            str(qos): ratio for qos, ratio in compute_ratios(results).items()
+        },
+        "failures": list(failures),
+    }
+
+
+# --- Command line --------------------------------------------------------------------
+
+
+def parse_qos_list(text: str) -> list[int]:
+    try:
+        levels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        levels = []
+    if not levels or any(level not in (0, 1) for level in levels):
+        raise argparse.ArgumentTypeError(f"invalid QoS list {text!r}: use 0, 1 or 0,1")
+    return list(dict.fromkeys(levels))
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Measure MQTT routing throughput and broker CPU per message for"
+        " IronShadow and Mosquitto on loopback."
+    )
+    parser.add_argument(
+        "--only", choices=["ironshadow", "mosquitto"], help="measure one broker only"
+    )
+    parser.add_argument(
+        "--duration",
+        type=positive_float,
+        default=DEFAULT_DURATION_S,
+        help=f"measurement window per run in seconds (default {DEFAULT_DURATION_S:g})",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=DEFAULT_WARMUP_S,
+        help=f"load before each window in seconds (default {DEFAULT_WARMUP_S:g})",
+    )
+    parser.add_argument(
+        "--publishers",
+        type=positive_int,
+        default=DEFAULT_PUBLISHERS,
+        help=f"publisher connections (default {DEFAULT_PUBLISHERS})",
+    )
+    parser.add_argument(
+        "--publisher-processes",
+        type=positive_int,
+        default=DEFAULT_PUBLISHER_PROCESSES,
+        help="processes that share the publisher connections"
+        f" (default {DEFAULT_PUBLISHER_PROCESSES})",
+    )
+    parser.add_argument(
+        "--qos",
+        type=parse_qos_list,
+        default=[0, 1],
+        help="comma-separated QoS levels to run (default 0,1)",
+    )
+    parser.add_argument(
+        "--window",
+        type=positive_int,
+        default=DEFAULT_QOS1_WINDOW,
+        help="QoS 1 PUBLISH packets in flight per publisher connection"
+        f" (default {DEFAULT_QOS1_WINDOW}, at most {MAX_PACKET_ID})",
+    )
+    parser.add_argument(
+        "--payload-bytes",
+        type=int,
+        default=DEFAULT_PAYLOAD_BYTES,
+        help=f"payload size in bytes (default {DEFAULT_PAYLOAD_BYTES})",
+    )
+    parser.add_argument(
+        "--max-backlog",
+        type=int,
+        default=DEFAULT_MAX_BACKLOG,
+        help="pause the publishers while this many messages are published but not yet"
+        f" delivered; 0 for no limit (default {DEFAULT_MAX_BACKLOG})",
+    )
+    parser.add_argument(
+        "--mosquitto",
+        default=DEFAULT_MOSQUITTO,
+        help=f"Mosquitto executable (default {DEFAULT_MOSQUITTO})",
+    )
+    parser.add_argument(
+        "--mosquitto-tcp-nodelay",
+        action="store_true",
+        help="set set_tcp_nodelay true in the Mosquitto config. Mosquitto's default is false,"
+        " which lets Nagle's algorithm merge its small writes to the subscriber.",
+    )
+    parser.add_argument(
+        "--ironshadow-cmd",
+        default=DEFAULT_IRONSHADOW_CMD,
+        help="command that starts IronShadow, with the placeholders {python}, {host},"
+        " {mqtt_port}, {http_port} and {data_dir} (default: %(default)r)",
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON report as the last line")
+    options = parser.parse_args(argv)
+    if options.window > MAX_PACKET_ID:
+        parser.error(f"--window {options.window} is larger than the {MAX_PACKET_ID} packet ids")
+    if options.warmup < 0 or options.payload_bytes < 0 or options.max_backlog < 0:
+        parser.error("--warmup, --payload-bytes and --max-backlog must not be negative")
+    if options.publisher_processes > options.publishers:
+        parser.error("--publisher-processes must not exceed --publishers")
+    return options
+
+
+def selected_brokers(options: argparse.Namespace) -> list[BrokerSpec]:
+    brokers = {
+        "ironshadow": make_ironshadow_spec(options.ironshadow_cmd),
+        "mosquitto": make_mosquitto_spec(options.mosquitto, options.mosquitto_tcp_nodelay),
+    }
+    if options.only:
+        return [brokers[options.only]]
+    return list(brokers.values())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = parse_args(argv)
+    options = RunOptions(
+        duration_s=arguments.duration,
+        warmup_s=arguments.warmup,
+        publishers=arguments.publishers,
+        publisher_processes=arguments.publisher_processes,
+        payload_bytes=arguments.payload_bytes,
+        qos1_window=arguments.window,
+        max_backlog=arguments.max_backlog,
+        mosquitto_tcp_nodelay=arguments.mosquitto_tcp_nodelay,
+    )
+    results: list[RunResult] = []
+    failures: list[str] = []
+    for spec in selected_brokers(arguments):
+        for qos in arguments.qos:
+            print(
+                f"running {spec.name} QoS {qos}: {options.warmup_s:g} s warm-up +"
+                f" {options.duration_s:g} s ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            try:
+                results.append(measure(spec, qos, options))
+            except BenchmarkError as error:
+                failures.append(f"{spec.name} QoS {qos}: {error}")
+
+    print_report(results, failures, options)
+    if arguments.json:
+        print(json.dumps(build_json_report(results, failures, options)))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

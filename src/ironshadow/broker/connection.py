@@ -1,0 +1,432 @@
+"""One client connection: an ``asyncio.Protocol`` around the sans-I/O codec.
+
+The connection logic uses only the transport methods that every asyncio transport has
+(``write``/``writelines``, ``pause_reading``/``resume_reading``, ``close``, ``abort``,
+``get_extra_info``, ``set_write_buffer_limits``), so TCP, TLS and WebSocket transports share it.
+
+Lifecycle::
+
+    CONNECTING --CONNECT accepted--> CONNECTED --DISCONNECT, error or socket loss--> CLOSED
+
+Outgoing packets are appended to a per-connection list and written with one ``writelines``
+call per event-loop iteration (see ``Broker.schedule_flush``), so a burst of messages to one
+subscriber costs one system call, not one per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..mqtt.constants import MQTT_5
+from ..mqtt.decoder import PacketDecoder
+from ..mqtt.errors import MQTTProtocolError, protocol_error
+from ..mqtt.packets import (
+    Auth,
+    Connect,
+    Disconnect,
+    Pingreq,
+    Puback,
+    Pubcomp,
+    Publish,
+    Pubrec,
+    Pubrel,
+    Subscribe,
+    Unsubscribe,
+)
+from ..mqtt.properties import PropertyId
+from ..mqtt.reason_codes import ReasonCode
+from .message import Message
+from .session import AWAITING_PUBACK, AWAITING_PUBCOMP, AWAITING_PUBREC, Delivery, Session
+
+if TYPE_CHECKING:
+    from .core import Broker
+
+log = logging.getLogger("ironshadow.broker")
+
+CONNECTING = 0
+CONNECTED = 1
+CLOSED = 2
+
+_TOPIC_ALIAS = PropertyId.TOPIC_ALIAS
+_PUBACK_HEADER = b"\x40\x02"
+_PUBREC_HEADER = b"\x50\x02"
+_PUBREL_HEADER = b"\x62\x02"
+_PUBCOMP_HEADER = b"\x70\x02"
+_PINGRESP = b"\xd0\x00"
+
+
+class MQTTConnection(asyncio.Protocol):
+    __slots__ = (
+        "aliases_in",
+        "aliases_out",
+        "broker",
+        "client_id",
+        "decoder",
+        "disconnect_reason",
+        "inbound_qos2_limit",
+        "keep_alive",
+        "last_received",
+        "max_packet_size_out",
+        "opened_at",
+        "out",
+        "out_size",
+        "peer",
+        "reading_paused",
+        "request_problem_information",
+        "send_quota",
+        "session",
+        "state",
+        "topic_alias_max_out",
+        "transport",
+        "version",
+        "will",
+        "write_paused",
+    )
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.transport: Any = None
+        self.decoder = PacketDecoder(broker.config.max_packet_size)
+        self.state = CONNECTING
+        self.version = 4
+        self.client_id = ""
+        self.session: Session | None = None
+        self.peer = ""
+        self.keep_alive = 0
+        now = time.monotonic()
+        self.opened_at = now
+        self.last_received = now
+        self.out: list[bytes] = []
+        self.out_size = 0
+        self.write_paused = False
+        self.reading_paused = False
+        self.send_quota = broker.config.max_inflight_v311
+        self.inbound_qos2_limit = broker.config.receive_maximum
+        self.max_packet_size_out = 0
+        self.topic_alias_max_out = 0
+        self.aliases_in: dict[int, str] | None = None
+        self.aliases_out: dict[str, int] | None = None
+        self.request_problem_information = True
+        self.will = None
+        # Set when the connection ends in a way that must not publish the will.
+        self.disconnect_reason: int | None = None
+
+    # --- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = f"{peer[0]}:{peer[1]}"
+        config = self.broker.config
+        transport.set_write_buffer_limits(high=config.write_high_water, low=config.write_low_water)
+        self.broker.connection_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == CLOSED:
+            return
+        self.last_received = time.monotonic()
+        broker = self.broker
+        broker.stats.bytes_received += len(data)
+        try:
+            packets = self.decoder.feed(data)
+            broker.stats.packets_received += len(packets)
+            for packet in packets:
+                _HANDLERS[packet.__class__](self, packet)
+                if self.state == CLOSED:
+                    return
+        except MQTTProtocolError as exc:
+            self.protocol_error(exc)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.session is not None and self.state == CONNECTED:
+            self.broker.drain(self.session)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is None:
+            return  # close() has already done the bookkeeping
+        self.state = CLOSED
+        self.transport = None
+        self.out = []
+        self.broker.connection_lost(self)
+
+    # --- writing ----------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        if not self.out:
+            self.broker.schedule_flush(self)
+        self.out.append(data)
+        self.out_size += len(data)
+
+    def flush(self) -> None:
+        out = self.out
+        if not out:
+            return
+        transport = self.transport
+        self.broker.stats.bytes_sent += self.out_size
+        self.out = []
+        self.out_size = 0
+        if transport is not None and not transport.is_closing():
+            transport.writelines(out)
+
+    @property
+    def congested(self) -> bool:
+        return self.write_paused or self.out_size > self.broker.config.write_high_water
+
+    def encode_publish(self, delivery: Delivery, packet_id: int, dup: bool) -> bytes | None:
+        """Encode ``delivery`` for this client, or return None if it exceeds the client's
+        Maximum Packet Size, in which case the message is dropped for this client only
+        [MQTT-3.1.2-25]."""
+        message = delivery.message
+        version = self.version
+        alias = 0
+        omit_topic = False
+        if self.topic_alias_max_out and version == MQTT_5:
+            aliases = self.aliases_out
+            if aliases is None:
+                aliases = self.aliases_out = {}
+            alias = aliases.get(message.topic, 0)
+            if alias:
+                omit_topic = True
+            elif len(aliases) < self.topic_alias_max_out:
+                alias = aliases[message.topic] = len(aliases) + 1
+        data = message.encode(
+            version,
+            delivery.qos,
+            delivery.retain,
+            packet_id,
+            dup,
+            delivery.subscription_ids if version == MQTT_5 else None,
+            alias,
+            omit_topic,
+            time.monotonic(),
+        )
+        if self.max_packet_size_out and len(data) > self.max_packet_size_out:
+            if not omit_topic and alias and self.aliases_out is not None:
+                del self.aliases_out[message.topic]
+            self.broker.stats.publish_dropped += 1
+            return None
+        return data
+
+    # --- closing ----------------------------------------------------------------------
+
+    def close(self, reason_code: int | None = None, publish_will: bool = True) -> None:
+        """Close the connection, sending DISCONNECT with ``reason_code`` to a v5 client."""
+        if self.state == CLOSED or self.transport is None:
+            return
+        if reason_code is not None and self.version == MQTT_5 and self.state == CONNECTED:
+            self.send(Disconnect(reason_code).encode(MQTT_5))
+        if not publish_will:
+            self.will = None
+        self.flush()
+        transport = self.transport
+        self.state = CLOSED
+        self.transport = None
+        self.broker.connection_lost(self)
+        transport.close()
+
+    def protocol_error(self, exc: MQTTProtocolError) -> None:
+        client = self.client_id or "(before CONNECT)"
+        log.warning("client %s from %s: %s; closing the connection", client, self.peer, exc)
+        self.broker.stats.protocol_errors += 1
+        if self.state == CONNECTING:
+            if exc.reason_code == ReasonCode.UNSUPPORTED_PROTOCOL_VERSION:
+                # Answered in the 3.1.1 form, which every client version can read.
+                self.send(b"\x20\x02\x00\x01")
+            elif self.decoder.version == MQTT_5:
+                self.send(b"\x20\x03\x00" + bytes((exc.reason_code,)) + b"\x00")
+        self.close(exc.reason_code)
+
+    # --- incoming packets -------------------------------------------------------------
+
+    def _require_connected(self, name: str) -> Session:
+        if self.state != CONNECTED or self.session is None:
+            raise protocol_error(f"{name} received before CONNECT")  # [MQTT-3.1.0-1]
+        return self.session
+
+    def _on_connect(self, packet: Connect) -> None:
+        if self.state != CONNECTING:
+            raise protocol_error("second CONNECT on one connection")  # [MQTT-3.1.0-2]
+        self.version = packet.protocol_level
+        self.broker.admit(self, packet)
+
+    def _on_publish(self, packet: Publish) -> None:
+        if self.state != CONNECTED:
+            raise protocol_error("PUBLISH received before CONNECT")
+        session = self.session
+        assert session is not None
+        broker = self.broker
+        broker.stats.publish_received += 1
+        topic = packet.topic
+        properties = packet.properties
+        if properties and self.version == MQTT_5:
+            alias = properties.get(_TOPIC_ALIAS)
+            if alias is not None:
+                topic = self._resolve_topic_alias(topic, alias)
+            if properties.get(PropertyId.PAYLOAD_FORMAT_INDICATOR) == 1:
+                try:
+                    packet.payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise MQTTProtocolError(
+                        ReasonCode.PAYLOAD_FORMAT_INVALID,
+                        f"payload on {topic!r} is marked as UTF-8 but is not well-formed UTF-8",
+                    ) from None
+        if packet.retain and not broker.config.retain_available:
+            raise MQTTProtocolError(ReasonCode.RETAIN_NOT_SUPPORTED, "retained messages are off")
+        if topic.startswith("$SYS"):
+            # $SYS topics belong to the broker: a client's message there is acknowledged
+            # and discarded.
+            matched = 0
+        else:
+            qos = packet.qos
+            if qos == 2:
+                if packet.packet_id in session.inbound_qos2:
+                    # Retransmission before PUBREL: acknowledge again, do not route again.
+                    self.send(_PUBREC_HEADER + packet.packet_id.to_bytes(2, "big"))
+                    return
+                if len(session.inbound_qos2) >= self.inbound_qos2_limit:
+                    raise MQTTProtocolError(
+                        ReasonCode.RECEIVE_MAXIMUM_EXCEEDED,
+                        f"more than {self.inbound_qos2_limit} QoS 2 messages awaiting PUBREL",
+                    )
+            message = Message(topic, packet.payload, qos, packet.retain, properties, self.client_id)
+            matched = broker.publish(message)
+        qos = packet.qos
+        if qos == 1:
+            if matched or self.version != MQTT_5:
+                self.send(_PUBACK_HEADER + packet.packet_id.to_bytes(2, "big"))
+            else:
+                self.send(Puback(packet.packet_id, ReasonCode.NO_MATCHING_SUBSCRIBERS).encode(5))
+        elif qos == 2:
+            session.inbound_qos2.add(packet.packet_id)
+            if matched or self.version != MQTT_5:
+                self.send(_PUBREC_HEADER + packet.packet_id.to_bytes(2, "big"))
+            else:
+                self.send(Pubrec(packet.packet_id, ReasonCode.NO_MATCHING_SUBSCRIBERS).encode(5))
+
+    def _resolve_topic_alias(self, topic: str, alias: int) -> str:
+        if alias > self.broker.config.topic_alias_maximum:
+            raise MQTTProtocolError(
+                ReasonCode.TOPIC_ALIAS_INVALID,
+                f"topic alias {alias} exceeds the Topic Alias Maximum "
+                f"{self.broker.config.topic_alias_maximum}",
+            )  # [MQTT-3.3.2-9]
+        aliases = self.aliases_in
+        if topic:
+            if aliases is None:
+                aliases = self.aliases_in = {}
+            aliases[alias] = topic
+            return topic
+        if aliases is None or alias not in aliases:
+            raise protocol_error(f"topic alias {alias} was never set on this connection")
+        return aliases[alias]
+
+    def _on_puback(self, packet: Puback) -> None:
+        session = self._require_connected("PUBACK")
+        delivery = session.inflight.get(packet.packet_id)
+        if delivery is not None and delivery.state == AWAITING_PUBACK:
+            del session.inflight[packet.packet_id]
+            if session.queue:
+                self.broker.drain(session)
+
+    def _on_pubrec(self, packet: Pubrec) -> None:
+        session = self._require_connected("PUBREC")
+        delivery = session.inflight.get(packet.packet_id)
+        pid = packet.packet_id.to_bytes(2, "big")
+        if delivery is None or delivery.state == AWAITING_PUBACK:
+            if self.version == MQTT_5:
+                self.send(Pubrel(packet.packet_id, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND).encode(5))
+            else:
+                self.send(_PUBREL_HEADER + pid)
+            return
+        if packet.reason_code >= 0x80:
+            # The receiver rejected the message: the flow ends here [MQTT-4.3.3-4].
+            del session.inflight[packet.packet_id]
+            if session.queue:
+                self.broker.drain(session)
+            return
+        delivery.state = AWAITING_PUBCOMP
+        self.send(_PUBREL_HEADER + pid)
+
+    def _on_pubrel(self, packet: Pubrel) -> None:
+        session = self._require_connected("PUBREL")
+        pid = packet.packet_id
+        if pid in session.inbound_qos2:
+            session.inbound_qos2.discard(pid)
+            self.send(_PUBCOMP_HEADER + pid.to_bytes(2, "big"))
+        elif self.version == MQTT_5:
+            self.send(Pubcomp(pid, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND).encode(5))
+        else:
+            self.send(_PUBCOMP_HEADER + pid.to_bytes(2, "big"))
+
+    def _on_pubcomp(self, packet: Pubcomp) -> None:
+        session = self._require_connected("PUBCOMP")
+        delivery = session.inflight.get(packet.packet_id)
+        if delivery is not None and delivery.state == AWAITING_PUBCOMP:
+            del session.inflight[packet.packet_id]
+            if session.queue:
+                self.broker.drain(session)
+
+    def _on_subscribe(self, packet: Subscribe) -> None:
+        self._require_connected("SUBSCRIBE")
+        self.broker.subscribe(self, packet)
+
+    def _on_unsubscribe(self, packet: Unsubscribe) -> None:
+        self._require_connected("UNSUBSCRIBE")
+        self.broker.unsubscribe(self, packet)
+
+    def _on_pingreq(self, packet: Pingreq) -> None:
+        self._require_connected("PINGREQ")
+        self.send(_PINGRESP)
+
+    def _on_disconnect(self, packet: Disconnect) -> None:
+        session = self._require_connected("DISCONNECT")
+        expiry = packet.properties.get(PropertyId.SESSION_EXPIRY_INTERVAL)
+        if expiry is not None:
+            if session.expiry_interval == 0 and expiry != 0:
+                # [MQTT-3.14.2-2] A session that ends at disconnect cannot be revived here.
+                raise protocol_error(
+                    "DISCONNECT sets a session expiry interval after CONNECT set 0"
+                )
+            session.expiry_interval = min(expiry, self.broker.config.max_session_expiry)
+        publish_will = packet.reason_code == ReasonCode.DISCONNECT_WITH_WILL_MESSAGE
+        self.close(None, publish_will=publish_will)
+
+    def _on_auth(self, packet: Auth) -> None:
+        # No authentication method is offered, so a client may never send AUTH.
+        raise protocol_error("AUTH received, but no authentication method was negotiated")
+
+    def _on_server_packet(self, packet: Any) -> None:
+        raise protocol_error(f"{packet.packet_type.name} may only be sent by a server")
+
+
+_HANDLERS: dict[type, Any] = {
+    Connect: MQTTConnection._on_connect,
+    Publish: MQTTConnection._on_publish,
+    Puback: MQTTConnection._on_puback,
+    Pubrec: MQTTConnection._on_pubrec,
+    Pubrel: MQTTConnection._on_pubrel,
+    Pubcomp: MQTTConnection._on_pubcomp,
+    Subscribe: MQTTConnection._on_subscribe,
+    Unsubscribe: MQTTConnection._on_unsubscribe,
+    Pingreq: MQTTConnection._on_pingreq,
+    Disconnect: MQTTConnection._on_disconnect,
+    Auth: MQTTConnection._on_auth,
+}
+
+
+def _register_server_packets() -> None:
+    from ..mqtt.packets import Connack, Pingresp, Suback, Unsuback
+
+    for packet_class in (Connack, Suback, Unsuback, Pingresp):
+        _HANDLERS[packet_class] = MQTTConnection._on_server_packet
+
+
+_register_server_packets()

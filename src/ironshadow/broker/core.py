@@ -1,0 +1,700 @@
+"""The broker: sessions, routing, retained messages, wills, admission and flow control.
+
+Everything here runs on one event loop and never blocks. The I/O of each client lives in
+:class:`~ironshadow.broker.connection.MQTTConnection`; this module decides what to send.
+
+Admission. Sockets are accepted as fast as the loop can (the listen backlog absorbs bursts)
+and each new socket must send CONNECT within ``connect_timeout``. CONNECT packets are then
+processed at no more than ``connect_rate`` per second: the ones over the rate wait in a FIFO
+admission queue with their socket paused, so a reconnect storm is served in arrival order while
+connected clients keep being served.
+
+Broker-wide pause. ``pause_reading()`` stops reading from every connection, new ones included,
+until ``resume_reading()``; storage layers raise it when their queues fill up, so that TCP flow
+control slows the devices down. Keep-alive timers do not expire while the pause is in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import deque
+
+from ..mqtt.constants import MQTT_5
+from ..mqtt.errors import MQTTProtocolError, protocol_error
+from ..mqtt.packets import Connack, Connect, Suback, Subscribe, Unsuback, Unsubscribe
+from ..mqtt.properties import PropertyId
+from ..mqtt.reason_codes import ConnackReturnCode, ReasonCode
+from ..mqtt.topics import parse_shared_subscription, topic_matches, validate_topic_filter
+from .config import QUEUE_FULL_DROP_OLDEST, BrokerConfig
+from .connection import CLOSED, CONNECTED, CONNECTING, MQTTConnection
+from .message import Message
+from .retained import RetainedStore
+from .session import (
+    AWAITING_PUBACK,
+    AWAITING_PUBCOMP,
+    AWAITING_PUBREC,
+    NEVER_EXPIRES,
+    Delivery,
+    Session,
+)
+from .stats import BrokerStats
+from .subscriptions import SubscriptionIndex, SubscriptionRecord
+
+log = logging.getLogger("ironshadow.broker")
+
+# How often keep-alive and CONNECT timeouts are checked, in seconds.
+SWEEP_INTERVAL = 0.5
+# Repeated warnings about one client (dropped messages, rejected connections) are logged
+# at most once per this many seconds.
+LOG_REPEAT_INTERVAL = 60.0
+_PUBREL_HEADER = b"\x62\x02"
+
+
+class Broker:
+    def __init__(self, config: BrokerConfig | None = None) -> None:
+        self.config = config or BrokerConfig()
+        self.sessions: dict[str, Session] = {}
+        self.connections: set[MQTTConnection] = set()
+        self.index = SubscriptionIndex()
+        self.retained = RetainedStore()
+        self.stats = BrokerStats()
+        self.reading_paused = False
+        self.paused_since: float | None = None
+        self._dirty: list[MQTTConnection] = []
+        self._admission: deque[tuple[MQTTConnection, Connect]] = deque()
+        self._admission_tokens = 0.0
+        self._admission_refilled = time.monotonic()
+        self._admission_handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._servers: list[asyncio.base_events.Server] = []
+        self._sweep_handle: asyncio.TimerHandle | None = None
+        self._sys_handle: asyncio.TimerHandle | None = None
+        self._log_times: dict[tuple[str, str], float] = {}
+        self._deny = tuple(self.config.deny_subscriptions)
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    async def start(self) -> None:
+        """Open the TCP listener and start the periodic work."""
+        config = self.config
+        server = await self.loop.create_server(
+            lambda: MQTTConnection(self),
+            config.host,
+            config.port,
+            backlog=config.listen_backlog,
+            reuse_address=True,
+        )
+        self._servers.append(server)
+        self._sweep_handle = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+        if config.sys_interval > 0:
+            self._sys_handle = self.loop.call_later(config.sys_interval, self._publish_sys)
+        addresses = ", ".join(
+            f"{sock.getsockname()[0]}:{sock.getsockname()[1]}" for sock in server.sockets
+        )
+        log.info("MQTT listener open on %s", addresses)
+
+    @property
+    def ports(self) -> list[int]:
+        return [sock.getsockname()[1] for server in self._servers for sock in server.sockets]
+
+    async def shutdown(self) -> None:
+        """Stop accepting, tell v5 clients the server is shutting down, flush and close."""
+        for server in self._servers:
+            server.close()
+        for handle in (self._sweep_handle, self._sys_handle, self._admission_handle):
+            if handle is not None:
+                handle.cancel()
+        count = len(self.connections)
+        for connection in list(self.connections):
+            connection.close(ReasonCode.SERVER_SHUTTING_DOWN, publish_will=False)
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+        for session in self.sessions.values():
+            session.cancel_timers()
+        log.info("broker stopped; %d connections closed", count)
+
+    # --- connections ------------------------------------------------------------------
+
+    def connection_made(self, connection: MQTTConnection) -> None:
+        limit = self.config.max_connections
+        if limit and len(self.connections) >= limit:
+            self.stats.connections_rejected += 1
+            self._log_rarely(
+                "max-connections",
+                "",
+                "connection from %s rejected: %d connections open, the maximum is %d",
+                connection.peer,
+                len(self.connections),
+                limit,
+            )
+            connection.state = CLOSED
+            connection.transport.abort()
+            connection.transport = None
+            return
+        self.stats.connections_accepted += 1
+        self.connections.add(connection)
+        if self.reading_paused:
+            connection.transport.pause_reading()
+
+    def connection_lost(self, connection: MQTTConnection) -> None:
+        self.connections.discard(connection)
+        session = connection.session
+        if session is None or session.connection is not connection:
+            return
+        session.connection = None
+        will = connection.will
+        connection.will = None
+        if will is not None:
+            delay = will.properties.get(PropertyId.WILL_DELAY_INTERVAL, 0)
+            if session.expiry_interval == 0 or delay == 0:
+                self._publish_will(will, connection.client_id)
+            else:
+                # [MQTT-3.1.3-9] Sent after the delay unless the session resumes first,
+                # and no later than the end of the session.
+                delay = min(delay, session.expiry_interval)
+                session.will = will
+                session.will_handle = self.loop.call_later(
+                    delay, self._fire_delayed_will, session
+                )
+        if session.expiry_interval == 0:
+            self._end_session(session)
+        elif session.expiry_interval != NEVER_EXPIRES:
+            session.expiry_handle = self.loop.call_later(
+                session.expiry_interval, self._expire_session, session
+            )
+
+    def _publish_will(self, will, client_id: str) -> None:  # type: ignore[no-untyped-def]
+        message = Message(will.topic, will.payload, will.qos, will.retain, will.properties)
+        self.publish(message)
+        log.info("published the will of client %s on %r", client_id, will.topic)
+
+    def _fire_delayed_will(self, session: Session) -> None:
+        session.will_handle = None
+        will, session.will = session.will, None
+        if will is not None:
+            self._publish_will(will, session.client_id)
+
+    def _expire_session(self, session: Session) -> None:
+        session.expiry_handle = None
+        if session.connection is None and self.sessions.get(session.client_id) is session:
+            log.info("session of client %s expired", session.client_id)
+            self._end_session(session)
+
+    def _end_session(self, session: Session) -> None:
+        """Remove a session with its subscriptions; a pending delayed will is sent now."""
+        if self.sessions.get(session.client_id) is session:
+            del self.sessions[session.client_id]
+        for topic_filter, record in session.subscriptions.items():
+            group, inner = parse_shared_subscription(topic_filter)
+            self.index.remove(inner, session.client_id, group)
+        session.subscriptions.clear()
+        session.queue.clear()
+        session.inflight.clear()
+        if session.will_handle is not None:
+            self._fire_delayed_will(session)
+        session.cancel_timers()
+
+    # --- admission --------------------------------------------------------------------
+
+    def admit(self, connection: MQTTConnection, connect: Connect) -> None:
+        """Process CONNECT now, or queue it when the connect rate is exceeded."""
+        rate = self.config.connect_rate
+        if rate <= 0:
+            self._accept_connect(connection, connect)
+            return
+        self._refill_tokens()
+        if not self._admission and self._admission_tokens >= 1.0:
+            self._admission_tokens -= 1.0
+            self._accept_connect(connection, connect)
+            return
+        connection.transport.pause_reading()
+        self._admission.append((connection, connect))
+        if self._admission_handle is None:
+            self._admission_handle = self.loop.call_later(1.0 / rate, self._admit_queued)
+
+    def _refill_tokens(self) -> None:
+        now = time.monotonic()
+        rate = self.config.connect_rate
+        # A burst of up to one second's worth of CONNECTs is admitted at once.
+        self._admission_tokens = min(
+            rate, self._admission_tokens + (now - self._admission_refilled) * rate
+        )
+        self._admission_refilled = now
+
+    def _admit_queued(self) -> None:
+        self._admission_handle = None
+        self._refill_tokens()
+        while self._admission and self._admission_tokens >= 1.0:
+            connection, connect = self._admission.popleft()
+            if connection.state != CONNECTING or connection.transport is None:
+                continue
+            self._admission_tokens -= 1.0
+            if not self.reading_paused:
+                connection.transport.resume_reading()
+            self._accept_connect(connection, connect)
+        if self._admission:
+            self._admission_handle = self.loop.call_later(
+                1.0 / self.config.connect_rate, self._admit_queued
+            )
+
+    @property
+    def admission_queue_length(self) -> int:
+        return len(self._admission)
+
+    def _accept_connect(self, connection: MQTTConnection, connect: Connect) -> None:
+        try:
+            self._connect(connection, connect)
+        except MQTTProtocolError as exc:
+            connection.protocol_error(exc)
+
+    def _reject_connect(
+        self, connection: MQTTConnection, v5_code: int, v311_code: int, reason: str
+    ) -> None:
+        self.stats.connections_rejected += 1
+        log.warning(
+            "connection of client %r from %s rejected: %s",
+            connection.client_id,
+            connection.peer,
+            reason,
+        )
+        if connection.version == MQTT_5:
+            properties = {PropertyId.REASON_STRING: reason}
+            connection.send(Connack(v5_code, False, properties).encode(MQTT_5))
+        else:
+            connection.send(Connack(v311_code).encode(4))
+        connection.close(publish_will=False)
+
+    def _connect(self, connection: MQTTConnection, connect: Connect) -> None:
+        version = connect.protocol_level
+        properties = connect.properties
+        config = self.config
+        client_id = connect.client_id
+        connection.client_id = client_id
+        assigned_id = None
+
+        if version == MQTT_5 and PropertyId.AUTHENTICATION_METHOD in properties:
+            self._reject_connect(
+                connection,
+                ReasonCode.BAD_AUTHENTICATION_METHOD,
+                ConnackReturnCode.NOT_AUTHORIZED,
+                f"authentication method {properties[PropertyId.AUTHENTICATION_METHOD]!r} "
+                "is not supported",
+            )
+            return
+        if not client_id:
+            if version != MQTT_5 and not connect.clean_start:
+                # [MQTT-3.1.3-8] A 3.1.1 client without an id must ask for a clean session.
+                self._reject_connect(
+                    connection,
+                    ReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
+                    ConnackReturnCode.IDENTIFIER_REJECTED,
+                    "an empty client id needs clean session set",
+                )
+                return
+            client_id = assigned_id = "auto-" + secrets.token_hex(12)
+            connection.client_id = client_id
+
+        # Session expiry: 3.1.1 clean session 0 keeps the session for ever.
+        if version == MQTT_5:
+            expiry = properties.get(PropertyId.SESSION_EXPIRY_INTERVAL, 0)
+        else:
+            expiry = 0 if connect.clean_start else NEVER_EXPIRES
+        expiry = min(expiry, config.max_session_expiry)
+
+        # Session takeover [MQTT-3.1.4-3]: the old connection is closed (its will published
+        # as for any unexpected close) before this one attaches.
+        session = self.sessions.get(client_id)
+        if session is not None and session.connection is not None:
+            old = session.connection
+            log.info("client %s from %s takes over its session from %s", client_id,
+                     connection.peer, old.peer)
+            old.close(ReasonCode.SESSION_TAKEN_OVER)
+            session = self.sessions.get(client_id)
+        if session is not None and connect.clean_start:
+            self._end_session(session)
+            session = None
+        session_present = session is not None
+        if session is None:
+            session = Session(client_id)
+            self.sessions[client_id] = session
+        else:
+            # A resumed session cancels its expiry and any delayed will [MQTT-3.1.3-9].
+            session.cancel_timers()
+            session.will = None
+        session.expiry_interval = expiry
+        session.connection = connection
+        connection.session = session
+        connection.will = connect.will
+        connection.state = CONNECTED
+
+        # Keep alive, send window and limits announced by the client.
+        keep_alive = connect.keep_alive
+        server_keep_alive = None
+        if config.max_keep_alive and (keep_alive == 0 or keep_alive > config.max_keep_alive):
+            if version == MQTT_5:
+                keep_alive = server_keep_alive = config.max_keep_alive
+        connection.keep_alive = keep_alive
+        if version == MQTT_5:
+            connection.send_quota = properties.get(PropertyId.RECEIVE_MAXIMUM, 65535)
+            connection.max_packet_size_out = properties.get(PropertyId.MAXIMUM_PACKET_SIZE, 0)
+            connection.topic_alias_max_out = properties.get(PropertyId.TOPIC_ALIAS_MAXIMUM, 0)
+            connection.request_problem_information = bool(
+                properties.get(PropertyId.REQUEST_PROBLEM_INFORMATION, 1)
+            )
+        else:
+            connection.send_quota = config.max_inflight_v311
+
+        if version == MQTT_5:
+            connack_properties: dict[int, object] = {
+                PropertyId.RECEIVE_MAXIMUM: config.receive_maximum,
+                PropertyId.TOPIC_ALIAS_MAXIMUM: config.topic_alias_maximum,
+                PropertyId.MAXIMUM_PACKET_SIZE: config.max_packet_size,
+            }
+            if not config.retain_available:
+                connack_properties[PropertyId.RETAIN_AVAILABLE] = 0
+            if assigned_id is not None:
+                connack_properties[PropertyId.ASSIGNED_CLIENT_IDENTIFIER] = assigned_id
+            if server_keep_alive is not None:
+                connack_properties[PropertyId.SERVER_KEEP_ALIVE] = server_keep_alive
+            requested = properties.get(PropertyId.SESSION_EXPIRY_INTERVAL, 0)
+            if requested != expiry:
+                connack_properties[PropertyId.SESSION_EXPIRY_INTERVAL] = expiry
+            connection.send(Connack(0, session_present, connack_properties).encode(MQTT_5))
+        else:
+            connection.send(Connack(0, session_present).encode(4))
+
+        if session_present:
+            self._resend_inflight(session, connection)
+        if session.queue:
+            self.drain(session)
+
+    def _resend_inflight(self, session: Session, connection: MQTTConnection) -> None:
+        """Send every in-flight message again, in order [MQTT-4.4.0-1]."""
+        for packet_id, delivery in list(session.inflight.items()):
+            if delivery.state == AWAITING_PUBCOMP:
+                connection.send(_PUBREL_HEADER + packet_id.to_bytes(2, "big"))
+                continue
+            if delivery.message.expired(time.monotonic()):
+                del session.inflight[packet_id]
+                continue
+            data = connection.encode_publish(delivery, packet_id, dup=True)
+            if data is None:
+                del session.inflight[packet_id]
+                continue
+            connection.send(data)
+            self.stats.packets_sent += 1
+            self.stats.publish_sent += 1
+
+    # --- subscriptions ----------------------------------------------------------------
+
+    def subscribe(self, connection: MQTTConnection, packet: Subscribe) -> None:
+        session = connection.session
+        assert session is not None
+        version = connection.version
+        subscription_id = 0
+        ids = packet.properties.get(PropertyId.SUBSCRIPTION_IDENTIFIER)
+        if ids:
+            subscription_id = ids[0]
+        codes: list[int] = []
+        retained: list[tuple[Message, SubscriptionRecord]] = []
+        for sub in packet.subscriptions:
+            topic_filter = sub.topic_filter
+            try:
+                group, inner = parse_shared_subscription(topic_filter)
+                if group is None:
+                    validate_topic_filter(topic_filter)
+            except MQTTProtocolError as exc:
+                if version == MQTT_5:
+                    codes.append(ReasonCode.TOPIC_FILTER_INVALID)
+                    log.info("client %s: %s", session.client_id, exc.message)
+                    continue
+                raise  # a 3.1.1 client gets its connection closed [MQTT-4.7.3-?]
+            if group is not None and sub.no_local:
+                raise protocol_error(
+                    f"shared subscription {topic_filter!r} sets No Local"
+                )  # [MQTT-3.8.3-4]
+            if any(topic_matches(denied, inner) or denied == inner for denied in self._deny):
+                codes.append(ReasonCode.UNSPECIFIED_ERROR)
+                log.info(
+                    "client %s: subscription to %r denied by configuration",
+                    session.client_id,
+                    topic_filter,
+                )
+                continue
+            record = SubscriptionRecord(
+                session,
+                topic_filter,
+                sub.qos,
+                sub.no_local,
+                sub.retain_as_published,
+                sub.retain_handling,
+                subscription_id,
+                group,
+            )
+            existed = self.index.add(inner, record)
+            session.subscriptions[topic_filter] = record
+            codes.append(sub.qos)
+            if group is None and (
+                sub.retain_handling == 0 or (sub.retain_handling == 1 and not existed)
+            ):
+                retained.extend((message, record) for message in self.retained.match(inner))
+        connection.send(Suback(packet.packet_id, codes).encode(version))
+        for message, record in retained:
+            # Retained messages sent because of a subscription keep the retain flag
+            # [MQTT-3.3.1-8].
+            qos = min(message.qos, record.qos)
+            ids_for = [record.subscription_id] if record.subscription_id else None
+            self.deliver(session, Delivery(message, qos, True, ids_for))
+
+    def unsubscribe(self, connection: MQTTConnection, packet: Unsubscribe) -> None:
+        session = connection.session
+        assert session is not None
+        codes = []
+        for topic_filter in packet.topic_filters:
+            record = session.subscriptions.pop(topic_filter, None)
+            if record is None:
+                codes.append(ReasonCode.NO_SUBSCRIPTION_EXISTED)
+                continue
+            group, inner = parse_shared_subscription(topic_filter)
+            self.index.remove(inner, session.client_id, group)
+            codes.append(ReasonCode.SUCCESS)
+        connection.send(Unsuback(packet.packet_id, codes).encode(connection.version))
+
+    # --- routing ----------------------------------------------------------------------
+
+    def publish(self, message: Message) -> int:
+        """Route ``message`` to every matching subscription; return how many matched."""
+        if message.retain:
+            self.retained.store(message)
+        nodes = self.index.match(message.topic)
+        if not nodes:
+            return 0
+        origin = message.origin
+        msg_qos = message.qos
+        if len(nodes) == 1 and not nodes[0].groups:
+            records = nodes[0].records
+            assert records is not None
+            count = 0
+            for record in records.values():
+                if record.no_local and record.session.client_id == origin:
+                    continue
+                qos = record.qos if record.qos < msg_qos else msg_qos
+                retain = message.retain and record.retain_as_published
+                ids = [record.subscription_id] if record.subscription_id else None
+                self.deliver(record.session, Delivery(message, qos, retain, ids))
+                count += 1
+            return count
+        # Several filters match: each session gets one copy with the highest QoS of its
+        # matching subscriptions and all their subscription identifiers [MQTT-3.3.4-2].
+        merged: dict[str, Delivery] = {}
+        sessions: dict[str, Session] = {}
+        for record in self.index.iter_records(nodes):
+            client_id = record.session.client_id
+            if record.no_local and client_id == origin:
+                continue
+            qos = record.qos if record.qos < msg_qos else msg_qos
+            retain = message.retain and record.retain_as_published
+            delivery = merged.get(client_id)
+            if delivery is None:
+                ids = [record.subscription_id] if record.subscription_id else None
+                merged[client_id] = Delivery(message, qos, retain, ids)
+                sessions[client_id] = record.session
+                continue
+            delivery.qos = max(delivery.qos, qos)
+            delivery.retain = delivery.retain or retain
+            if record.subscription_id:
+                if delivery.subscription_ids is None:
+                    delivery.subscription_ids = []
+                delivery.subscription_ids.append(record.subscription_id)
+        for client_id, delivery in merged.items():
+            self.deliver(sessions[client_id], delivery)
+        return len(merged)
+
+    def deliver(self, session: Session, delivery: Delivery) -> None:
+        """Send ``delivery`` to the session's client now, or queue it."""
+        connection = session.connection
+        if connection is None or connection.state != CONNECTED:
+            if delivery.qos or self.config.queue_qos0_offline:
+                self._enqueue(session, delivery)
+            return
+        if not delivery.qos:
+            if connection.congested:
+                self.stats.publish_dropped += 1
+                self._log_rarely(
+                    "qos0-dropped",
+                    session.client_id,
+                    "client %s is not reading fast enough; dropping QoS 0 messages",
+                    session.client_id,
+                )
+                return
+            data = connection.encode_publish(delivery, 0, False)
+            if data is not None:
+                connection.send(data)
+                self.stats.packets_sent += 1
+                self.stats.publish_sent += 1
+            return
+        if session.queue or len(session.inflight) >= connection.send_quota or connection.congested:
+            self._enqueue(session, delivery)
+            return
+        self._send_inflight(session, connection, delivery)
+
+    def _send_inflight(
+        self, session: Session, connection: MQTTConnection, delivery: Delivery
+    ) -> None:
+        packet_id = session.allocate_packet_id()
+        data = connection.encode_publish(delivery, packet_id, False)
+        if data is None:
+            return
+        delivery.state = AWAITING_PUBACK if delivery.qos == 1 else AWAITING_PUBREC
+        session.inflight[packet_id] = delivery
+        connection.send(data)
+        self.stats.packets_sent += 1
+        self.stats.publish_sent += 1
+
+    def _enqueue(self, session: Session, delivery: Delivery) -> None:
+        queue = session.queue
+        if len(queue) >= self.config.max_queued_messages:
+            self.stats.queue_dropped += 1
+            session.queue_dropped += 1
+            self._log_rarely(
+                "queue-full",
+                session.client_id,
+                "queue of client %s is full (%d messages); %s (%d dropped so far)",
+                session.client_id,
+                len(queue),
+                "dropping the oldest"
+                if self.config.queue_full_policy == QUEUE_FULL_DROP_OLDEST
+                else "dropping new messages",
+                session.queue_dropped,
+            )
+            if self.config.queue_full_policy != QUEUE_FULL_DROP_OLDEST:
+                return
+            queue.popleft()
+        queue.append(delivery)
+
+    def drain(self, session: Session) -> None:
+        """Send queued messages while the in-flight window and the write buffer allow."""
+        connection = session.connection
+        if connection is None or connection.state != CONNECTED:
+            return
+        queue = session.queue
+        now = time.monotonic()
+        while queue and not connection.congested:
+            delivery = queue[0]
+            if delivery.qos and len(session.inflight) >= connection.send_quota:
+                return
+            queue.popleft()
+            if delivery.message.expired(now):
+                continue
+            if delivery.qos:
+                self._send_inflight(session, connection, delivery)
+            else:
+                data = connection.encode_publish(delivery, 0, False)
+                if data is not None:
+                    connection.send(data)
+                    self.stats.packets_sent += 1
+                    self.stats.publish_sent += 1
+
+    # --- output batching --------------------------------------------------------------
+
+    def schedule_flush(self, connection: MQTTConnection) -> None:
+        if not self._dirty:
+            self.loop.call_soon(self._flush)
+        self._dirty.append(connection)
+
+    def _flush(self) -> None:
+        dirty = self._dirty
+        self._dirty = []
+        for connection in dirty:
+            connection.flush()
+
+    # --- broker-wide pause ------------------------------------------------------------
+
+    def pause_reading(self) -> None:
+        """Stop reading from every connection until :meth:`resume_reading`."""
+        if self.reading_paused:
+            return
+        self.reading_paused = True
+        self.paused_since = time.monotonic()
+        for connection in self.connections:
+            if connection.transport is not None:
+                connection.transport.pause_reading()
+        log.warning("reading from all %d connections paused", len(self.connections))
+
+    def resume_reading(self) -> None:
+        if not self.reading_paused:
+            return
+        self.reading_paused = False
+        paused_for = time.monotonic() - (self.paused_since or time.monotonic())
+        self.paused_since = None
+        now = time.monotonic()
+        queued = {id(connection) for connection, _ in self._admission}
+        for connection in self.connections:
+            # The pause does not count against keep alive.
+            connection.last_received = max(connection.last_received, now - SWEEP_INTERVAL)
+            if connection.transport is not None and id(connection) not in queued:
+                connection.transport.resume_reading()
+        log.warning("reading resumed after %.1f s", paused_for)
+
+    # --- periodic work ----------------------------------------------------------------
+
+    def _sweep(self) -> None:
+        """Close connections whose keep alive expired or that never sent CONNECT."""
+        self._sweep_handle = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+        if self.reading_paused:
+            return
+        now = time.monotonic()
+        connect_timeout = self.config.connect_timeout
+        queued = {id(connection) for connection, _ in self._admission}
+        for connection in list(self.connections):
+            if connection.state == CONNECTING:
+                if now - connection.opened_at > connect_timeout and id(connection) not in queued:
+                    log.info(
+                        "connection from %s closed: no CONNECT within %.0f s",
+                        connection.peer,
+                        connect_timeout,
+                    )
+                    connection.close()
+                continue
+            keep_alive = connection.keep_alive
+            # [MQTT-3.1.2-24] One and a half keep-alive periods without a packet.
+            if keep_alive and now - connection.last_received > 1.5 * keep_alive:
+                log.info(
+                    "client %s from %s timed out: no packet for %.1f s (keep alive %d s)",
+                    connection.client_id,
+                    connection.peer,
+                    now - connection.last_received,
+                    keep_alive,
+                )
+                connection.close(ReasonCode.KEEP_ALIVE_TIMEOUT)
+
+    def _publish_sys(self) -> None:
+        self._sys_handle = self.loop.call_later(self.config.sys_interval, self._publish_sys)
+        stats = self.stats
+        stats.sample_loads()
+        connected = sum(1 for s in self.sessions.values() if s.connection is not None)
+        topics = stats.sys_topics(
+            connected, len(self.sessions) - connected, self.index.count, self.retained.count
+        )
+        for topic, payload in topics:
+            self.publish(Message(topic, payload.encode(), 0, True))
+
+    def _log_rarely(self, kind: str, key: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        last = self._log_times.get((kind, key))
+        if last is not None and now - last < LOG_REPEAT_INTERVAL:
+            return
+        if len(self._log_times) > 10_000:
+            self._log_times.clear()
+        self._log_times[(kind, key)] = now
+        log.warning(message, *args)

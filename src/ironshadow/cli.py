@@ -1,0 +1,96 @@
+"""The ``ironshadow`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .broker.config import BrokerConfig
+from .broker.core import Broker
+from .settings import SettingsError, add_arguments, broker_config, resolve
+
+log = logging.getLogger("ironshadow")
+
+
+def _install_event_loop_policy() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every platform we test
+        log.warning("uvloop is not installed; using the slower default asyncio event loop")
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _serve(config: BrokerConfig) -> None:
+    broker = Broker(config)
+    await broker.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    log.info("IronShadow %s running; stop with Ctrl-C or SIGTERM", __version__)
+    await stop.wait()
+    log.info("shutting down")
+    await broker.shutdown()
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    try:
+        values = resolve(args)
+        config = broker_config(values)
+    except SettingsError as exc:
+        print(f"ironshadow: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=values["log_level"],
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    data_dir = Path(values["data_dir"])
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"ironshadow: error: cannot create data folder {data_dir}: {exc.strerror}; "
+              "choose another with --data-dir", file=sys.stderr)
+        return 2
+    _install_event_loop_policy()
+    try:
+        asyncio.run(_serve(config))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            print(f"ironshadow: error: MQTT port {config.port} on {config.host} is already in "
+                  "use; choose a free port with --mqtt-port", file=sys.stderr)
+            return 2
+        if exc.errno == errno.EADDRNOTAVAIL:
+            print(f"ironshadow: error: cannot bind to address {config.host}: it is not an "
+                  "address of this machine; choose another with --host", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ironshadow", description="IronShadow: device shadows over MQTT for factories."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the engine (MQTT broker and shadows)")
+    add_arguments(serve)
+    serve.set_defaults(handler=_run_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> Any:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Engine settings from three sources: a TOML file, the environment and command-line flags.
+
+A flag wins over an ``IRONSHADOW_<NAME>`` environment variable, which wins over the TOML file
+given with ``--config``, which wins over the default. One table (``SETTINGS``) describes each
+setting once, so the three sources cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .broker.config import QUEUE_FULL_POLICIES, BrokerConfig
+
+ENV_PREFIX = "IRONSHADOW_"
+
+
+class SettingsError(ValueError):
+    """An invalid setting: the message names the setting, the source and what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    name: str  # the TOML key; the flag is --name with dashes, the variable IRONSHADOW_NAME
+    kind: Callable[[str], Any] | type
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    is_list: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+_defaults = BrokerConfig()
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", str, "127.0.0.1", "address the MQTT listener binds to"),
+    Setting("mqtt_port", int, 1883, "TCP port of the MQTT listener"),
+    Setting("http_port", int, 8080, "TCP port reserved for the HTTP API (REST, dashboard, metrics)"),
+    Setting("data_dir", str, "./data", "folder for the engine's local data; created if missing"),
+    Setting("log_level", str, "INFO", "logging level", ("DEBUG", "INFO", "WARNING", "ERROR")),
+    Setting("max_packet_size", int, _defaults.max_packet_size,
+            "largest MQTT packet accepted from a client, in bytes"),
+    Setting("receive_maximum", int, _defaults.receive_maximum,
+            "unacknowledged QoS 1 and 2 messages a v5 client may send at once"),
+    Setting("max_inflight", int, _defaults.max_inflight_v311,
+            "unacknowledged QoS 1 and 2 messages sent to an MQTT 3.1.1 client at once"),
+    Setting("topic_alias_maximum", int, _defaults.topic_alias_maximum,
+            "topic aliases a v5 client may use when publishing"),
+    Setting("max_queued_messages", int, _defaults.max_queued_messages,
+            "undelivered QoS 1 and 2 messages kept per session"),
+    Setting("queue_full_policy", str, _defaults.queue_full_policy,
+            "what a full session queue drops", QUEUE_FULL_POLICIES),
+    Setting("queue_qos0_offline", _bool, _defaults.queue_qos0_offline,
+            "queue QoS 0 messages for offline persistent sessions too"),
+    Setting("max_keep_alive", int, _defaults.max_keep_alive,
+            "largest keep alive granted to v5 clients, in seconds (0: no limit)"),
+    Setting("max_connections", int, _defaults.max_connections,
+            "connections held at once; more are refused (0: no limit)"),
+    Setting("connect_rate", float, _defaults.connect_rate,
+            "CONNECT packets processed per second; the rest wait their turn (0: no limit)"),
+    Setting("connect_timeout", float, _defaults.connect_timeout,
+            "seconds a new connection may take to send CONNECT"),
+    Setting("listen_backlog", int, _defaults.listen_backlog,
+            "length of the kernel's accept queue (capped by net.core.somaxconn)"),
+    Setting("write_high_water", int, _defaults.write_high_water,
+            "bytes buffered for one client above which QoS 0 messages to it are dropped"),
+    Setting("write_low_water", int, _defaults.write_low_water,
+            "bytes buffered for one client below which sending resumes"),
+    Setting("deny_subscription", str, (), "topic filter that clients may not subscribe to "
+            "(repeat the flag for several)", is_list=True),
+    Setting("sys_interval", float, _defaults.sys_interval,
+            "seconds between $SYS/broker statistics updates (0: off)"),
+)
+
+_BY_NAME = {setting.name: setting for setting in SETTINGS}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add a flag for every setting; unset flags stay None so lower sources apply."""
+    parser.add_argument("--config", metavar="FILE", help="TOML file with settings")
+    for setting in SETTINGS:
+        metavar = setting.name.upper()
+        if setting.is_list:
+            parser.add_argument(setting.flag, action="append", default=None, metavar=metavar,
+                                help=setting.help)
+        else:
+            parser.add_argument(setting.flag, default=None, metavar=metavar,
+                                help=f"{setting.help} (default: {setting.default})")
+
+
+def _convert(setting: Setting, raw: Any, source: str) -> Any:
+    try:
+        if setting.is_list:
+            items = raw if isinstance(raw, list) else [i for i in str(raw).split(",") if i]
+            return tuple(str(item) for item in items)
+        if isinstance(raw, str) or setting.kind is _bool:
+            value = setting.kind(raw) if isinstance(raw, str) else _bool(str(raw))
+        else:
+            value = setting.kind(raw)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(
+            f"invalid value {raw!r} for {setting.name} in {source}: {exc}"
+        ) from None
+    if setting.choices and value not in setting.choices:
+        raise SettingsError(
+            f"invalid value {raw!r} for {setting.name} in {source}: "
+            f"choose one of {', '.join(setting.choices)}"
+        )
+    return value
+
+
+def resolve(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Merge defaults, the TOML file, the environment and the flags, in that order."""
+    environ = os.environ if environ is None else environ
+    values = {setting.name: setting.default for setting in SETTINGS}
+    config_file = getattr(args, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
+    if config_file:
+        path = Path(config_file)
+        try:
+            with path.open("rb") as handle:
+                document = tomllib.load(handle)
+        except FileNotFoundError:
+            raise SettingsError(f"config file {path} not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+        for key, raw in document.items():
+            name = key.replace("-", "_")
+            setting = _BY_NAME.get(name)
+            if setting is None:
+                raise SettingsError(
+                    f"unknown setting {key!r} in {path}; known settings: "
+                    + ", ".join(sorted(_BY_NAME))
+                )
+            values[name] = _convert(setting, raw, str(path))
+    for setting in SETTINGS:
+        raw = environ.get(setting.env)
+        if raw is not None:
+            values[setting.name] = _convert(setting, raw, f"environment variable {setting.env}")
+    for setting in SETTINGS:
+        raw = getattr(args, setting.name, None)
+        if raw is not None:
+            values[setting.name] = _convert(setting, raw, f"flag {setting.flag}")
+    return values
+
+
+def broker_config(values: Mapping[str, Any]) -> BrokerConfig:
+    """Build the broker's configuration from resolved settings."""
+    if values["write_low_water"] > values["write_high_water"]:
+        raise SettingsError(
+            f"write_low_water ({values['write_low_water']}) must not exceed "
+            f"write_high_water ({values['write_high_water']})"
+        )
+    return BrokerConfig(
+        host=values["host"],
+        port=values["mqtt_port"],
+        max_packet_size=values["max_packet_size"],
+        receive_maximum=values["receive_maximum"],
+        max_inflight_v311=values["max_inflight"],
+        topic_alias_maximum=values["topic_alias_maximum"],
+        max_queued_messages=values["max_queued_messages"],
+        queue_full_policy=values["queue_full_policy"],
+        queue_qos0_offline=values["queue_qos0_offline"],
+        write_high_water=values["write_high_water"],
+        write_low_water=values["write_low_water"],
+        max_keep_alive=values["max_keep_alive"],
+        connect_timeout=values["connect_timeout"],
+        max_connections=values["max_connections"],
+        connect_rate=values["connect_rate"],
+        listen_backlog=values["listen_backlog"],
+        deny_subscriptions=values["deny_subscription"],
+        sys_interval=values["sys_interval"],
+    )

@@ -1,0 +1,111 @@
+"""Shared fixtures: a broker on a free loopback port, and the suite's time scale.
+
+Timeouts in tests are multiplied by ``IRONSHADOW_TEST_TIMEOUT_SCALE`` (default 1) so that a
+slow machine can run the suite without editing tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import uvloop
+
+from ironshadow.broker.config import BrokerConfig
+from ironshadow.broker.core import Broker
+
+TIMEOUT_SCALE = float(os.environ.get("IRONSHADOW_TEST_TIMEOUT_SCALE", "1"))
+
+
+def scaled(seconds: float) -> float:
+    return seconds * TIMEOUT_SCALE
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class BrokerThread:
+    """A broker running on its own uvloop event loop in a background thread."""
+
+    def __init__(self, config: BrokerConfig) -> None:
+        self.config = config
+        self.broker = Broker(config)
+        self.loop = uvloop.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="broker", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.config.port
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.broker.start())
+        except BaseException as exc:  # reported to the test thread by start()
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(self.broker.shutdown())
+        self.loop.close()
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(scaled(10))
+        if self._error is not None:
+            raise self._error
+
+    def call(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Run ``function(*args)`` on the broker's loop and return its result."""
+        result: list[Any] = []
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                result.append(function(*args))
+            finally:
+                done.set()
+
+        self.loop.call_soon_threadsafe(run)
+        if not done.wait(scaled(10)):
+            raise TimeoutError("the broker loop did not run the call within 10 s")
+        return result[0] if result else None
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(scaled(10))
+
+
+@pytest.fixture
+def make_broker() -> Iterator[Callable[..., BrokerThread]]:
+    """Return a factory that starts brokers with the given config fields, stopped afterwards."""
+    started: list[BrokerThread] = []
+
+    def factory(**fields: Any) -> BrokerThread:
+        fields.setdefault("port", free_port())
+        fields.setdefault("sys_interval", 0)
+        thread = BrokerThread(BrokerConfig(**fields))
+        thread.start()
+        started.append(thread)
+        return thread
+
+    yield factory
+    for thread in started:
+        thread.stop()
+
+
+@pytest.fixture
+def broker(make_broker: Callable[..., BrokerThread]) -> BrokerThread:
+    return make_broker()
