@@ -26,6 +26,12 @@ def scaled(seconds: float) -> float:
     return seconds * TIMEOUT_SCALE
 
 
+# Test clients (paho wrappers and raw sockets) append themselves here. ``make_broker``
+# closes them after each test, before it stops the brokers, so that no client thread
+# outlives its test and reconnects to a later test's broker on a reused port.
+open_clients: list[Any] = []
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -102,6 +108,8 @@ def make_broker() -> Iterator[Callable[..., BrokerThread]]:
         return thread
 
     yield factory
+    while open_clients:
+        open_clients.pop().close()
     for thread in started:
         thread.stop()
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
+import socket
 import threading
 from typing import Any
 
@@ -11,7 +13,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from conftest import scaled
+from conftest import open_clients, scaled
 
 V311 = paho.MQTTv311
 V5 = paho.MQTTv5
@@ -39,8 +41,14 @@ class TestClient:
         kwargs: dict[str, Any] = {}
         if protocol == V311:
             kwargs["clean_session"] = clean
+        # No automatic reconnection: a test reconnects explicitly with connect(), and a
+        # client closed by the broker must stay closed.
         self.client = paho.Client(
-            paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, **kwargs
+            paho.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=protocol,
+            reconnect_on_failure=False,
+            **kwargs,
         )
         self.messages: queue.Queue[paho.MQTTMessage] = queue.Queue()
         self.connected = threading.Event()
@@ -60,6 +68,7 @@ class TestClient:
         if will is not None:
             topic, payload, qos, retain = will
             self.client.will_set(topic, payload, qos, retain, properties=will_properties)
+        open_clients.append(self)
         if connect:
             self.connect()
 
@@ -70,6 +79,12 @@ class TestClient:
         if self.protocol == V5:
             kwargs["clean_start"] = self.clean
             kwargs["properties"] = self.properties
+        # A network thread that ended when the broker closed the connection is still
+        # registered until loop_stop(), and loop_start() would not start a new one.
+        self.client.loop_stop()
+        # NOTE: paho-mqtt 2.2 loop_start() replaces its wake-up socket pair without closing
+        # the old one, so a second connect() would leak two sockets. Close them here.
+        self.client._reset_sockets(sockpair_only=True)
         self.client.connect("127.0.0.1", self.port, **kwargs)
         self.client.loop_start()
         if wait:
@@ -147,10 +162,23 @@ class TestClient:
 
     def drop(self) -> None:
         """Close the socket without DISCONNECT, as a crashed device would."""
-        self.client.loop_stop()
         sock = self.client.socket()
         if sock is not None:
+            # shutdown() wakes the network thread out of select(), so loop_stop() returns
+            # at once.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self.client.loop_stop()
+        if sock is not None:
             sock.close()
+
+    def close(self) -> None:
+        """Disconnect if the network thread runs, then stop it and close the socket."""
+        if self.client.is_connected():
+            # DISCONNECT wakes the network thread, which would otherwise finish its 1 s
+            # select() before loop_stop() returns.
+            self.client.disconnect()
+        self.drop()
 
 
 def properties(packet_type: int, **values: Any) -> Properties:

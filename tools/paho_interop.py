@@ -5,15 +5,19 @@ The Paho suites are not part of this repository. Point --suite at the
 https://github.com/eclipse/paho.mqtt.testing, which contains
 ``client_test.py`` (MQTT 3.1.1) and ``client_test5.py`` (MQTT 5.0).
 
-The suites' own command lines pass their arguments on to ``unittest.main()``,
-which then rejects them, so this runner imports the suite modules, sets the
-module globals that their ``__main__`` blocks would set (host, port, topics,
-wildtopics, nosubscribe_topics and, for MQTT 5.0, topic_prefix) and runs every
-test method in its own Python subprocess. A test that runs longer than
---timeout seconds is killed and reported as ``timeout``, so one hung test does
-not stop the run. Each subprocess runs the suite's ``setUpClass``, which
-clears the sessions of the suite's client ids and every retained message on
-the broker before the test starts.
+The suites' own command lines cannot be used as they are. client_test.py
+passes its options on to ``unittest.main()``, which rejects ``-p``, and
+client_test5.py takes ``-h HOST`` for ``--help`` and exits without running.
+So this runner imports the suite modules instead and sets the module globals
+that their ``__main__`` blocks would set: host, port, topics, wildtopics,
+nosubscribe_topics and, for MQTT 5.0, topic_prefix.
+
+Every test method runs in its own Python subprocess. A test that runs longer
+than --timeout seconds is killed and reported as ``timeout``, so one hung test
+does not stop the run. Each subprocess runs the suite's ``setUpClass``, which
+ends the sessions of the client ids "myclientid" and "myclientid2" and deletes
+every retained message on the broker, not only the suite's own, before the
+test starts.
 
 Usage::
 
@@ -53,7 +57,7 @@ DEFAULT_TOPICS = ("TopicA", "TopicA/B", "Topic/C", "TopicA/C", "/TopicA")
 DEFAULT_WILDTOPICS = ("TopicA/+", "+/C", "#", "/#", "/+", "+/+", "TopicA/#")
 DEFAULT_NOSUBSCRIBE_TOPIC = "test/nosubscribe"
 
-# client_test5.py's __main__ block sets this; test_shared_subscriptions
+# Value that client_test5.py's __main__ block sets. test_shared_subscriptions
 # subscribes to "$share/sharename/" + topic_prefix + "x".
 DEFAULT_V5_TOPIC_PREFIX = "client_test5/"
 
@@ -65,7 +69,7 @@ STATUS_BY_EXIT_CODE = {EXIT_PASSED: "passed", EXIT_FAILED: "failed", EXIT_ERROR:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Parse the command line and check that the suite folder has the test modules."""
+    """Parse the command line and check that the suite folder contains the test modules."""
     parser = argparse.ArgumentParser(
         description="Run the Eclipse Paho MQTT interoperability client tests "
         "against a broker, one subprocess per test.",
@@ -109,8 +113,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--topic-prefix",
         default="",
         help="string put in front of every topic and wildcard filter, for example "
-        "'interop/'; it should end with '/' so that '#' stays a valid filter "
-        "(default: none, as in the suites)",
+        "'interop/'; it should end with '/' so that '#' stays a valid filter. "
+        "With a prefix, test_dollar_topics no longer checks that '+' skips topics "
+        "starting with '$' (default: none, as in the suites)",
     )
     parser.add_argument(
         "--show-output",
@@ -234,7 +239,7 @@ def run_all(args: argparse.Namespace) -> int:
                 selected.append((version, test_name, test_id))
 
     if not selected:
-        print(f"error: no test id contains {args.keyword!r}", file=sys.stderr)
+        print(f"error: no test id contains {args.keyword!r}. Check the -k value.", file=sys.stderr)
         return EXIT_ERROR
 
     width = max(len(test_id) for _, _, test_id in selected)

@@ -56,7 +56,8 @@ _defaults = BrokerConfig()
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", str, "127.0.0.1", "address the MQTT listener binds to"),
     Setting("mqtt_port", int, 1883, "TCP port of the MQTT listener"),
-    Setting("http_port", int, 8080, "TCP port reserved for the HTTP API (REST, dashboard, metrics)"),
+    Setting("http_port", int, 8080,
+            "TCP port reserved for the HTTP API (REST, dashboard, metrics)"),
     Setting("data_dir", str, "./data", "folder for the engine's local data; created if missing"),
     Setting("log_level", str, "INFO", "logging level", ("DEBUG", "INFO", "WARNING", "ERROR")),
     Setting("max_packet_size", int, _defaults.max_packet_size,

@@ -39,7 +39,7 @@ from ..mqtt.packets import (
 from ..mqtt.properties import PropertyId
 from ..mqtt.reason_codes import ReasonCode
 from .message import Message
-from .session import AWAITING_PUBACK, AWAITING_PUBCOMP, AWAITING_PUBREC, Delivery, Session
+from .session import AWAITING_PUBACK, AWAITING_PUBCOMP, Delivery, Session
 
 if TYPE_CHECKING:
     from .core import Broker
@@ -49,6 +49,10 @@ log = logging.getLogger("ironshadow.broker")
 CONNECTING = 0
 CONNECTED = 1
 CLOSED = 2
+
+# Seconds a connection closed by the broker with a reason code keeps reading (and
+# discarding) before the socket is closed.
+LINGER_SECONDS = 1.0
 
 _TOPIC_ALIAS = PropertyId.TOPIC_ALIAS
 _PUBACK_HEADER = b"\x40\x02"
@@ -66,6 +70,7 @@ class MQTTConnection(asyncio.Protocol):
         "client_id",
         "decoder",
         "disconnect_reason",
+        "held",
         "inbound_qos2_limit",
         "keep_alive",
         "last_received",
@@ -113,6 +118,10 @@ class MQTTConnection(asyncio.Protocol):
         self.will = None
         # Set when the connection ends in a way that must not publish the will.
         self.disconnect_reason: int | None = None
+        # Packets received while the connection is on hold, for release_held() to handle.
+        # A broker-wide pause or a CONNECT waiting for admission puts it on hold, and None
+        # means that it is not on hold.
+        self.held: list[Any] | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------
 
@@ -133,13 +142,33 @@ class MQTTConnection(asyncio.Protocol):
         broker.stats.bytes_received += len(data)
         try:
             packets = self.decoder.feed(data)
-            broker.stats.packets_received += len(packets)
-            for packet in packets:
+        except MQTTProtocolError as exc:
+            self.protocol_error(exc)
+            return
+        broker.stats.packets_received += len(packets)
+        self.handle_packets(packets)
+
+    def handle_packets(self, packets: list[Any]) -> None:
+        """Act on ``packets`` in order, keeping those that arrive while on hold."""
+        try:
+            for index, packet in enumerate(packets):
+                if self.held is not None or self.broker.reading_paused:
+                    # NOTE: uvloop 0.23 starts reading a new connection after connection_made()
+                    # even when that paused the transport, so packets can arrive in a pause.
+                    self.held = (self.held or []) + packets[index:]
+                    self.transport.pause_reading()
+                    return
                 _HANDLERS[packet.__class__](self, packet)
                 if self.state == CLOSED:
                     return
         except MQTTProtocolError as exc:
             self.protocol_error(exc)
+
+    def release_held(self) -> None:
+        """End the hold and act on the packets kept during it."""
+        held, self.held = self.held, None
+        if held and self.state != CLOSED:
+            self.handle_packets(held)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -175,6 +204,11 @@ class MQTTConnection(asyncio.Protocol):
         self.out_size = 0
         if transport is not None and not transport.is_closing():
             transport.writelines(out)
+            # Messages queued because ``out`` went over the high-water mark get no
+            # resume_writing() call, so send them now unless writelines() paused writing.
+            session = self.session
+            if session is not None and session.queue and not self.write_paused:
+                self.broker.drain(session)
 
     @property
     def congested(self) -> bool:
@@ -217,8 +251,16 @@ class MQTTConnection(asyncio.Protocol):
 
     # --- closing ----------------------------------------------------------------------
 
-    def close(self, reason_code: int | None = None, publish_will: bool = True) -> None:
-        """Close the connection, sending DISCONNECT with ``reason_code`` to a v5 client."""
+    def close(
+        self, reason_code: int | None = None, publish_will: bool = True, linger: bool = True
+    ) -> None:
+        """Close the connection, sending DISCONNECT with ``reason_code`` to a v5 client.
+
+        With a reason code and ``linger``, the broker half-closes the socket and discards
+        what the client still sends for ``LINGER_SECONDS`` before closing it. Closing at
+        once would make the kernel answer the client's next write with a reset, which can
+        reach the client before it has read the DISCONNECT.
+        """
         if self.state == CLOSED or self.transport is None:
             return
         if reason_code is not None and self.version == MQTT_5 and self.state == CONNECTED:
@@ -230,7 +272,11 @@ class MQTTConnection(asyncio.Protocol):
         self.state = CLOSED
         self.transport = None
         self.broker.connection_lost(self)
-        transport.close()
+        if reason_code is not None and linger and transport.can_write_eof():
+            transport.write_eof()
+            self.broker.loop.call_later(LINGER_SECONDS, transport.close)
+        else:
+            transport.close()
 
     def protocol_error(self, exc: MQTTProtocolError) -> None:
         client = self.client_id or "(before CONNECT)"
@@ -342,7 +388,8 @@ class MQTTConnection(asyncio.Protocol):
         pid = packet.packet_id.to_bytes(2, "big")
         if delivery is None or delivery.state == AWAITING_PUBACK:
             if self.version == MQTT_5:
-                self.send(Pubrel(packet.packet_id, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND).encode(5))
+                not_found = ReasonCode.PACKET_IDENTIFIER_NOT_FOUND
+                self.send(Pubrel(packet.packet_id, not_found).encode(5))
             else:
                 self.send(_PUBREL_HEADER + pid)
             return

@@ -115,7 +115,7 @@ class Broker:
                 handle.cancel()
         count = len(self.connections)
         for connection in list(self.connections):
-            connection.close(ReasonCode.SERVER_SHUTTING_DOWN, publish_will=False)
+            connection.close(ReasonCode.SERVER_SHUTTING_DOWN, publish_will=False, linger=False)
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
@@ -174,7 +174,14 @@ class Broker:
             )
 
     def _publish_will(self, will, client_id: str) -> None:  # type: ignore[no-untyped-def]
-        message = Message(will.topic, will.payload, will.qos, will.retain, will.properties)
+        # Will Delay Interval belongs to CONNECT and is not valid in a PUBLISH, so a
+        # subscriber would reject the message as malformed.
+        properties = {
+            key: value
+            for key, value in will.properties.items()
+            if key != PropertyId.WILL_DELAY_INTERVAL
+        }
+        message = Message(will.topic, will.payload, will.qos, will.retain, properties)
         self.publish(message)
         log.info("published the will of client %s on %r", client_id, will.topic)
 
@@ -194,7 +201,7 @@ class Broker:
         """Remove a session with its subscriptions; a pending delayed will is sent now."""
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
-        for topic_filter, record in session.subscriptions.items():
+        for topic_filter in session.subscriptions:
             group, inner = parse_shared_subscription(topic_filter)
             self.index.remove(inner, session.client_id, group)
         session.subscriptions.clear()
@@ -218,6 +225,9 @@ class Broker:
             self._accept_connect(connection, connect)
             return
         connection.transport.pause_reading()
+        # A client may send packets right after CONNECT without waiting for CONNACK, so
+        # they are kept until the CONNECT is accepted.
+        connection.held = []
         self._admission.append((connection, connect))
         if self._admission_handle is None:
             self._admission_handle = self.loop.call_later(1.0 / rate, self._admit_queued)
@@ -242,6 +252,8 @@ class Broker:
             if not self.reading_paused:
                 connection.transport.resume_reading()
             self._accept_connect(connection, connect)
+            if not self.reading_paused:
+                connection.release_held()
         if self._admission:
             self._admission_handle = self.loop.call_later(
                 1.0 / self.config.connect_rate, self._admit_queued
@@ -340,9 +352,10 @@ class Broker:
         # Keep alive, send window and limits announced by the client.
         keep_alive = connect.keep_alive
         server_keep_alive = None
-        if config.max_keep_alive and (keep_alive == 0 or keep_alive > config.max_keep_alive):
-            if version == MQTT_5:
-                keep_alive = server_keep_alive = config.max_keep_alive
+        # An MQTT 3.1.1 client cannot be told of a lower keep alive, so it keeps its own.
+        too_long = keep_alive == 0 or keep_alive > config.max_keep_alive
+        if version == MQTT_5 and config.max_keep_alive and too_long:
+            keep_alive = server_keep_alive = config.max_keep_alive
         connection.keep_alive = keep_alive
         if version == MQTT_5:
             connection.send_quota = properties.get(PropertyId.RECEIVE_MAXIMUM, 65535)
@@ -639,11 +652,13 @@ class Broker:
         self.paused_since = None
         now = time.monotonic()
         queued = {id(connection) for connection, _ in self._admission}
-        for connection in self.connections:
+        # A copy, because packets released from hold can close connections.
+        for connection in list(self.connections):
             # The pause does not count against keep alive.
             connection.last_received = max(connection.last_received, now - SWEEP_INTERVAL)
             if connection.transport is not None and id(connection) not in queued:
                 connection.transport.resume_reading()
+                connection.release_held()
         log.warning("reading resumed after %.1f s", paused_for)
 
     # --- periodic work ----------------------------------------------------------------

@@ -59,7 +59,9 @@ class BrokerStats:
         self.started_at = time.monotonic()
         self._last_sample = self.started_at
         self._last_values = {name: 0 for _, name in _LOADED_COUNTERS}
-        self._loads = {(topic, window): 0.0 for topic, _ in _LOADED_COUNTERS for window in LOAD_WINDOWS}
+        self._loads = {
+            (topic, window): 0.0 for topic, _ in _LOADED_COUNTERS for window in LOAD_WINDOWS
+        }
 
     def sample_loads(self) -> None:
         """Update the moving averages of the per-minute rates (as Mosquitto computes them)."""
@@ -92,7 +94,10 @@ class BrokerStats:
             ("$SYS/broker/messages/sent", str(self.packets_sent)),
             ("$SYS/broker/publish/messages/received", str(self.publish_received)),
             ("$SYS/broker/publish/messages/sent", str(self.publish_sent)),
-            ("$SYS/broker/publish/messages/dropped", str(self.publish_dropped + self.queue_dropped)),
+            (
+                "$SYS/broker/publish/messages/dropped",
+                str(self.publish_dropped + self.queue_dropped),
+            ),
             ("$SYS/broker/bytes/received", str(self.bytes_received)),
             ("$SYS/broker/bytes/sent", str(self.bytes_sent)),
             ("$SYS/broker/subscriptions/count", str(subscriptions)),

@@ -88,7 +88,9 @@ def decode_string(buffer: bytes | bytearray, pos: int, end: int) -> tuple[str, i
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise malformed(f"string is not well-formed UTF-8: {exc.reason} at byte {exc.start}")
+        raise malformed(
+            f"string is not well-formed UTF-8: {exc.reason} at byte {exc.start}"
+        ) from exc
     if "\x00" in text:
         raise malformed("string contains the null character U+0000")
     return text, stop

@@ -22,6 +22,7 @@ from .encoding import (
 from .errors import MQTTProtocolError, malformed, protocol_error
 from .properties import WILL, Properties, PropertyId, decode_properties, encode_properties
 from .reason_codes import ALLOWED_REASON_CODES, ReasonCode
+from .topics import validate_topic_name
 
 _PROTOCOL_NAME = b"\x00\x04MQTT"
 
@@ -362,6 +363,9 @@ def _decode_connect(flags: int, body: bytes, version: int) -> Connect:
         if level == MQTT_5:
             will_properties, pos = decode_properties(body, pos, end, WILL)
         will_topic, pos = decode_string(body, pos, end)
+        # The will is published under this topic, so it must be a valid topic name
+        # [MQTT-4.7.0-1], [MQTT-4.7.3-1].
+        validate_topic_name(will_topic)
         will_payload, pos = decode_binary(body, pos, end)
         will = Will(will_topic, will_payload, will_qos, will_retain, will_properties)
     username = None
@@ -503,6 +507,7 @@ def _decode_subscribe(flags: int, body: bytes, version: int) -> Subscribe:
 def _decode_suback(flags: int, body: bytes, version: int) -> Suback:
     end = len(body)
     packet_id, pos = decode_uint16(body, 0, end)
+    _check_packet_id(packet_id)
     properties: Properties = {}
     if version == MQTT_5:
         properties, pos = decode_properties(body, pos, end, PacketType.SUBACK)
@@ -536,6 +541,7 @@ def _decode_unsubscribe(flags: int, body: bytes, version: int) -> Unsubscribe:
 def _decode_unsuback(flags: int, body: bytes, version: int) -> Unsuback:
     end = len(body)
     packet_id, pos = decode_uint16(body, 0, end)
+    _check_packet_id(packet_id)
     if version != MQTT_5:
         if end != 2:
             raise malformed("UNSUBACK of MQTT 3.1.1 must be 2 bytes long")

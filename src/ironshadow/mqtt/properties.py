@@ -21,7 +21,8 @@ from .encoding import (
     encode_string,
     encode_vbi,
 )
-from .errors import malformed, protocol_error
+from .errors import MQTTProtocolError, malformed, protocol_error
+from .reason_codes import ReasonCode
 
 Properties = dict[int, Any]
 
@@ -133,11 +134,12 @@ EMPTY_PROPERTIES_BYTES = b"\x00"
 def _check_value(prop: PropertyId, value: int) -> None:
     if prop in _BOOLEAN_BYTES and value > 1:
         raise protocol_error(f"property {prop.name} must be 0 or 1, got {value}")
+    if value == 0 and prop == PropertyId.TOPIC_ALIAS:
+        raise MQTTProtocolError(ReasonCode.TOPIC_ALIAS_INVALID, "topic alias 0 is not allowed")
     if value == 0 and prop in (
         PropertyId.RECEIVE_MAXIMUM,
         PropertyId.MAXIMUM_PACKET_SIZE,
         PropertyId.SUBSCRIPTION_IDENTIFIER,
-        PropertyId.TOPIC_ALIAS,
     ):
         raise protocol_error(f"property {prop.name} must not be 0")
 

@@ -1,0 +1,147 @@
+"""`ironshadow serve` as a user runs it: settings sources, errors and shutdown."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import free_port, scaled
+from ironshadow.cli import build_parser
+from ironshadow.settings import SettingsError, broker_config, resolve
+from mqtt_client import V5, TestClient
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_settings_flag_beats_env_and_file(tmp_path):
+    config = tmp_path / "engine.toml"
+    config.write_text("mqtt_port = 1111\nmax_connections = 5\nconnect_rate = 2.5\n")
+    environ = {"IRONSHADOW_MQTT_PORT": "2222", "IRONSHADOW_MAX_CONNECTIONS": "7"}
+    values = resolve(parse("--config", str(config), "--mqtt-port", "3333"), environ)
+    assert values["mqtt_port"] == 3333
+    assert values["max_connections"] == 7
+    assert values["connect_rate"] == 2.5
+
+
+def test_settings_env_beats_file(tmp_path):
+    config = tmp_path / "engine.toml"
+    config.write_text("mqtt_port = 1111\n")
+    values = resolve(parse("--config", str(config)), {"IRONSHADOW_MQTT_PORT": "2222"})
+    assert values["mqtt_port"] == 2222
+
+
+def test_settings_list_from_each_source(tmp_path):
+    config = tmp_path / "engine.toml"
+    config.write_text('deny_subscription = ["a/#", "b"]\n')
+    from_file = resolve(parse("--config", str(config)), {})
+    assert from_file["deny_subscription"] == ("a/#", "b")
+    from_env = resolve(parse(), {"IRONSHADOW_DENY_SUBSCRIPTION": "x,y/+"})
+    assert from_env["deny_subscription"] == ("x", "y/+")
+    from_flags = resolve(parse("--deny-subscription", "p", "--deny-subscription", "q"), {})
+    assert from_flags["deny_subscription"] == ("p", "q")
+
+
+def test_settings_invalid_value_names_source():
+    with pytest.raises(SettingsError, match="IRONSHADOW_MQTT_PORT"):
+        resolve(parse(), {"IRONSHADOW_MQTT_PORT": "eighteen"})
+    with pytest.raises(SettingsError, match="--queue-full-policy"):
+        resolve(parse("--queue-full-policy", "explode"), {})
+
+
+def test_settings_unknown_key_in_file(tmp_path):
+    config = tmp_path / "engine.toml"
+    config.write_text("mqtt_prot = 1884\n")
+    with pytest.raises(SettingsError, match="unknown setting 'mqtt_prot'"):
+        resolve(parse("--config", str(config)), {})
+
+
+def test_settings_missing_config_file(tmp_path):
+    with pytest.raises(SettingsError, match="not found"):
+        resolve(parse("--config", str(tmp_path / "absent.toml")), {})
+
+
+def test_settings_water_marks_checked():
+    values = resolve(parse("--write-high-water", "10", "--write-low-water", "20"), {})
+    with pytest.raises(SettingsError, match="write_low_water"):
+        broker_config(values)
+
+
+def start_engine(tmp_path, *argv: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "ironshadow", "serve", "--data-dir", str(tmp_path / "data"), *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def wait_for_port(port: int) -> None:
+    deadline = time.monotonic() + scaled(15)
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on port {port} after 15 s")
+
+
+def test_serve_port_in_use_is_clear_error(tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        engine = start_engine(tmp_path, "--mqtt-port", str(port))
+        output, _ = engine.communicate(timeout=scaled(30))
+    assert engine.returncode == 2
+    assert f"MQTT port {port}" in output
+    assert "--mqtt-port" in output
+    assert "Traceback" not in output
+
+
+def test_serve_sigterm_disconnects_v5_clients(tmp_path):
+    port = free_port()
+    engine = start_engine(tmp_path, "--mqtt-port", str(port))
+    try:
+        wait_for_port(port)
+        client = TestClient(port, "plc-7", V5)
+        engine.send_signal(signal.SIGTERM)
+        assert client.disconnected.wait(scaled(10))
+        assert client.disconnect_reason == 0x8B
+        output, _ = engine.communicate(timeout=scaled(15))
+    finally:
+        if engine.poll() is None:
+            engine.kill()
+            engine.wait()
+    assert engine.returncode == 0
+    assert "broker stopped" in output
+    assert (tmp_path / "data").is_dir()
+
+
+def test_serve_env_and_config_file(tmp_path):
+    port = free_port()
+    config = tmp_path / "engine.toml"
+    config.write_text(f"mqtt_port = {port}\n")
+    engine = subprocess.Popen(
+        [sys.executable, "-m", "ironshadow", "serve", "--data-dir", str(tmp_path / "d")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "IRONSHADOW_CONFIG": str(config)},
+    )
+    try:
+        wait_for_port(port)
+    finally:
+        engine.send_signal(signal.SIGINT)
+        engine.communicate(timeout=scaled(15))
+    assert engine.returncode == 0
