@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import errno
 import logging
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -17,6 +18,16 @@ from .broker.core import Broker
 from .settings import SettingsError, add_arguments, broker_config, resolve
 
 log = logging.getLogger("ironshadow")
+
+
+def _raise_file_limit() -> None:
+    """Raise the soft open-file limit to the hard limit: each connection needs a descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
 
 
 def _install_event_loop_policy() -> None:
@@ -59,6 +70,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         print(f"ironshadow: error: cannot create data folder {data_dir}: {exc.strerror}; "
               "choose another with --data-dir", file=sys.stderr)
         return 2
+    _raise_file_limit()
     _install_event_loop_policy()
     try:
         asyncio.run(_serve(config))

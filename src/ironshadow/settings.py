@@ -77,7 +77,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_keep_alive", int, _defaults.max_keep_alive,
             "largest keep alive granted to v5 clients, in seconds (0: no limit)"),
     Setting("max_connections", int, _defaults.max_connections,
-            "connections held at once; more are refused (0: no limit)"),
+            "connections held at once; more are refused (0: the open-file limit less 256)"),
     Setting("connect_rate", float, _defaults.connect_rate,
             "CONNECT packets processed per second; the rest wait their turn (0: no limit)"),
     Setting("connect_timeout", float, _defaults.connect_timeout,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from mqtt_client import V5, V311, TestClient
 
 

@@ -9,6 +9,9 @@ QUEUE_FULL_DROP_NEW = "drop-new"
 QUEUE_FULL_DROP_OLDEST = "drop-oldest"
 QUEUE_FULL_POLICIES = (QUEUE_FULL_DROP_NEW, QUEUE_FULL_DROP_OLDEST)
 
+# File descriptors kept free for listeners, store connections, log and data files.
+FILE_DESCRIPTOR_RESERVE = 256
+
 
 @dataclass(slots=True)
 class BrokerConfig:
@@ -49,7 +52,9 @@ class BrokerConfig:
     # Admission control for reconnect storms.
     # Seconds a new socket may stay open without completing CONNECT.
     connect_timeout: float = 10.0
-    # Connections held at once; more are refused. 0 means no limit.
+    # Connections held at once; more are refused. 0 derives the limit from the process's
+    # open-file limit (RLIMIT_NOFILE) less FILE_DESCRIPTOR_RESERVE, because accept() fails
+    # with EMFILE past it and the broker could no longer open its own files.
     max_connections: int = 0
     # CONNECT packets processed per second across the broker; the rest wait in the
     # admission queue. 0 means no limit.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import secrets
 import time
 from collections import deque
@@ -28,7 +29,7 @@ from ..mqtt.packets import Connack, Connect, Suback, Subscribe, Unsuback, Unsubs
 from ..mqtt.properties import PropertyId
 from ..mqtt.reason_codes import ConnackReturnCode, ReasonCode
 from ..mqtt.topics import parse_shared_subscription, topic_matches, validate_topic_filter
-from .config import QUEUE_FULL_DROP_OLDEST, BrokerConfig
+from .config import FILE_DESCRIPTOR_RESERVE, QUEUE_FULL_DROP_OLDEST, BrokerConfig
 from .connection import CLOSED, CONNECTED, CONNECTING, MQTTConnection
 from .message import Message
 from .retained import RetainedStore
@@ -44,6 +45,14 @@ from .stats import BrokerStats
 from .subscriptions import SubscriptionIndex, SubscriptionRecord
 
 log = logging.getLogger("ironshadow.broker")
+
+
+def default_max_connections() -> int:
+    """Return the connection limit that the open-file limit of this process allows."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1_000_000
+    return max(1, soft - FILE_DESCRIPTOR_RESERVE)
 
 # How often keep-alive and CONNECT timeouts are checked, in seconds.
 SWEEP_INTERVAL = 0.5
@@ -74,6 +83,7 @@ class Broker:
         self._sys_handle: asyncio.TimerHandle | None = None
         self._log_times: dict[tuple[str, str], float] = {}
         self._deny = tuple(self.config.deny_subscriptions)
+        self.max_connections = self.config.max_connections or default_max_connections()
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -100,7 +110,12 @@ class Broker:
         addresses = ", ".join(
             f"{sock.getsockname()[0]}:{sock.getsockname()[1]}" for sock in server.sockets
         )
-        log.info("MQTT listener open on %s", addresses)
+        log.info(
+            "MQTT listener open on %s; at most %d connections, %s CONNECT packets per second",
+            addresses,
+            self.max_connections,
+            config.connect_rate or "unlimited",
+        )
 
     @property
     def ports(self) -> list[int]:
@@ -126,8 +141,8 @@ class Broker:
     # --- connections ------------------------------------------------------------------
 
     def connection_made(self, connection: MQTTConnection) -> None:
-        limit = self.config.max_connections
-        if limit and len(self.connections) >= limit:
+        limit = self.max_connections
+        if len(self.connections) >= limit:
             self.stats.connections_rejected += 1
             self._log_rarely(
                 "max-connections",

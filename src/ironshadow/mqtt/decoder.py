@@ -8,8 +8,9 @@ than one maximum-size packet.
 from __future__ import annotations
 
 from .constants import MAX_PACKET_SIZE, MQTT_3_1_1, PacketType
+from .constants import SUPPORTED_PROTOCOL_LEVELS as SUPPORTED_LEVELS
 from .errors import MQTTProtocolError, malformed
-from .packets import Connect, Packet, decode_packet
+from .packets import Packet, decode_packet
 from .reason_codes import ReasonCode
 
 
@@ -79,10 +80,9 @@ class PacketDecoder:
             if stop > size:
                 break
             body = bytes(buffer[index:stop])
-            packet = decode_packet(first, body, self.version)
             if first >> 4 == PacketType.CONNECT:
-                assert isinstance(packet, Connect)
-                self.version = packet.protocol_level
+                self._take_connect_version(body)
+            packet = decode_packet(first, body, self.version)
             packets.append(packet)
             pos = stop
         if pos:
@@ -93,3 +93,12 @@ class PacketDecoder:
         elif buffer is not self._buffer:
             self._buffer = bytearray(buffer)
         return packets
+
+    def _take_connect_version(self, body: bytes) -> None:
+        """Switch to the protocol level of a CONNECT before decoding the rest of it.
+
+        Doing this first means that an error later in a v5 CONNECT is reported in the v5
+        way, with a CONNACK reason code, rather than in the 3.1.1 way.
+        """
+        if len(body) >= 7 and body[:6] == b"\x00\x04MQTT" and body[6] in SUPPORTED_LEVELS:
+            self.version = body[6]

@@ -1,0 +1,126 @@
+"""Admission control: the connection limit, the CONNECT rate and the CONNECT timeout."""
+
+from __future__ import annotations
+
+import selectors
+import time
+
+from conftest import scaled
+from ironshadow.mqtt import Connack, Connect, Puback, Publish, Suback, Subscribe, Subscription
+from mqtt_client import TestClient
+from raw_client import RawClient
+
+
+def test_extra_connection_rejected(make_broker):
+    broker = make_broker(max_connections=2)
+    TestClient(broker.port, "first")
+    TestClient(broker.port, "second")
+    extra = RawClient(broker.port)
+    extra.send(Connect("third", 5))
+    assert extra.wait_closed() == []
+    assert broker.call(lambda: broker.broker.stats.connections_rejected) == 1
+
+
+def test_slot_freed_after_disconnect(make_broker):
+    broker = make_broker(max_connections=1)
+    first = TestClient(broker.port, "first")
+    first.disconnect()
+    second = TestClient(broker.port, "second")
+    assert second.client.is_connected()
+
+
+def test_limit_counts_open_sockets(make_broker):
+    broker = make_broker(max_connections=1)
+    # A socket that has not sent CONNECT yet already takes the only slot.
+    silent = RawClient(broker.port)
+    assert silent.is_open(wait=0.1)
+    late = RawClient(broker.port)
+    assert late.wait_closed() == []
+
+
+def connect_all(clients: list[RawClient]) -> list[float]:
+    """Send CONNECT on every client in order and return the time each CONNACK arrived."""
+    for index, client in enumerate(clients):
+        client.send(Connect(f"storm{index}", 5))
+    arrived: dict[int, float] = {}
+    with selectors.DefaultSelector() as selector:
+        for index, client in enumerate(clients):
+            selector.register(client.sock, selectors.EVENT_READ, index)
+        deadline = time.monotonic() + scaled(10)
+        while len(arrived) < len(clients) and time.monotonic() < deadline:
+            for key, _ in selector.select(timeout=0.1):
+                index = key.data
+                clients[index].receive(Connack)
+                arrived[index] = time.monotonic()
+                selector.unregister(key.fileobj)
+    assert len(arrived) == len(clients), f"{len(clients) - len(arrived)} CONNACKs missing"
+    return [arrived[index] for index in range(len(clients))]
+
+
+def test_connect_rate_serves_everyone(make_broker):
+    broker = make_broker(connect_rate=20)
+    clients = [RawClient(broker.port) for _ in range(30)]
+    started = time.monotonic()
+    arrived = connect_all(clients)
+    # At most one second's worth (20) is admitted at once, so 30 take at least 0.5 s.
+    assert arrived[-1] - started > 0.45
+    assert broker.call(lambda: len(broker.broker.sessions)) == 30
+
+
+def test_connect_rate_keeps_arrival_order(make_broker):
+    broker = make_broker(connect_rate=20)
+    clients = [RawClient(broker.port) for _ in range(30)]
+    arrived = connect_all(clients)
+    assert arrived == sorted(arrived)
+
+
+def test_connected_clients_served_during_storm(make_broker):
+    broker = make_broker(connect_rate=5)
+    subscriber = TestClient(broker.port, "sub")
+    subscriber.subscribe("s/t", 1)
+    publisher = TestClient(broker.port, "pub")
+    storm = [RawClient(broker.port) for _ in range(15)]
+    for index, client in enumerate(storm):
+        client.send(Connect(f"storm{index}", 5))
+    publisher.publish("s/t", b"still flowing", 1)
+    assert subscriber.expect(timeout=1).payload == b"still flowing"
+    assert broker.call(lambda: broker.broker.admission_queue_length) > 0
+
+
+def test_pipelined_packets_wait_for_admission(make_broker):
+    # The token bucket starts empty, and "first" takes the token of the first 0.25 s.
+    broker = make_broker(connect_rate=4)
+    RawClient(broker.port).connect("first")
+    client = RawClient(broker.port)
+    # A client may send packets right after CONNECT, before its CONNACK.
+    client.send(
+        Connect("second", 5),
+        Subscribe(1, [Subscription("s/t", 1)]),
+        Publish("s/t", b"to myself", qos=1, packet_id=2),
+    )
+    assert isinstance(client.receive(Connack, timeout=3), Connack)
+    assert isinstance(client.receive(Suback), Suback)
+    replies = {type(client.receive()), type(client.receive())}
+    assert replies == {Puback, Publish}
+
+
+def test_silent_socket_closed_after_timeout(make_broker):
+    broker = make_broker(connect_timeout=0.5)
+    silent = RawClient(broker.port)
+    started = time.monotonic()
+    assert silent.wait_closed(timeout=2) == []
+    assert time.monotonic() - started >= 0.5
+
+
+def test_connect_timeout_spares_connected(make_broker):
+    broker = make_broker(connect_timeout=0.5)
+    client = RawClient(broker.port)
+    client.connect("dev")
+    assert client.is_open(wait=1.2)
+
+
+def test_partial_connect_still_times_out(make_broker):
+    broker = make_broker(connect_timeout=0.5)
+    client = RawClient(broker.port)
+    client.send(Connect("dev", 5).encode()[:5])
+    assert client.wait_closed(timeout=2) == []
