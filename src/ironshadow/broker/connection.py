@@ -38,6 +38,7 @@ from ..mqtt.packets import (
 )
 from ..mqtt.properties import PropertyId
 from ..mqtt.reason_codes import ReasonCode
+from . import hooks as reasons
 from .message import Message
 from .session import AWAITING_PUBACK, AWAITING_PUBCOMP, Delivery, Session
 
@@ -86,6 +87,7 @@ class MQTTConnection(asyncio.Protocol):
         "state",
         "topic_alias_max_out",
         "transport",
+        "username",
         "version",
         "will",
         "write_paused",
@@ -98,6 +100,7 @@ class MQTTConnection(asyncio.Protocol):
         self.state = CONNECTING
         self.version = 4
         self.client_id = ""
+        self.username: str | None = None
         self.session: Session | None = None
         self.peer = ""
         self.keep_alive = 0
@@ -116,8 +119,8 @@ class MQTTConnection(asyncio.Protocol):
         self.aliases_out: dict[str, int] | None = None
         self.request_problem_information = True
         self.will = None
-        # Set when the connection ends in a way that must not publish the will.
-        self.disconnect_reason: int | None = None
+        # Why the connection ended, for presence events (see ``hooks``).
+        self.disconnect_reason = reasons.CONNECTION_LOST
         # Packets received while the connection is on hold, for release_held() to handle.
         # A broker-wide pause or a CONNECT waiting for admission puts it on hold, and None
         # means that it is not on hold.
@@ -280,6 +283,7 @@ class MQTTConnection(asyncio.Protocol):
 
     def protocol_error(self, exc: MQTTProtocolError) -> None:
         client = self.client_id or "(before CONNECT)"
+        self.disconnect_reason = reasons.CLIENT_ERROR
         log.warning("client %s from %s: %s; closing the connection", client, self.peer, exc)
         self.broker.stats.protocol_errors += 1
         if self.state == CONNECTING:
@@ -444,6 +448,7 @@ class MQTTConnection(asyncio.Protocol):
                 )
             session.expiry_interval = min(expiry, self.broker.config.max_session_expiry)
         publish_will = packet.reason_code == ReasonCode.DISCONNECT_WITH_WILL_MESSAGE
+        self.disconnect_reason = reasons.CLIENT_INITIATED_DISCONNECT
         self.close(None, publish_will=publish_will)
 
     def _on_auth(self, packet: Auth) -> None:

@@ -22,6 +22,7 @@ import resource
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 
 from ..mqtt.constants import MQTT_5
 from ..mqtt.errors import MQTTProtocolError, protocol_error
@@ -29,8 +30,10 @@ from ..mqtt.packets import Connack, Connect, Suback, Subscribe, Unsuback, Unsubs
 from ..mqtt.properties import PropertyId
 from ..mqtt.reason_codes import ConnackReturnCode, ReasonCode
 from ..mqtt.topics import parse_shared_subscription, topic_matches, validate_topic_filter
+from . import hooks as reasons
 from .config import FILE_DESCRIPTOR_RESERVE, QUEUE_FULL_DROP_OLDEST, BrokerConfig
 from .connection import CLOSED, CONNECTED, CONNECTING, MQTTConnection
+from .hooks import BrokerHooks
 from .message import Message
 from .retained import RetainedStore
 from .session import (
@@ -54,6 +57,8 @@ def default_max_connections() -> int:
         return 1_000_000
     return max(1, soft - FILE_DESCRIPTOR_RESERVE)
 
+# Shortest interval between two batches of queued CONNECTs, in seconds.
+ADMISSION_TICK = 0.01
 # How often keep-alive and CONNECT timeouts are checked, in seconds.
 SWEEP_INTERVAL = 0.5
 # Repeated warnings about one client (dropped messages, rejected connections) are logged
@@ -84,6 +89,39 @@ class Broker:
         self._log_times: dict[tuple[str, str], float] = {}
         self._deny = tuple(self.config.deny_subscriptions)
         self.max_connections = self.config.max_connections or default_max_connections()
+        self.hooks: list[BrokerHooks] = []
+
+    # --- extension points -------------------------------------------------------------
+
+    def add_hooks(self, hooks: BrokerHooks) -> None:
+        self.hooks.append(hooks)
+
+    def add_consumer(
+        self, name: str, topic_filters: list[str], callback: Callable[[Message], None]
+    ) -> Session:
+        """Subscribe a consumer inside the engine to ``topic_filters``.
+
+        Matching messages are passed to ``callback`` as they are routed, with no queue and
+        no QoS flow. The consumer counts as a subscriber for :meth:`has_subscribers`.
+        """
+        client_id = "$internal/" + name
+        session = Session(client_id)
+        session.consumer = callback
+        session.expiry_interval = NEVER_EXPIRES
+        self.sessions[client_id] = session
+        for topic_filter in topic_filters:
+            validate_topic_filter(topic_filter)
+            record = SubscriptionRecord(session, topic_filter, 2)
+            session.subscriptions[topic_filter] = record
+            self.index.add(topic_filter, record)
+        return session
+
+    def has_subscribers(self, topic: str) -> bool:
+        """Whether any subscription matches ``topic``: connected, offline or internal.
+
+        Callers skip building a message that nobody would receive.
+        """
+        return bool(self.index.match(topic))
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -130,6 +168,7 @@ class Broker:
                 handle.cancel()
         count = len(self.connections)
         for connection in list(self.connections):
+            connection.disconnect_reason = reasons.SERVER_INITIATED_DISCONNECT
             connection.close(ReasonCode.SERVER_SHUTTING_DOWN, publish_will=False, linger=False)
         for server in self._servers:
             await server.wait_closed()
@@ -167,6 +206,8 @@ class Broker:
         if session is None or session.connection is not connection:
             return
         session.connection = None
+        for hooks in self.hooks:
+            hooks.client_disconnected(connection, connection.disconnect_reason)
         will = connection.will
         connection.will = None
         if will is not None:
@@ -245,7 +286,13 @@ class Broker:
         connection.held = []
         self._admission.append((connection, connect))
         if self._admission_handle is None:
-            self._admission_handle = self.loop.call_later(1.0 / rate, self._admit_queued)
+            tick = self._admission_tick()
+            self._admission_handle = self.loop.call_later(tick, self._admit_queued)
+
+    def _admission_tick(self) -> float:
+        # Admit in batches at least ADMISSION_TICK apart: a timer per token would cost more
+        # than the CONNECTs it paces at high rates.
+        return max(1.0 / self.config.connect_rate, ADMISSION_TICK)
 
     def _refill_tokens(self) -> None:
         now = time.monotonic()
@@ -270,9 +317,8 @@ class Broker:
             if not self.reading_paused:
                 connection.release_held()
         if self._admission:
-            self._admission_handle = self.loop.call_later(
-                1.0 / self.config.connect_rate, self._admit_queued
-            )
+            tick = self._admission_tick()
+            self._admission_handle = self.loop.call_later(tick, self._admit_queued)
 
     @property
     def admission_queue_length(self) -> int:
@@ -307,6 +353,7 @@ class Broker:
         config = self.config
         client_id = connect.client_id
         connection.client_id = client_id
+        connection.username = connect.username
         assigned_id = None
 
         if version == MQTT_5 and PropertyId.AUTHENTICATION_METHOD in properties:
@@ -345,6 +392,7 @@ class Broker:
             old = session.connection
             log.info("client %s from %s takes over its session from %s", client_id,
                      connection.peer, old.peer)
+            old.disconnect_reason = reasons.DUPLICATE_CLIENT_ID
             old.close(ReasonCode.SESSION_TAKEN_OVER)
             session = self.sessions.get(client_id)
         if session is not None and connect.clean_start:
@@ -405,6 +453,8 @@ class Broker:
             self._resend_inflight(session, connection)
         if session.queue:
             self.drain(session)
+        for hooks in self.hooks:
+            hooks.client_connected(connection)
 
     def _resend_inflight(self, session: Session, connection: MQTTConnection) -> None:
         """Send every in-flight message again, in order [MQTT-4.4.0-1]."""
@@ -435,6 +485,7 @@ class Broker:
             subscription_id = ids[0]
         codes: list[int] = []
         retained: list[tuple[Message, SubscriptionRecord]] = []
+        added: list[SubscriptionRecord] = []
         for sub in packet.subscriptions:
             topic_filter = sub.topic_filter
             try:
@@ -471,6 +522,7 @@ class Broker:
             )
             existed = self.index.add(inner, record)
             session.subscriptions[topic_filter] = record
+            added.append(record)
             codes.append(sub.qos)
             if group is None and (
                 sub.retain_handling == 0 or (sub.retain_handling == 1 and not existed)
@@ -483,6 +535,10 @@ class Broker:
             qos = min(message.qos, record.qos)
             ids_for = [record.subscription_id] if record.subscription_id else None
             self.deliver(session, Delivery(message, qos, True, ids_for))
+        if self.hooks:
+            for record in added:
+                for hooks in self.hooks:
+                    hooks.subscribed(session, record)
 
     def unsubscribe(self, connection: MQTTConnection, packet: Unsubscribe) -> None:
         session = connection.session
@@ -550,6 +606,9 @@ class Broker:
 
     def deliver(self, session: Session, delivery: Delivery) -> None:
         """Send ``delivery`` to the session's client now, or queue it."""
+        if session.consumer is not None:
+            session.consumer(delivery.message)
+            return
         connection = session.connection
         if connection is None or connection.state != CONNECTED:
             if delivery.qos or self.config.queue_qos0_offline:
@@ -706,6 +765,7 @@ class Broker:
                     now - connection.last_received,
                     keep_alive,
                 )
+                connection.disconnect_reason = reasons.KEEP_ALIVE_TIMEOUT
                 connection.close(ReasonCode.KEEP_ALIVE_TIMEOUT)
 
     def _publish_sys(self) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..mqtt.packets import Will
@@ -62,6 +63,7 @@ class Session:
     __slots__ = (
         "client_id",
         "connection",
+        "consumer",
         "expiry_handle",
         "expiry_interval",
         "inbound_qos2",
@@ -77,6 +79,9 @@ class Session:
     def __init__(self, client_id: str) -> None:
         self.client_id = client_id
         self.connection: MQTTConnection | None = None
+        # Set for a consumer inside the engine: messages routed to this session are passed
+        # to it synchronously instead of being sent to a client.
+        self.consumer: Callable[[Message], None] | None = None
         # Full topic filter (with any $share prefix) -> record.
         self.subscriptions: dict[str, SubscriptionRecord] = {}
         self.inflight: dict[int, Delivery] = {}
