@@ -39,11 +39,16 @@ def free_port() -> int:
 
 
 class BrokerThread:
-    """A broker running on its own uvloop event loop in a background thread."""
+    """A broker (or a whole engine) on its own uvloop event loop in a background thread.
 
-    def __init__(self, config: BrokerConfig) -> None:
+    ``server`` is anything with ``start()`` and ``shutdown()`` coroutines and a ``broker``
+    attribute, such as an :class:`~ironshadow.engine.Engine`; the default is a bare broker.
+    """
+
+    def __init__(self, config: BrokerConfig, server: Any = None) -> None:
         self.config = config
-        self.broker = Broker(config)
+        self.server = server if server is not None else Broker(config)
+        self.broker = self.server if isinstance(self.server, Broker) else self.server.broker
         self.loop = uvloop.new_event_loop()
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -56,14 +61,14 @@ class BrokerThread:
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         try:
-            self.loop.run_until_complete(self.broker.start())
+            self.loop.run_until_complete(self.server.start())
         except BaseException as exc:  # reported to the test thread by start()
             self._error = exc
             self._ready.set()
             return
         self._ready.set()
         self.loop.run_forever()
-        self.loop.run_until_complete(self.broker.shutdown())
+        self.loop.run_until_complete(self.server.shutdown())
         self.loop.close()
 
     def start(self) -> None:
@@ -94,15 +99,17 @@ class BrokerThread:
             self._thread.join(scaled(10))
 
 
-@pytest.fixture
-def make_broker() -> Iterator[Callable[..., BrokerThread]]:
-    """Return a factory that starts brokers with the given config fields, stopped afterwards."""
+def _server_factory(
+    make_server: Callable[[BrokerConfig], Any] | None,
+) -> Iterator[Callable[..., BrokerThread]]:
     started: list[BrokerThread] = []
 
     def factory(**fields: Any) -> BrokerThread:
         fields.setdefault("port", free_port())
         fields.setdefault("sys_interval", 0)
-        thread = BrokerThread(BrokerConfig(**fields))
+        config = BrokerConfig(**fields)
+        server = make_server(config) if make_server is not None else None
+        thread = BrokerThread(config, server)
         thread.start()
         started.append(thread)
         return thread
@@ -115,5 +122,27 @@ def make_broker() -> Iterator[Callable[..., BrokerThread]]:
 
 
 @pytest.fixture
+def make_broker() -> Iterator[Callable[..., BrokerThread]]:
+    """Return a factory that starts brokers with the given config fields, stopped afterwards."""
+    yield from _server_factory(None)
+
+
+@pytest.fixture
 def broker(make_broker: Callable[..., BrokerThread]) -> BrokerThread:
     return make_broker()
+
+
+@pytest.fixture
+def make_engine() -> Iterator[Callable[..., BrokerThread]]:
+    """Return a factory that starts engines (broker and shadow service) on free ports.
+
+    The returned thread's ``server`` is the :class:`~ironshadow.engine.Engine`.
+    """
+    from ironshadow.engine import Engine
+
+    yield from _server_factory(Engine)
+
+
+@pytest.fixture
+def engine(make_engine: Callable[..., BrokerThread]) -> BrokerThread:
+    return make_engine()

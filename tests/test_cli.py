@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -76,6 +79,8 @@ def test_settings_water_marks_checked():
 
 
 def start_engine(tmp_path, *argv: str) -> subprocess.Popen[str]:
+    if "--http-port" not in argv:
+        argv = ("--http-port", str(free_port()), *argv)
     return subprocess.Popen(
         [sys.executable, "-m", "ironshadow", "serve", "--data-dir", str(tmp_path / "data"), *argv],
         stdout=subprocess.PIPE,
@@ -109,6 +114,47 @@ def test_serve_port_in_use_is_clear_error(tmp_path):
     assert "Traceback" not in output
 
 
+def test_serve_http_port_in_use_is_clear_error(tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        engine = start_engine(tmp_path, "--mqtt-port", str(free_port()), "--http-port", str(port))
+        output, _ = engine.communicate(timeout=scaled(30))
+    assert engine.returncode == 2
+    assert f"HTTP port {port}" in output
+    assert "--http-port" in output
+    assert "Traceback" not in output
+
+
+def test_serve_answers_mqtt_and_http(tmp_path):
+    mqtt_port = free_port()
+    http_port = free_port()
+    engine = start_engine(tmp_path, "--mqtt-port", str(mqtt_port), "--http-port", str(http_port))
+    try:
+        wait_for_port(http_port)
+        device = TestClient(mqtt_port, "boiler-2", V5)
+        update = b'{"state": {"reported": {"bar": 1.5}}}'
+        device.publish("$aws/things/boiler-2/shadow/update", update, 1)
+        url = f"http://127.0.0.1:{http_port}/things/boiler-2/shadow"
+        deadline = time.monotonic() + scaled(10)
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=scaled(5)) as response:
+                    document = json.loads(response.read())
+                break
+            except urllib.error.HTTPError as error:
+                # The update may still be on its way; anything but 404 is a failure.
+                assert error.code == 404
+                assert time.monotonic() < deadline, "the shadow never appeared over HTTP"
+                time.sleep(0.05)
+    finally:
+        engine.send_signal(signal.SIGTERM)
+        engine.communicate(timeout=scaled(15))
+    assert document["state"]["reported"] == {"bar": 1.5}
+    assert document["version"] == 1
+
+
 def test_serve_sigterm_disconnects_v5_clients(tmp_path):
     port = free_port()
     engine = start_engine(tmp_path, "--mqtt-port", str(port))
@@ -131,7 +177,7 @@ def test_serve_sigterm_disconnects_v5_clients(tmp_path):
 def test_serve_env_and_config_file(tmp_path):
     port = free_port()
     config = tmp_path / "engine.toml"
-    config.write_text(f"mqtt_port = {port}\n")
+    config.write_text(f"mqtt_port = {port}\nhttp_port = {free_port()}\n")
     engine = subprocess.Popen(
         [sys.executable, "-m", "ironshadow", "serve", "--data-dir", str(tmp_path / "d")],
         stdout=subprocess.PIPE,

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .api import ApiServer
 from .broker.config import BrokerConfig
-from .broker.core import Broker
-from .settings import SettingsError, add_arguments, broker_config, resolve
+from .engine import Engine
+from .settings import SettingsError, add_arguments, broker_config, resolve, shadow_limits
+from .shadow import ShadowLimits
 
 log = logging.getLogger("ironshadow")
 
@@ -39,23 +41,49 @@ def _install_event_loop_policy() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def _serve(config: BrokerConfig) -> None:
-    broker = Broker(config)
-    await broker.start()
+class PortInUseError(Exception):
+    """A listener's port is taken; the message names the port and the flag to change."""
+
+
+async def _serve(config: BrokerConfig, limits: ShadowLimits, http_port: int) -> None:
+    # Signal handlers first, so that a signal during start-up also stops the engine cleanly.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    engine = Engine(config, limits)
+    try:
+        await engine.start()
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUseError(
+                f"MQTT port {config.port} on {config.host} is already in use; "
+                "choose a free port with --mqtt-port"
+            ) from exc
+        raise
+    api = ApiServer(engine, config.host, http_port)
+    try:
+        await api.start()
+    except OSError as exc:
+        await engine.shutdown()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUseError(
+                f"HTTP port {http_port} on {config.host} is already in use; "
+                "choose a free port with --http-port"
+            ) from exc
+        raise
     log.info("IronShadow %s running; stop with Ctrl-C or SIGTERM", __version__)
     await stop.wait()
     log.info("shutting down")
-    await broker.shutdown()
+    await api.stop()
+    await engine.shutdown()
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     try:
         values = resolve(args)
         config = broker_config(values)
+        limits = shadow_limits(values)
     except SettingsError as exc:
         print(f"ironshadow: error: {exc}", file=sys.stderr)
         return 2
@@ -73,12 +101,11 @@ def _run_serve(args: argparse.Namespace) -> int:
     _raise_file_limit()
     _install_event_loop_policy()
     try:
-        asyncio.run(_serve(config))
+        asyncio.run(_serve(config, limits, values["http_port"]))
+    except PortInUseError as exc:
+        print(f"ironshadow: error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            print(f"ironshadow: error: MQTT port {config.port} on {config.host} is already in "
-                  "use; choose a free port with --mqtt-port", file=sys.stderr)
-            return 2
         if exc.errno == errno.EADDRNOTAVAIL:
             print(f"ironshadow: error: cannot bind to address {config.host}: it is not an "
                   "address of this machine; choose another with --host", file=sys.stderr)
@@ -93,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the engine (MQTT broker and shadows)")
+    serve = commands.add_parser("serve", help="run the engine: MQTT broker and device shadows")
     add_arguments(serve)
     serve.set_defaults(handler=_run_serve)
     return parser

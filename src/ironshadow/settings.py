@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .broker.config import QUEUE_FULL_POLICIES, BrokerConfig
+from .shadow import ShadowLimits
 
 ENV_PREFIX = "IRONSHADOW_"
 
@@ -56,8 +57,7 @@ _defaults = BrokerConfig()
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", str, "127.0.0.1", "address the MQTT listener binds to"),
     Setting("mqtt_port", int, 1883, "TCP port of the MQTT listener"),
-    Setting("http_port", int, 8080,
-            "TCP port reserved for the HTTP API (REST, dashboard, metrics)"),
+    Setting("http_port", int, 8080, "TCP port of the HTTP API (REST and its OpenAPI docs)"),
     Setting("data_dir", str, "./data", "folder for the engine's local data; created if missing"),
     Setting("log_level", str, "INFO", "logging level", ("DEBUG", "INFO", "WARNING", "ERROR")),
     Setting("max_packet_size", int, _defaults.max_packet_size,
@@ -92,6 +92,8 @@ SETTINGS: tuple[Setting, ...] = (
             "(repeat the flag for several)", is_list=True),
     Setting("sys_interval", float, _defaults.sys_interval,
             "seconds between $SYS/broker statistics updates (0: off)"),
+    Setting("max_shadow_size", int, 8192,
+            "largest shadow state (desired plus reported, as compact JSON) in bytes"),
 )
 
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
@@ -165,6 +167,15 @@ def resolve(
         if raw is not None:
             values[setting.name] = _convert(setting, raw, f"flag {setting.flag}")
     return values
+
+
+def shadow_limits(values: Mapping[str, Any]) -> ShadowLimits:
+    """Build the shadow document limits from resolved settings."""
+    if values["max_shadow_size"] < 1:
+        raise SettingsError(
+            f"max_shadow_size must be at least 1 byte, got {values['max_shadow_size']}"
+        )
+    return ShadowLimits(max_state_bytes=values["max_shadow_size"])
 
 
 def broker_config(values: Mapping[str, Any]) -> BrokerConfig:

@@ -1,0 +1,372 @@
+"""The REST API: AWS IoT Device Shadow over HTTP, plus thing listing.
+
+Endpoints:
+
+- ``GET|POST|DELETE /things/{thing}/shadow[?name=...]``: get, update or delete a classic or
+  named shadow. The request body goes to the shadow service unchanged, so HTTP and MQTT
+  return the same documents and the same errors, and an accepted update publishes
+  ``update/delta`` and ``update/documents`` on MQTT.
+- ``GET /things/{thing}/shadows`` and AWS's own path
+  ``GET /api/things/shadow/ListNamedShadowsForThing/{thing}``: the thing's named shadows.
+- ``GET /things``: things in name order, filtered by name prefix and connection state.
+- ``GET /things/{thing}``: one thing's summary and its named shadows.
+- ``/docs`` and ``/openapi.json``: the OpenAPI description.
+
+Every handler is a coroutine, so it runs on the engine's event loop and reads the shadow
+service and the broker without locks. None of them awaits between reading and writing
+engine state.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from typing import TYPE_CHECKING, Annotated, Any
+
+import orjson
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.openapi.utils import get_openapi
+from starlette.responses import Response
+
+from .. import __version__
+from ..shadow import ShadowError, validate_thing_name
+from .documents import (
+    UPDATE_REQUEST_BODY,
+    DeleteAccepted,
+    ErrorDocument,
+    NamedShadowList,
+    ShadowDocument,
+    ThingDetail,
+    ThingList,
+    UpdateAccepted,
+)
+from .errors import JSON_MEDIA_TYPE, ApiError, error_response, install_error_handlers
+from .paging import (
+    NAMED_SHADOWS_PAGE_SIZE_DEFAULT,
+    NAMED_SHADOWS_PAGE_SIZE_MAX,
+    THINGS_PAGE_SIZE_DEFAULT,
+    THINGS_PAGE_SIZE_MAX,
+    decode_token,
+    encode_token,
+)
+from .things import ThingDirectory
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+
+# Both AWS IoT limits: thing names are 1 to 128 characters, shadow names 1 to 64.
+THING_NAME_HELP = "Thing name: 1 to 128 characters from a-z, A-Z, 0-9, ':', '_' and '-'."
+SHADOW_NAME_HELP = (
+    "Named shadow: 1 to 64 characters from a-z, A-Z, 0-9, '$', ':', '_' and '-'. "
+    "Leave it out for the thing's classic (unnamed) shadow."
+)
+
+API_DESCRIPTION = """\
+Device shadows of the IronShadow engine, compatible with the AWS IoT Device Shadow REST API.
+
+Shadow requests return the same documents and errors as the MQTT shadow topics. An accepted
+update also publishes `update/delta` and `update/documents` on MQTT. Every error body is
+`{"code": <HTTP status>, "message": "...", "timestamp": <epoch seconds>}`, with
+`clientToken` when the shadow request carried one. No authentication is required.
+"""
+
+OPENAPI_TAGS = [
+    {"name": "shadows", "description": "Get, update and delete device shadows."},
+    {"name": "things", "description": "Devices known to the engine and their named shadows."},
+]
+
+Thing = Annotated[str, Path(description=THING_NAME_HELP, examples=["press-17"])]
+ShadowName = Annotated[
+    str | None, Query(description=SHADOW_NAME_HELP, examples=["firmware"])
+]
+NextToken = Annotated[
+    str | None,
+    Query(
+        alias="nextToken",
+        description="The nextToken of the previous page. Leave it out for the first page.",
+    ),
+]
+
+NamedShadowsPageSize = Annotated[
+    int,
+    Query(
+        alias="pageSize",
+        ge=1,
+        le=NAMED_SHADOWS_PAGE_SIZE_MAX,
+        description="Shadow names per page.",
+    ),
+]
+ThingsPageSize = Annotated[
+    int,
+    Query(alias="pageSize", ge=1, le=THINGS_PAGE_SIZE_MAX, description="Things per page."),
+]
+
+
+def _responses(success: str, *errors: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
+    """Build the OpenAPI ``responses``: the 200 description and each error status."""
+    responses: dict[int | str, dict[str, Any]] = {200: {"description": success}}
+    for status, text in errors:
+        responses[status] = {"model": ErrorDocument, "description": text}
+    return responses
+
+
+BAD_NAME = (400, "Invalid thing or shadow name, or an invalid request document.")
+BODY_TOO_LARGE = (413, "The request body or the resulting shadow is too large.")
+NOT_UTF8 = (415, "The request body is not UTF-8.")
+NO_SHADOW = (404, "No shadow exists with that name (never created, or deleted).")
+INTERNAL = (500, "Internal service failure.")
+
+
+def create_app(engine: Engine, max_body_bytes: int | None = None) -> FastAPI:
+    """Build the REST API application for ``engine``.
+
+    ``max_body_bytes`` caps request bodies. The default is the broker's maximum MQTT
+    packet size, so that a request too large for MQTT is also too large for HTTP.
+    """
+    service = engine.shadows
+    directory = ThingDirectory(service, engine.broker)
+    body_limit = max_body_bytes or engine.broker.config.max_packet_size
+
+    app = FastAPI(
+        title="IronShadow REST API",
+        version=__version__,
+        description=API_DESCRIPTION,
+        openapi_tags=OPENAPI_TAGS,
+    )
+    install_error_handlers(app)
+    _install_openapi_without_422(app)
+
+    async def shadow_request(
+        operation: str, request: Request, thing: str, name: str | None
+    ) -> Response:
+        payload = await read_body(request, body_limit)
+        reply = service.http_request(operation, thing, name, payload)
+        return Response(reply.body, status_code=reply.status, media_type=JSON_MEDIA_TYPE)
+
+    @app.get(
+        "/things/{thing}/shadow",
+        tags=["shadows"],
+        summary="Get a shadow",
+        description="Return the full shadow document: desired, reported and delta state, "
+        "metadata and version. A body, if sent, may carry a clientToken to echo.",
+        operation_id="GetThingShadow",
+        response_model=ShadowDocument,
+        responses=_responses(
+            "The shadow document.", BAD_NAME, NO_SHADOW, BODY_TOO_LARGE, NOT_UTF8, INTERNAL
+        ),
+    )
+    async def get_shadow(request: Request, thing: Thing, name: ShadowName = None) -> Response:
+        return await shadow_request("get", request, thing, name)
+
+    @app.post(
+        "/things/{thing}/shadow",
+        tags=["shadows"],
+        summary="Update a shadow",
+        description="Merge the request's desired and reported state into the shadow, "
+        "creating it if needed. The reply echoes the request's state with its metadata "
+        "and the new version.",
+        operation_id="UpdateThingShadow",
+        response_model=UpdateAccepted,
+        responses=_responses(
+            "The update was accepted. MQTT subscribers got update/delta (when the delta is "
+            "not empty) and update/documents.",
+            BAD_NAME,
+            (409, "Version conflict: the request's version is not the shadow's version."),
+            BODY_TOO_LARGE,
+            NOT_UTF8,
+            INTERNAL,
+        ),
+        openapi_extra={"requestBody": UPDATE_REQUEST_BODY},
+    )
+    async def update_shadow(request: Request, thing: Thing, name: ShadowName = None) -> Response:
+        return await shadow_request("update", request, thing, name)
+
+    @app.delete(
+        "/things/{thing}/shadow",
+        tags=["shadows"],
+        summary="Delete a shadow",
+        description="Delete the shadow's state and metadata. A shadow created again later "
+        "continues from the deleted shadow's version.",
+        operation_id="DeleteThingShadow",
+        response_model=DeleteAccepted,
+        responses=_responses(
+            "The shadow was deleted.", BAD_NAME, NO_SHADOW, BODY_TOO_LARGE, NOT_UTF8, INTERNAL
+        ),
+    )
+    async def delete_shadow(request: Request, thing: Thing, name: ShadowName = None) -> Response:
+        return await shadow_request("delete", request, thing, name)
+
+    def list_named_shadows(thing: str, page_size: int, next_token: str | None) -> Response:
+        now = int(time.time())
+        try:
+            validate_thing_name(thing)
+        except ShadowError as error:
+            return Response(error.payload(now), status_code=error.code, media_type=JSON_MEDIA_TYPE)
+        after = decode_token(next_token)
+        names = service.named_shadow_names(thing)
+        start = 0 if after is None else bisect.bisect_right(names, after)
+        page = names[start : start + page_size]
+        more = start + page_size < len(names)
+        document = {
+            "results": page,
+            "nextToken": encode_token(page[-1]) if more and page else None,
+            "timestamp": now,
+        }
+        return Response(orjson.dumps(document), media_type=JSON_MEDIA_TYPE)
+
+    named_shadows_description = (
+        "Return the names of the thing's named shadows in sorted order, one page at a time. "
+        "The classic shadow and deleted shadows are not listed. A thing without named "
+        "shadows, or unknown to the engine, gets an empty list."
+    )
+
+    @app.get(
+        "/things/{thing}/shadows",
+        tags=["things"],
+        summary="List a thing's named shadows",
+        description=named_shadows_description,
+        operation_id="ListNamedShadowsForThing",
+        response_model=NamedShadowList,
+        responses=_responses(
+            "A page of shadow names.", (400, "Invalid thing name, pageSize or nextToken.")
+        ),
+    )
+    async def named_shadows(
+        thing: Thing,
+        page_size: NamedShadowsPageSize = NAMED_SHADOWS_PAGE_SIZE_DEFAULT,
+        next_token: NextToken = None,
+    ) -> Response:
+        return list_named_shadows(thing, page_size, next_token)
+
+    @app.get(
+        "/api/things/shadow/ListNamedShadowsForThing/{thing}",
+        tags=["things"],
+        summary="List a thing's named shadows (AWS IoT path)",
+        description=named_shadows_description
+        + " This is the path of the AWS IoT ListNamedShadowsForThing API.",
+        operation_id="ListNamedShadowsForThingAwsPath",
+        response_model=NamedShadowList,
+        responses=_responses(
+            "A page of shadow names.", (400, "Invalid thing name, pageSize or nextToken.")
+        ),
+    )
+    async def named_shadows_aws_path(
+        thing: Thing,
+        page_size: NamedShadowsPageSize = NAMED_SHADOWS_PAGE_SIZE_DEFAULT,
+        next_token: NextToken = None,
+    ) -> Response:
+        return list_named_shadows(thing, page_size, next_token)
+
+    @app.get(
+        "/things",
+        tags=["things"],
+        summary="List things",
+        description="Return things in name order, one page at a time. A thing is a name "
+        "that has a shadow or has connected as an MQTT client id. Keep requesting with "
+        "the returned nextToken until it is null: a page can hold fewer than pageSize "
+        "things before the end, because one request checks a bounded number of names.",
+        operation_id="ListThings",
+        response_model=ThingList,
+        responses=_responses(
+            "A page of things.", (400, "Invalid prefix, connected, pageSize or nextToken.")
+        ),
+    )
+    async def list_things(
+        prefix: Annotated[
+            str, Query(max_length=128, description="Only things whose name starts with this.")
+        ] = "",
+        connected: Annotated[
+            bool | None,
+            Query(description="true lists only connected things, false only offline ones."),
+        ] = None,
+        page_size: ThingsPageSize = THINGS_PAGE_SIZE_DEFAULT,
+        next_token: NextToken = None,
+    ) -> Response:
+        after = decode_token(next_token)
+        things, cursor = directory.list_page(prefix, connected, page_size, after)
+        document = {
+            "things": things,
+            "nextToken": encode_token(cursor),
+            "timestamp": int(time.time()),
+        }
+        return Response(orjson.dumps(document), media_type=JSON_MEDIA_TYPE)
+
+    @app.get(
+        "/things/{thing}",
+        tags=["things"],
+        summary="Describe a thing",
+        description="Return whether the thing is connected, when it was last seen, its "
+        "classic shadow's version and the names of its named shadows.",
+        operation_id="DescribeThing",
+        response_model=ThingDetail,
+        responses=_responses(
+            "The thing.",
+            (400, "Invalid thing name."),
+            (404, "Thing not found: it has no shadow and has never connected."),
+        ),
+    )
+    async def describe_thing(thing: Thing) -> Response:
+        now = int(time.time())
+        try:
+            validate_thing_name(thing)
+        except ShadowError as error:
+            return Response(error.payload(now), status_code=error.code, media_type=JSON_MEDIA_TYPE)
+        if not directory.exists(thing):
+            return error_response(
+                404, f"Thing not found: {thing!r} has no shadow and has never connected"
+            )
+        return Response(orjson.dumps(directory.detail(thing)), media_type=JSON_MEDIA_TYPE)
+
+    return app
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Return the request body, or raise ApiError (413) once it exceeds ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _body_too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _body_too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _body_too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"The payload exceeds the maximum size allowed: request bodies are limited to "
+        f"{limit} bytes",
+    )
+
+
+def _install_openapi_without_422(app: FastAPI) -> None:
+    """Describe the 400 error document instead of FastAPI's 422 validation error body.
+
+    FastAPI lists a 422 response for every endpoint with parameters, but this API responds
+    to invalid parameters with 400 and an error document.
+    """
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+            tags=app.openapi_tags,
+        )
+        for path_item in schema.get("paths", {}).values():
+            for operation in path_item.values():
+                operation.get("responses", {}).pop("422", None)
+        component_schemas = schema.get("components", {}).get("schemas", {})
+        component_schemas.pop("HTTPValidationError", None)
+        component_schemas.pop("ValidationError", None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,333 @@
+"""The shadow service: answers the AWS IoT Device Shadow topics over the embedded broker.
+
+Requests arrive through an internal consumer subscribed to the request topics only. They are
+collected during one event-loop iteration and applied together in arrival order at the end
+of it, which later lets the stores commit one batch per iteration. A request is in flight
+from its arrival until it is applied; more than ``MAX_INFLIGHT_REQUESTS`` in flight from one
+client are rejected with 429, as AWS IoT does.
+
+No wasted work: each reply and notification is built only when some subscription (a connected
+client, an offline persistent session or an internal consumer) matches its topic.
+
+Delta replay: when a client subscribes with a filter equal to a shadow's ``update/delta``
+topic and that shadow has a non-empty delta, the service sends the current delta to that
+client alone, unless one is already queued for it. Replays go out at most
+``REPLAYS_PER_ITERATION`` per loop iteration, so a reconnect storm's replays never starve the
+accept and CONNECT processing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import NamedTuple
+
+import orjson
+
+from ..broker.core import Broker
+from ..broker.hooks import CLIENT_INITIATED_DISCONNECT, BrokerHooks
+from ..broker.message import Message
+from ..broker.session import Delivery, Session
+from ..broker.subscriptions import SubscriptionRecord
+from ..shadow import (
+    Shadow,
+    ShadowError,
+    ShadowLimits,
+    apply_update,
+    delete_shadow,
+    get_shadow,
+    rejection_client_token,
+    shadow_key,
+    validate_shadow_name,
+    validate_thing_name,
+)
+from .topics import REQUEST_FILTERS, parse_shadow_topic, shadow_topic_prefix
+
+log = logging.getLogger("ironshadow.shadow")
+
+# Requests from one client that may wait to be applied; AWS IoT answers the next one with
+# 429 (more than 10 in flight on one connection).
+MAX_INFLIGHT_REQUESTS = 10
+# Delta replays sent per event-loop iteration during a reconnect storm.
+REPLAYS_PER_ITERATION = 200
+# QoS of every message the service publishes, so that replies and deltas reach QoS 1
+# subscribers reliably and wait in offline persistent sessions.
+SERVICE_QOS = 1
+PRESENCE_PREFIX = "$aws/events/presence/"
+
+
+class Request(NamedTuple):
+    thing: str
+    shadow_name: str | None
+    operation: str
+    payload: bytes
+    client_id: str
+
+
+class Reply(NamedTuple):
+    """The result of a shadow request made over HTTP: a status and a JSON body."""
+
+    status: int
+    body: bytes
+
+
+class ShadowService(BrokerHooks):
+    def __init__(self, broker: Broker, limits: ShadowLimits | None = None) -> None:
+        self.broker = broker
+        self.limits = limits or ShadowLimits()
+        self.shadows: dict[str, Shadow] = {}
+        # Thing -> names of its named shadows, for listing them without a full scan.
+        self.named_shadows: dict[str, set[str]] = {}
+        # Thing (client id) -> epoch seconds of its last connect or disconnect.
+        self.last_seen: dict[str, int] = {}
+        self._pending: list[Request] = []
+        self._inflight: dict[str, int] = {}
+        self._replays: deque[tuple[Session, SubscriptionRecord, str, str]] = deque()
+        self._replay_scheduled = False
+        self._presence_sequence = 0
+        self.updates_applied = 0
+        self.messages_published = 0
+        broker.add_consumer("shadow", REQUEST_FILTERS, self._on_request)
+        broker.add_hooks(self)
+
+    # --- MQTT requests ----------------------------------------------------------------
+
+    def _on_request(self, message: Message) -> None:
+        parsed = parse_shadow_topic(message.topic)
+        if parsed is None:
+            return
+        thing, shadow_name, operation = parsed
+        client_id = message.origin or ""
+        inflight = self._inflight.get(client_id, 0)
+        if inflight >= MAX_INFLIGHT_REQUESTS:
+            error = ShadowError(
+                429,
+                f"Too many requests: at most {MAX_INFLIGHT_REQUESTS} may be in flight "
+                "on one connection",
+                rejection_client_token(message.payload),
+            )
+            self._publish_error(shadow_topic_prefix(thing, shadow_name), operation, error)
+            return
+        self._inflight[client_id] = inflight + 1
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._apply_pending)
+        self._pending.append(Request(thing, shadow_name, operation, message.payload, client_id))
+
+    def _apply_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        inflight = self._inflight
+        now = int(time.time())
+        for request in pending:
+            count = inflight[request.client_id] - 1
+            if count:
+                inflight[request.client_id] = count
+            else:
+                del inflight[request.client_id]
+            self._handle(request, now)
+
+    def _handle(self, request: Request, now: int) -> None:
+        prefix = shadow_topic_prefix(request.thing, request.shadow_name)
+        operation = request.operation
+        has_subscribers = self.broker.has_subscribers
+        try:
+            key = self._checked_key(request.thing, request.shadow_name)
+            current = self.shadows.get(key)
+            if operation == "update":
+                result = apply_update(current, request.payload, now, self.limits)
+                self._store(key, request.thing, request.shadow_name, result.shadow)
+                topic = prefix + "/update/accepted"
+                if has_subscribers(topic):
+                    self._publish(topic, result.accepted_payload())
+                self._publish_update_notifications(prefix, result)
+            elif operation == "get":
+                topic = prefix + "/get/accepted"
+                if has_subscribers(topic) or has_subscribers(prefix + "/get/rejected"):
+                    document = get_shadow(
+                        current,
+                        request.payload,
+                        now,
+                        thing_name=request.thing,
+                        shadow_name=request.shadow_name,
+                        limits=self.limits,
+                    )
+                    self._publish(topic, document)
+            else:
+                tombstone, document = delete_shadow(
+                    current,
+                    request.payload,
+                    now,
+                    thing_name=request.thing,
+                    shadow_name=request.shadow_name,
+                    limits=self.limits,
+                )
+                self.shadows[key] = tombstone
+                self._publish(prefix + "/delete/accepted", document, only_if_heard=True)
+        except ShadowError as error:
+            self._publish_error(prefix, operation, error, now)
+
+    def _publish_update_notifications(self, prefix: str, result: object) -> None:
+        has_subscribers = self.broker.has_subscribers
+        topic = prefix + "/update/delta"
+        if has_subscribers(topic):
+            delta = result.delta_payload()  # type: ignore[attr-defined]
+            if delta is not None:
+                self._publish(topic, delta)
+        topic = prefix + "/update/documents"
+        if has_subscribers(topic):
+            self._publish(topic, result.documents_payload())  # type: ignore[attr-defined]
+
+    def _checked_key(self, thing: str, shadow_name: str | None) -> str:
+        validate_thing_name(thing)
+        if shadow_name is not None:
+            validate_shadow_name(shadow_name)
+        return shadow_key(thing, shadow_name)
+
+    def _store(self, key: str, thing: str, shadow_name: str | None, shadow: Shadow) -> None:
+        self.shadows[key] = shadow
+        self.updates_applied += 1
+        if shadow_name is not None:
+            names = self.named_shadows.get(thing)
+            if names is None:
+                names = self.named_shadows[thing] = set()
+            names.add(shadow_name)
+
+    def _publish(self, topic: str, payload: bytes, only_if_heard: bool = False) -> None:
+        if only_if_heard and not self.broker.has_subscribers(topic):
+            return
+        self.messages_published += 1
+        self.broker.publish(Message(topic, payload, SERVICE_QOS, False))
+
+    def _publish_error(
+        self, prefix: str, operation: str, error: ShadowError, now: int | None = None
+    ) -> None:
+        request = operation.split("/", 1)[0]
+        if request not in ("update", "get", "delete"):
+            return
+        topic = f"{prefix}/{request}/rejected"
+        if self.broker.has_subscribers(topic):
+            self._publish(topic, error.payload(int(time.time()) if now is None else now))
+
+    # --- HTTP requests ----------------------------------------------------------------
+
+    def http_request(
+        self, operation: str, thing: str, shadow_name: str | None, payload: bytes
+    ) -> Reply:
+        """Apply a shadow request made over HTTP and return its status and body.
+
+        Errors are returned, not published on ``/rejected``. An accepted update still
+        publishes ``update/delta`` and ``update/documents``.
+        """
+        now = int(time.time())
+        try:
+            key = self._checked_key(thing, shadow_name)
+            current = self.shadows.get(key)
+            if operation == "update":
+                result = apply_update(current, payload, now, self.limits)
+                self._store(key, thing, shadow_name, result.shadow)
+                self._publish_update_notifications(shadow_topic_prefix(thing, shadow_name), result)
+                return Reply(200, result.accepted_payload())
+            names = {"thing_name": thing, "shadow_name": shadow_name, "limits": self.limits}
+            if operation == "get":
+                return Reply(200, get_shadow(current, payload, now, **names))
+            tombstone, document = delete_shadow(current, payload, now, **names)
+            self.shadows[key] = tombstone
+            return Reply(200, document)
+        except ShadowError as error:
+            return Reply(error.code, error.payload(now))
+
+    def named_shadow_names(self, thing: str) -> list[str]:
+        """Return the names of the thing's named shadows that exist (not deleted), sorted."""
+        names = self.named_shadows.get(thing, ())
+        return sorted(
+            name
+            for name in names
+            if not self.shadows[shadow_key(thing, name)].deleted
+        )
+
+    # --- broker events: presence and delta replay ---------------------------------------
+
+    def client_connected(self, connection) -> None:  # type: ignore[no-untyped-def]
+        now = time.time()
+        self.last_seen[connection.client_id] = int(now)
+        self._publish_presence(connection, "connected", now)
+
+    def client_disconnected(self, connection, reason: str) -> None:  # type: ignore[no-untyped-def]
+        now = time.time()
+        self.last_seen[connection.client_id] = int(now)
+        self._publish_presence(connection, "disconnected", now, reason)
+
+    def _publish_presence(
+        self, connection, event: str, now: float, reason: str | None = None  # type: ignore[no-untyped-def]
+    ) -> None:
+        client_id = connection.client_id
+        topic = f"{PRESENCE_PREFIX}{event}/{client_id}"
+        if not self.broker.has_subscribers(topic):
+            return
+        self._presence_sequence += 1
+        self.messages_published += 1
+        document: dict[str, object] = {
+            "clientId": client_id,
+            "timestamp": int(now * 1000),
+            "eventType": event,
+            "sessionIdentifier": f"{id(connection):x}",
+            "principalIdentifier": connection.username or "anonymous",
+            "ipAddress": connection.peer.rsplit(":", 1)[0],
+            "versionNumber": self._presence_sequence,
+        }
+        if reason is not None:
+            document["clientInitiatedDisconnect"] = reason == CLIENT_INITIATED_DISCONNECT
+            document["disconnectReason"] = reason
+        self.broker.publish(Message(topic, orjson.dumps(document), SERVICE_QOS, False))
+
+    def subscribed(self, session: Session, record: SubscriptionRecord) -> None:
+        if record.share_group is not None or session.consumer is not None:
+            return
+        parsed = parse_shadow_topic(record.topic_filter)
+        if parsed is None or parsed[2] != "update/delta":
+            return
+        thing, shadow_name, _ = parsed
+        if "+" in thing or (shadow_name is not None and "+" in shadow_name):
+            return
+        key = shadow_key(thing, shadow_name)
+        shadow = self.shadows.get(key)
+        if shadow is None or shadow.deleted or not shadow.has_delta:
+            return
+        topic = record.topic_filter
+        if _delta_pending(session, topic):
+            return
+        self._replays.append((session, record, key, topic))
+        if not self._replay_scheduled:
+            self._replay_scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_replays)
+
+    def _send_replays(self) -> None:
+        replays = self._replays
+        now = int(time.time())
+        for _ in range(min(REPLAYS_PER_ITERATION, len(replays))):
+            session, record, key, topic = replays.popleft()
+            if session.connection is None or session.subscriptions.get(topic) is not record:
+                continue
+            shadow = self.shadows.get(key)
+            if shadow is None or shadow.deleted or _delta_pending(session, topic):
+                continue
+            payload = shadow.delta_payload(now)
+            if payload is None:
+                continue
+            message = Message(topic, payload, SERVICE_QOS, False)
+            qos = min(SERVICE_QOS, record.qos)
+            ids = [record.subscription_id] if record.subscription_id else None
+            self.broker.deliver(session, Delivery(message, qos, False, ids))
+        if replays:
+            asyncio.get_running_loop().call_soon(self._send_replays)
+        else:
+            self._replay_scheduled = False
+
+
+def _delta_pending(session: Session, topic: str) -> bool:
+    """Whether a message on ``topic`` waits in the session's queue or in flight."""
+    for delivery in session.queue:
+        if delivery.message.topic == topic:
+            return True
+    return any(delivery.message.topic == topic for delivery in session.inflight.values())
