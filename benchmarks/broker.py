@@ -24,9 +24,9 @@ process, and the publishers in one or more other processes.
 
 Usage (from the repository root)::
 
-    /work/venv/bin/python benchmarks/broker.py
-    /work/venv/bin/python benchmarks/broker.py --only mosquitto --duration 5
-    /work/venv/bin/python benchmarks/broker.py --qos 1 --publishers 50 --json
+    .venv/bin/python benchmarks/broker.py
+    .venv/bin/python benchmarks/broker.py --only mosquitto --duration 5
+    .venv/bin/python benchmarks/broker.py --qos 1 --publishers 50 --json
 
 --ironshadow-cmd replaces the command that starts IronShadow, for example to measure
 another build. The exit status is 1 if any run failed.

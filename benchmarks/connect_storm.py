@@ -32,9 +32,9 @@ encoded before the release, and the clients parse only the 4-byte CONNACK.
 
 Usage (from the repository root)::
 
-    /work/venv/bin/python benchmarks/connect_storm.py
-    /work/venv/bin/python benchmarks/connect_storm.py --clients 1000 --only ironshadow
-    /work/venv/bin/python benchmarks/connect_storm.py --only ironshadow \\
+    .venv/bin/python benchmarks/connect_storm.py
+    .venv/bin/python benchmarks/connect_storm.py --clients 1000 --only ironshadow
+    .venv/bin/python benchmarks/connect_storm.py --only ironshadow \\
         --ironshadow-args "--connect-rate 4000" --json
 
 Each broker's output (stdout and stderr) is written to <log dir>/<broker>.log, which the

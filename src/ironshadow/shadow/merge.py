@@ -7,9 +7,9 @@ Merge rules (AWS IoT Device Shadow):
 * scalars and arrays replace the stored value whole, an object replaces a scalar or an
   array, and a scalar replaces an object;
 * a new subtree is stored without its ``null`` members;
-* objects that end up empty are removed, recursively. AWS keeps no documented rule here, and
-  AWS's own Greengrass shadow manager keeps them; IronShadow removes them, which matches
-  the one live observation (a section emptied by nulls disappears).
+* objects that end up empty are removed, recursively. AWS documents no rule for them.
+  IronShadow removes them, which matches the one behaviour seen on AWS (a section emptied
+  by nulls disappears).
 
 The same walk merges the metadata. A metadata node is either an int, the epoch-second
 timestamp of every leaf below that point, or a dict with one node for each key of the
