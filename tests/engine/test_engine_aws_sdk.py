@@ -1,10 +1,11 @@
 """The AWS IoT Device SDK v2 for Python (``awsiotsdk``), unchanged, against ``ironshadow serve``.
 
-The SDK's connection builders in ``awsiot.mqtt_connection_builder`` always create a TLS
-context, so these tests build the connection from the SDK's own runtime instead:
-``awscrt.mqtt.Client`` with ``tls_ctx=None`` for MQTT 3.1.1 and ``awscrt.mqtt5.Client`` with
-no ``tls_ctx`` for MQTT 5, both over plain TCP to the engine on loopback. The shadow clients
-(``IotShadowClient`` and ``IotShadowClientV2``) are used exactly as a device would use them.
+The SDK's connection builders in ``awsiot.mqtt_connection_builder`` (awsiotsdk 1.31.0)
+always create a TLS context. So these tests build the connection from the SDK's own
+runtime: ``awscrt.mqtt.Client`` with ``tls_ctx=None`` for MQTT 3.1.1, and
+``awscrt.mqtt5.Client`` without ``tls_ctx`` for MQTT 5. Both open plain TCP connections to
+the engine on loopback. The shadow clients (``IotShadowClient`` and ``IotShadowClientV2``)
+are used exactly as a device would use them.
 
 The engine runs as ``python -m ironshadow serve`` in a subprocess on free ports, one per
 module, and every test uses its own thing names.
@@ -49,6 +50,15 @@ V2_OPERATION_TIMEOUT_S = 10
 
 # --- The engine under test -------------------------------------------------------------
 
+# Runs `python -m ironshadow` after asking Linux to send the engine SIGTERM when the test
+# process dies (prctl PR_SET_PDEATHSIG, option 1). A killed pytest runs no fixture
+# teardown, and without this the engine would keep running with no parent.
+ENGINE_LAUNCHER = (
+    "import ctypes, runpy, signal;"
+    " ctypes.CDLL(None).prctl(1, signal.SIGTERM);"
+    " runpy.run_module('ironshadow', run_name='__main__', alter_sys=True)"
+)
+
 
 class EngineProcess:
     """``ironshadow serve`` in a subprocess, stopped by its PID with SIGTERM."""
@@ -57,7 +67,7 @@ class EngineProcess:
         self.port = free_port()
         self.log_path = data_dir.parent / "engine.log"
         command = [
-            sys.executable, "-m", "ironshadow", "serve",
+            sys.executable, "-c", ENGINE_LAUNCHER, "serve",
             "--host", HOST,
             "--mqtt-port", str(self.port),
             "--http-port", str(free_port()),
@@ -124,11 +134,13 @@ def unique_thing(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def result_of(future: Future[Any], what: str) -> Any:
+def result_of(future: Future[Any], description: str) -> Any:
     try:
         return future.result(scaled(RESPONSE_TIMEOUT_S))
     except TimeoutError:
-        raise AssertionError(f"no {what} within {RESPONSE_TIMEOUT_S:g} s") from None
+        raise AssertionError(
+            f"timed out after {RESPONSE_TIMEOUT_S:g} s waiting for {description}"
+        ) from None
 
 
 # --- SDK connections without TLS ------------------------------------------------------
@@ -173,7 +185,9 @@ def connect_mqtt5(engine: EngineProcess) -> Iterator[Callable[[str], mqtt5.Clien
         client.start()
         clients.append(client)
         if not connected.wait(scaled(RESPONSE_TIMEOUT_S)):
-            raise AssertionError(f"MQTT 5 client {client_id} did not connect")
+            raise AssertionError(
+                f"MQTT 5 client {client_id} did not connect within {RESPONSE_TIMEOUT_S:g} s"
+            )
         return client
 
     yield connect
@@ -185,10 +199,11 @@ def connect_mqtt5(engine: EngineProcess) -> Iterator[Callable[[str], mqtt5.Clien
 
 
 class ShadowResponses:
-    """Subscribes an ``IotShadowClient`` to one thing's response topics and queues what arrives.
+    """Queues of the responses an ``IotShadowClient`` receives for one thing.
 
-    Each kind (``update_accepted``, ``delta`` and so on) has its own queue, filled from the
-    SDK's callbacks on its event-loop thread.
+    The constructor subscribes to the thing's response topics. Each kind
+    (``update_accepted``, ``delta`` and so on) has its own queue, filled from the SDK's
+    callbacks on its event-loop thread.
     """
 
     def __init__(self, client: iotshadow.IotShadowClient, thing: str) -> None:
@@ -234,7 +249,8 @@ class ShadowResponses:
         except queue.Empty:
             others = {name: q.qsize() for name, q in self.queues.items() if q.qsize()}
             raise AssertionError(
-                f"no {kind} message within {RESPONSE_TIMEOUT_S:g} s; queued elsewhere: {others}"
+                f"timed out after {RESPONSE_TIMEOUT_S:g} s waiting for a {kind} message."
+                f" Messages queued for other kinds: {others}"
             ) from None
 
 
@@ -446,8 +462,8 @@ def v2_client_for(request, connect_mqtt3, connect_mqtt5):
 class DeltaStream:
     """The V2 client's delta stream for one thing, with the events it delivered queued.
 
-    The SDK's streaming operation has no close method and ends when it is garbage
-    collected, so this object keeps it referenced for as long as the test holds the stream.
+    The SDK's streaming operation has no close method (awscrt 0.36.1), so this object
+    keeps it referenced for as long as the test holds the stream.
     """
 
     def __init__(self, client: iotshadow.IotShadowClientV2, thing: str) -> None:
@@ -470,13 +486,19 @@ class DeltaStream:
         """Open the stream and wait until its subscription is established."""
         self._operation.open()
         if not self._established.wait(scaled(RESPONSE_TIMEOUT_S)):
-            raise AssertionError(f"delta stream subscription for {self.thing} was not established")
+            raise AssertionError(
+                f"delta stream subscription for {self.thing} was not established within"
+                f" {RESPONSE_TIMEOUT_S:g} s"
+            )
 
     def next_event(self) -> iotshadow.ShadowDeltaUpdatedEvent:
         try:
             return self.events.get(timeout=scaled(RESPONSE_TIMEOUT_S))
         except queue.Empty:
-            raise AssertionError(f"no event on the delta stream of {self.thing}") from None
+            raise AssertionError(
+                f"timed out after {RESPONSE_TIMEOUT_S:g} s waiting for an event on the delta"
+                f" stream of {self.thing}"
+            ) from None
 
 
 def test_v2_update_get_delta_delete(v2_client_for):

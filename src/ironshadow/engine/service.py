@@ -35,6 +35,7 @@ from ..shadow import (
     Shadow,
     ShadowError,
     ShadowLimits,
+    UpdateResult,
     apply_update,
     delete_shadow,
     get_shadow,
@@ -152,7 +153,7 @@ class ShadowService(BrokerHooks):
                         shadow_name=request.shadow_name,
                         limits=self.limits,
                     )
-                    self._publish(topic, document)
+                    self._publish(topic, document, only_if_heard=True)
             else:
                 tombstone, document = delete_shadow(
                     current,
@@ -167,16 +168,16 @@ class ShadowService(BrokerHooks):
         except ShadowError as error:
             self._publish_error(prefix, operation, error, now)
 
-    def _publish_update_notifications(self, prefix: str, result: object) -> None:
+    def _publish_update_notifications(self, prefix: str, result: UpdateResult) -> None:
         has_subscribers = self.broker.has_subscribers
         topic = prefix + "/update/delta"
         if has_subscribers(topic):
-            delta = result.delta_payload()  # type: ignore[attr-defined]
+            delta = result.delta_payload()
             if delta is not None:
                 self._publish(topic, delta)
         topic = prefix + "/update/documents"
         if has_subscribers(topic):
-            self._publish(topic, result.documents_payload())  # type: ignore[attr-defined]
+            self._publish(topic, result.documents_payload())
 
     def _checked_key(self, thing: str, shadow_name: str | None) -> str:
         validate_thing_name(thing)
