@@ -8,6 +8,10 @@ topics.
 
 A node holds the plain subscriptions on its filter, keyed by client id, and the shared
 subscription groups, keyed by share name.
+
+Match results are cached per topic until the next subscribe or unsubscribe, because the same
+topics come back again and again (a device's telemetry topic, the shadow service's reply
+topics, which are looked up once to decide whether to build a reply and again to route it).
 """
 
 from __future__ import annotations
@@ -91,18 +95,24 @@ class _Node:
         return not self.children and not self.records and not self.groups
 
 
+# Topics whose match results are cached at most; the cache is emptied when it is full.
+MATCH_CACHE_SIZE = 65_536
+
+
 class SubscriptionIndex:
-    __slots__ = ("_exact", "_root", "count")
+    __slots__ = ("_cache", "_exact", "_root", "count")
 
     def __init__(self) -> None:
         self._exact: dict[str, _Node] = {}
         self._root = _Node()
+        self._cache: dict[str, list[_Node]] = {}
         self.count = 0
 
     def add(self, inner_filter: str, record: SubscriptionRecord) -> bool:
         """Add or replace a subscription; return True if it replaced an existing one."""
         node = self._node_for(inner_filter, create=True)
         assert node is not None
+        self._cache.clear()
         client_id = record.session.client_id
         if record.share_group is None:
             if node.records is None:
@@ -126,6 +136,7 @@ class SubscriptionIndex:
         node = self._node_for(inner_filter, create=False)
         if node is None:
             return False
+        self._cache.clear()
         removed = False
         if share_group is None:
             if node.records and node.records.pop(client_id, None) is not None:
@@ -143,13 +154,20 @@ class SubscriptionIndex:
         return removed
 
     def match(self, topic: str) -> list[_Node]:
-        """Return the nodes whose filters match ``topic``."""
-        nodes: list[_Node] = []
+        """Return the nodes whose filters match ``topic``; the caller must not change it."""
+        cache = self._cache
+        nodes = cache.get(topic)
+        if nodes is not None:
+            return nodes
+        nodes = []
         node = self._exact.get(topic)
         if node is not None:
             nodes.append(node)
         if self._root.children:
             self._walk(self._root, topic.split("/"), 0, nodes, topic.startswith("$"))
+        if len(cache) >= MATCH_CACHE_SIZE:
+            cache.clear()
+        cache[topic] = nodes
         return nodes
 
     def _walk(
