@@ -38,34 +38,60 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import ctypes
 import json
 import multiprocessing
 import os
-import shlex
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnContext
-from pathlib import Path
 from typing import Any, TypeVar, cast
 
-try:
-    import uvloop
-except ImportError:  # The benchmark still runs, only with a slower generator.
-    uvloop = None
+from support import (
+    BROKER_HOST,
+    CONNACK,
+    DISCONNECT_PACKET,
+    MAX_PACKET_ID,
+    PUBACK,
+    PUBACK_HEADER,
+    PUBLISH,
+    READY,
+    START,
+    SUBACK,
+    SUBACK_FAILURE,
+    BenchmarkError,
+    BrokerSpec,
+    ControlChannel,
+    ProtocolError,
+    RunningBroker,
+    Worker,
+    add_ironshadow_cmd_argument,
+    add_mosquitto_argument,
+    add_qos_argument,
+    add_window_arguments,
+    encode_connect,
+    encode_publish,
+    encode_subscribe,
+    format_table,
+    host_cpu_ticks,
+    make_ironshadow_spec,
+    make_mosquitto_spec,
+    positive_int,
+    process_cpu_seconds,
+    process_tree_cpu_seconds,
+    receive_message,
+    run_worker,
+    send_command,
+    split_evenly,
+    split_packets,
+    start_worker,
+    stop_workers,
+)
 
 T = TypeVar("T")
-
-# All brokers listen on loopback only, and no option changes this.
-BROKER_HOST = "127.0.0.1"
 
 DEFAULT_DURATION_S = 10.0
 DEFAULT_WARMUP_S = 2.0
@@ -73,11 +99,6 @@ DEFAULT_PUBLISHERS = 100
 DEFAULT_PUBLISHER_PROCESSES = 1
 DEFAULT_QOS1_WINDOW = 20  # unacknowledged PUBLISH packets per publisher connection
 DEFAULT_PAYLOAD_BYTES = 64
-DEFAULT_MOSQUITTO = "/usr/sbin/mosquitto"
-DEFAULT_IRONSHADOW_CMD = (
-    "{python} -m ironshadow serve --host {host} --mqtt-port {mqtt_port}"
-    " --http-port {http_port} --data-dir {data_dir}"
-)
 
 BROKER_START_TIMEOUT_S = 20.0
 BROKER_STOP_TIMEOUT_S = 5.0
@@ -86,7 +107,6 @@ WORKER_STOP_TIMEOUT_S = 5.0
 WORKER_STOP_GRACE_S = 5.0  # added to warm-up + duration for the workers' own deadline
 CONNECT_TIMEOUT_S = 10.0
 MAX_CONCURRENT_CONNECTS = 20
-PORT_POLL_INTERVAL_S = 0.1
 
 # A keep-alive of 0 turns the mechanism off (MQTT 3.1.1 section 3.1.2.10), so the
 # subscriber, which sends nothing at QoS 0, needs no PINGREQ.
@@ -131,101 +151,7 @@ GENERATOR_SATURATED_PERCENT = 90.0  # of one core, for a single generator proces
 HOST_SATURATED_PERCENT = 95.0  # of all cores
 MIN_DELIVERED_FRACTION = 0.95  # of published messages
 
-CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 MICROSECONDS_PER_S = 1_000_000
-
-# MQTT 3.1.1 control packet types (the high nibble of the first byte).
-CONNACK = 2
-PUBLISH = 3
-PUBACK = 4
-SUBACK = 9
-
-MQTT_PROTOCOL_LEVEL_3_1_1 = 4
-CONNECT_FLAG_CLEAN_SESSION = 0x02
-SUBACK_FAILURE = 0x80
-MAX_PACKET_ID = 0xFFFF
-DISCONNECT_PACKET = b"\xe0\x00"
-PUBACK_HEADER = b"\x40\x02"
-
-# Messages on the control pipe between the parent and a worker process.
-READY = "ready"
-START = "start"
-STOP = "stop"
-ERROR = "error"
-
-
-class BenchmarkError(Exception):
-    """A broker or a load-generator process failed, so one run has no result."""
-
-
-class ProtocolError(Exception):
-    """The broker sent bytes that are not a valid MQTT 3.1.1 packet for this client."""
-
-
-# --- MQTT 3.1.1 packet encoding ------------------------------------------------------
-
-
-def encode_remaining_length(length: int) -> bytes:
-    """Encode the Remaining Length field: 7 bits per byte, high bit set on all but the last."""
-    if not 0 <= length <= 268_435_455:
-        raise ValueError(f"remaining length {length} is outside 0..268435455")
-    encoded = bytearray()
-    while True:
-        digit, length = length % 128, length // 128
-        if length:
-            encoded.append(digit | 0x80)
-        else:
-            encoded.append(digit)
-            return bytes(encoded)
-
-
-def encode_string(text: str) -> bytes:
-    """Encode a UTF-8 string with its two-byte big-endian length prefix."""
-    data = text.encode()
-    return len(data).to_bytes(2, "big") + data
-
-
-def encode_packet(first_byte: int, body: bytes) -> bytes:
-    return bytes([first_byte]) + encode_remaining_length(len(body)) + body
-
-
-def encode_connect(client_id: str, keepalive_s: int) -> bytes:
-    variable_header = (
-        encode_string("MQTT")
-        + bytes([MQTT_PROTOCOL_LEVEL_3_1_1, CONNECT_FLAG_CLEAN_SESSION])
-        + keepalive_s.to_bytes(2, "big")
-    )
-    return encode_packet(0x10, variable_header + encode_string(client_id))
-
-
-def encode_subscribe(packet_id: int, topic_filter: str, qos: int) -> bytes:
-    body = packet_id.to_bytes(2, "big") + encode_string(topic_filter) + bytes([qos])
-    return encode_packet(0x82, body)
-
-
-def encode_publish(topic: str, payload: bytes, qos: int, packet_id: int = 0) -> bytes:
-    body = encode_string(topic)
-    if qos > 0:
-        body += packet_id.to_bytes(2, "big")
-    return encode_packet(0x30 | (qos << 1), body + payload)
-
-
-def decode_remaining_length(data: bytes, index: int) -> tuple[int, int] | None:
-    """Decode the Remaining Length that starts at data[index].
-
-    Returns (length, index of the first byte after the field), or None when the field
-    is not complete yet. Raises ProtocolError when the field is longer than 4 bytes.
-    """
-    length = 0
-    for shift in (0, 7, 14, 21):
-        if index >= len(data):
-            return None
-        digit = data[index]
-        index += 1
-        length |= (digit & 0x7F) << shift
-        if digit < 0x80:
-            return length, index
-    raise ProtocolError("remaining length field is longer than 4 bytes")
 
 
 # --- Load generator: asyncio protocols -----------------------------------------------
@@ -358,22 +284,7 @@ class BenchClient(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._partial:
             data = self._partial + data
-        end = len(data)
-        position = 0
-        while end - position >= 2:
-            first_byte = data[position]
-            remaining_length = data[position + 1]
-            body_start = position + 2
-            if remaining_length >= 0x80:
-                decoded = decode_remaining_length(data, position + 1)
-                if decoded is None:
-                    break
-                remaining_length, body_start = decoded
-            body_end = body_start + remaining_length
-            if body_end > end:
-                break
-            self.handle_packet(first_byte, data, body_start, body_end)
-            position = body_end
+        position = split_packets(data, self.handle_packet)
         self._partial = data[position:]
         self.flush()
         if self.read_pause_s and len(data) < SHORT_READ_BYTES and self.transport is not None:
@@ -559,39 +470,6 @@ class LoadSettings:
     run_limit_s: float  # a worker stops by itself this long after START
 
 
-class ControlChannel:
-    """Receives the parent's commands from a pipe without blocking the event loop."""
-
-    def __init__(self, connection: Connection) -> None:
-        self.connection = connection
-
-    def send(self, kind: str, detail: str = "") -> None:
-        self.connection.send((kind, detail))
-
-    async def receive(self, timeout_s: float) -> str | None:
-        """Return the next command, or None after timeout_s or when the parent is gone."""
-        loop = asyncio.get_running_loop()
-        command: asyncio.Future[str | None] = loop.create_future()
-
-        def on_readable() -> None:
-            if command.done():
-                return
-            try:
-                kind, _ = self.connection.recv()
-            except EOFError:
-                command.set_result(None)
-            else:
-                command.set_result(kind)
-
-        loop.add_reader(self.connection.fileno(), on_readable)
-        try:
-            return await asyncio.wait_for(command, timeout_s)
-        except TimeoutError:
-            return None
-        finally:
-            loop.remove_reader(self.connection.fileno())
-
-
 async def wait_for_reply(reply: Awaitable[T], description: str) -> T:
     try:
         return await asyncio.wait_for(reply, CONNECT_TIMEOUT_S)
@@ -613,7 +491,7 @@ async def run_subscriber(
     assert slot == SUBSCRIBER_SLOT
     client = SubscriberClient(counters, settings.qos)
     await connect_client(client, settings.port, "bench-subscriber")
-    client.write(encode_subscribe(1, "#", settings.qos))
+    client.write(encode_subscribe(1, ["#"], settings.qos))
     granted_qos = await wait_for_reply(client.suback, "SUBACK for '#'")
     if granted_qos == SUBACK_FAILURE:
         raise BenchmarkError("broker rejected the subscription to '#'")
@@ -666,11 +544,11 @@ async def run_publishers(
 
 
 def worker_main(
+    connection: Connection,
     role: Callable[..., Any],
     settings: LoadSettings,
     counters: SharedCounters,
     slot: int,
-    connection: Connection,
     *role_args: int,
 ) -> None:
     """Run one load-generator role in this process and report failures to the parent."""
@@ -680,168 +558,10 @@ def worker_main(
         await role(settings, counters, slot, control, *role_args)
         await asyncio.sleep(0.1)  # let the DISCONNECT packets reach the broker
 
-    try:
-        if uvloop is not None:
-            uvloop.run(run())
-        else:
-            asyncio.run(run())
-    except (BenchmarkError, ProtocolError, OSError) as error:
-        control.send(ERROR, f"{type(error).__name__}: {error}")
-        sys.exit(1)
-
-
-@dataclass
-class Worker:
-    """A load-generator process as seen from the parent."""
-
-    name: str
-    process: multiprocessing.Process
-    control: Connection
-
-
-def start_worker(
-    context: SpawnContext,
-    name: str,
-    role: Callable[..., Any],
-    settings: LoadSettings,
-    counters: SharedCounters,
-    slot: int,
-    *role_args: int,
-) -> Worker:
-    parent_end, child_end = context.Pipe()
-    process = context.Process(
-        target=worker_main,
-        args=(role, settings, counters, slot, child_end, *role_args),
-        name=name,
-        daemon=True,
-    )
-    process.start()
-    child_end.close()
-    return Worker(name, process, parent_end)
-
-
-def wait_until_ready(worker: Worker, timeout_s: float) -> None:
-    if not worker.control.poll(timeout_s):
-        raise BenchmarkError(f"{worker.name} did not connect within {timeout_s:.0f} s")
-    try:
-        kind, detail = worker.control.recv()
-    except (EOFError, OSError):
-        worker.process.join(1.0)
-        raise BenchmarkError(
-            f"{worker.name} exited with code {worker.process.exitcode} before connecting"
-        ) from None
-    if kind != READY:
-        raise BenchmarkError(f"{worker.name} failed: {detail}")
-
-
-def send_command(worker: Worker, command: str) -> None:
-    # An OSError means the worker has exited already, and stop_workers() reports that.
-    with contextlib.suppress(OSError):
-        worker.control.send((command, ""))
-
-
-def stop_workers(workers: Sequence[Worker]) -> list[str]:
-    """Stop the workers, ending any that hang by PID, and return their error reports."""
-    for worker in workers:
-        send_command(worker, STOP)
-    errors = []
-    for worker in workers:
-        worker.process.join(WORKER_STOP_TIMEOUT_S)
-        if worker.process.is_alive():
-            errors.append(f"{worker.name} did not stop within {WORKER_STOP_TIMEOUT_S:.0f} s")
-            worker.process.terminate()
-            worker.process.join(WORKER_STOP_TIMEOUT_S)
-            if worker.process.is_alive():
-                worker.process.kill()
-                worker.process.join()
-        while worker.control.poll():
-            try:
-                kind, detail = worker.control.recv()
-            except (EOFError, OSError):  # the worker has exited and closed its end
-                break
-            if kind == ERROR:
-                errors.append(f"{worker.name} failed: {detail}")
-        worker.control.close()
-    return errors
-
-
-# --- CPU accounting from /proc -------------------------------------------------------
-
-
-def read_proc_stat_fields(pid: int) -> list[str] | None:
-    """Return the fields of /proc/<pid>/stat after the command name, or None if pid is gone.
-
-    The command name is in parentheses and may contain spaces, so the fields are split
-    after the last ')'. Field 3 of proc(5), the state, is at index 0.
-    """
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return text[text.rindex(")") + 2 :].split()
-
-
-def process_cpu_seconds(pid: int, include_reaped_children: bool = False) -> float:
-    """Return utime + stime of a process (all its threads), or 0.0 once it has exited.
-
-    With include_reaped_children, add cutime + cstime, which is the CPU time of the
-    children that the process has waited for.
-    """
-    fields = read_proc_stat_fields(pid)
-    if fields is None:
-        return 0.0
-    ticks = int(fields[11]) + int(fields[12])
-    if include_reaped_children:
-        ticks += int(fields[13]) + int(fields[14])
-    return ticks / CLOCK_TICKS_PER_S
-
-
-def descendant_pids(root_pid: int) -> list[int]:
-    """Return the PIDs of all live descendants of root_pid."""
-    children_by_parent: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        fields = read_proc_stat_fields(int(entry.name))
-        if fields is not None:
-            children_by_parent.setdefault(int(fields[1]), []).append(int(entry.name))
-    descendants = []
-    pending = [root_pid]
-    while pending:
-        children = children_by_parent.get(pending.pop(), [])
-        descendants.extend(children)
-        pending.extend(children)
-    return descendants
-
-
-def process_tree_cpu_seconds(root_pid: int) -> float:
-    """Return the CPU seconds of root_pid and its descendants, live or reaped.
-
-    A descendant that exits is counted through the cutime and cstime of the process that
-    reaps it. NOTE: the time of a descendant that outlives its parent, and so is reaped
-    outside the tree, is lost.
-    """
-    tree = [root_pid, *descendant_pids(root_pid)]
-    return sum(process_cpu_seconds(pid, include_reaped_children=True) for pid in tree)
-
-
-def host_cpu_ticks() -> tuple[int, int]:
-    """Return (busy, total) clock ticks summed over all CPUs, from /proc/stat."""
-    values = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle_ticks = values[3] + values[4]  # idle + iowait
-    # guest and guest_nice (fields 9 and 10) are already included in user and nice.
-    total_ticks = sum(values[:8])
-    return total_ticks - idle_ticks, total_ticks
+    run_worker(control, run)
 
 
 # --- Brokers -------------------------------------------------------------------------
-
-
-def find_free_port() -> int:
-    """Return a loopback TCP port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((BROKER_HOST, 0))
-        return probe.getsockname()[1]
 
 
 def mosquitto_tuning(tcp_nodelay: bool) -> dict[str, str]:
@@ -853,155 +573,12 @@ def mosquitto_tuning(tcp_nodelay: bool) -> dict[str, str]:
     }
 
 
-def mosquitto_config_lines(port: int, tcp_nodelay: bool) -> list[str]:
-    tuning_lines = [f"{name} {value}" for name, value in mosquitto_tuning(tcp_nodelay).items()]
-    return [
-        f"listener {port} {BROKER_HOST}",
-        "allow_anonymous true",
-        "persistence false",
-        *tuning_lines,
-        "log_dest stderr",
-        "log_type error",
-        "log_type warning",
-    ]
-
-
 def mosquitto_settings_note(tcp_nodelay: bool) -> str:
     settings = ", ".join(f"{name} {value}" for name, value in mosquitto_tuning(tcp_nodelay).items())
     return (
         f"Mosquitto runs with {settings}. A max_queued_messages of 0 means no limit, so QoS 1"
         " messages are queued, not dropped."
     )
-
-
-@dataclass
-class BrokerSpec:
-    """How to start one broker under test."""
-
-    name: str
-    build_command: Callable[[int, Path], list[str]]  # (MQTT port, temporary dir) -> argv
-    extra_env: dict[str, str] = field(default_factory=dict)
-
-
-def make_mosquitto_spec(executable: str, tcp_nodelay: bool) -> BrokerSpec:
-    def build(port: int, workdir: Path) -> list[str]:
-        config_path = workdir / "mosquitto.conf"
-        config_path.write_text("\n".join(mosquitto_config_lines(port, tcp_nodelay)) + "\n")
-        return [executable, "-c", str(config_path)]
-
-    return BrokerSpec("mosquitto", build)
-
-
-def make_ironshadow_spec(command_template: str) -> BrokerSpec:
-    def build(port: int, workdir: Path) -> list[str]:
-        data_dir = workdir / "data"
-        data_dir.mkdir()
-        placeholders = {
-            "python": shlex.quote(sys.executable),
-            "host": BROKER_HOST,
-            "mqtt_port": str(port),
-            "http_port": str(find_free_port()),
-            "data_dir": shlex.quote(str(data_dir)),
-        }
-        return shlex.split(command_template.format(**placeholders))
-
-    # Let `python -m ironshadow` find the package in this checkout even if it is not installed.
-    source_dir = Path(__file__).resolve().parents[1] / "src"
-    python_path = os.pathsep.join(filter(None, [str(source_dir), os.environ.get("PYTHONPATH")]))
-    return BrokerSpec("ironshadow", build, {"PYTHONPATH": python_path})
-
-
-class RunningBroker:
-    """A broker process started for one run, and stopped by its PID on exit."""
-
-    def __init__(self, spec: BrokerSpec) -> None:
-        self.spec = spec
-        self.port = find_free_port()
-        self._tempdir = tempfile.TemporaryDirectory(prefix=f"bench-{spec.name}-")
-        self.workdir = Path(self._tempdir.name)
-        self.log_path = self.workdir / "broker.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> RunningBroker:
-        command = self.spec.build_command(self.port, self.workdir)
-        try:
-            with self.log_path.open("wb") as log:
-                self.process = subprocess.Popen(
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env={**os.environ, **self.spec.extra_env},
-                )
-        except OSError as error:
-            self._tempdir.cleanup()
-            raise BenchmarkError(f"cannot start {shlex.join(command)}: {error}") from error
-        try:
-            self._wait_for_port()
-        except BaseException:
-            self.stop()
-            self._tempdir.cleanup()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-        self._tempdir.cleanup()
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def _wait_for_port(self) -> None:
-        assert self.process is not None
-        deadline = time.monotonic() + BROKER_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise BenchmarkError(
-                    f"{self.spec.name} exited with code {self.process.returncode} at start."
-                    f" Output:\n{self.log_tail()}"
-                )
-            try:
-                with socket.create_connection((BROKER_HOST, self.port), PORT_POLL_INTERVAL_S):
-                    return
-            except OSError:
-                time.sleep(PORT_POLL_INTERVAL_S)
-        raise BenchmarkError(
-            f"{self.spec.name} did not accept connections on port {self.port} within"
-            f" {BROKER_START_TIMEOUT_S:.0f} s. Output:\n{self.log_tail()}"
-        )
-
-    def check_running(self) -> None:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise BenchmarkError(
-                f"{self.spec.name} exited with code {self.process.returncode} during the run."
-                f" Output:\n{self.log_tail()}"
-            )
-
-    def stop(self) -> None:
-        """Send SIGTERM to the broker and its descendants by PID, then SIGKILL after a timeout."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        descendants = descendant_pids(self.process.pid)
-        self.process.terminate()
-        try:
-            self.process.wait(BROKER_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        # Workers that the broker started and that outlived it would load the next run.
-        for pid in descendants:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return "(no output)"
-        return "\n".join(text.splitlines()[-lines:]) or "(no output)"
 
 
 # --- One measurement run -------------------------------------------------------------
@@ -1039,11 +616,6 @@ class RunResult:
     disconnects: int
 
 
-def worker_pid(worker: Worker) -> int:
-    assert worker.process.pid is not None, "the worker process was never started"
-    return worker.process.pid
-
-
 def take_snapshot(
     broker: RunningBroker,
     counters: SharedCounters,
@@ -1056,8 +628,8 @@ def take_snapshot(
         published=counters.published(),
         delivered=counters.delivered(),
         broker_cpu_s=process_tree_cpu_seconds(broker.pid),
-        subscriber_cpu_s=process_cpu_seconds(worker_pid(subscriber)),
-        publishers_cpu_s=tuple(process_cpu_seconds(worker_pid(worker)) for worker in publishers),
+        subscriber_cpu_s=process_cpu_seconds(subscriber.pid),
+        publishers_cpu_s=tuple(process_cpu_seconds(worker.pid) for worker in publishers),
         host_busy_ticks=host_busy,
         host_total_ticks=host_total,
     )
@@ -1107,21 +679,15 @@ class RunOptions:
     mosquitto_tcp_nodelay: bool
 
 
-def split_evenly(total: int, parts: int) -> list[tuple[int, int]]:
-    """Split range(total) into `parts` contiguous (start, count) slices of nearly equal size."""
-    slices = []
-    start = 0
-    for part in range(parts):
-        count = total // parts + (1 if part < total % parts else 0)
-        slices.append((start, count))
-        start += count
-    return slices
-
-
 def measure(spec: BrokerSpec, qos: int, options: RunOptions) -> RunResult:
     """Start the broker and the load generator, measure one window, and stop everything."""
     context = multiprocessing.get_context("spawn")
-    with RunningBroker(spec) as broker:
+    with RunningBroker(
+        spec,
+        start_timeout_s=BROKER_START_TIMEOUT_S,
+        stop_timeout_s=BROKER_STOP_TIMEOUT_S,
+        tempdir_prefix="bench",
+    ) as broker:
         settings = LoadSettings(
             port=broker.port,
             qos=qos,
@@ -1135,15 +701,22 @@ def measure(spec: BrokerSpec, qos: int, options: RunOptions) -> RunResult:
         errors: list[str] = []
         try:
             subscriber = start_worker(
-                context, "subscriber", run_subscriber, settings, counters, SUBSCRIBER_SLOT
+                context,
+                "subscriber",
+                worker_main,
+                run_subscriber,
+                settings,
+                counters,
+                SUBSCRIBER_SLOT,
             )
             workers.append(subscriber)
-            wait_until_ready(subscriber, WORKER_SETUP_TIMEOUT_S)
+            receive_message(subscriber, READY, WORKER_SETUP_TIMEOUT_S, task="connect")
 
             publishers = [
                 start_worker(
                     context,
                     f"publishers-{number}",
+                    worker_main,
                     run_publishers,
                     settings,
                     counters,
@@ -1157,7 +730,7 @@ def measure(spec: BrokerSpec, qos: int, options: RunOptions) -> RunResult:
             ]
             workers.extend(publishers)
             for worker in publishers:
-                wait_until_ready(worker, WORKER_SETUP_TIMEOUT_S)
+                receive_message(worker, READY, WORKER_SETUP_TIMEOUT_S, task="connect")
 
             for worker in publishers:
                 send_command(worker, START)
@@ -1169,7 +742,7 @@ def measure(spec: BrokerSpec, qos: int, options: RunOptions) -> RunResult:
         except BenchmarkError as error:
             errors.append(str(error))
         finally:
-            errors.extend(stop_workers(workers))
+            errors.extend(stop_workers(workers, WORKER_STOP_TIMEOUT_S))
     if errors:
         raise BenchmarkError("; ".join(errors))
 
@@ -1207,19 +780,6 @@ def format_row(result: RunResult) -> list[str]:
         "+".join(f"{percent:.1f}" for percent in result.publisher_cpu_percent),
         f"{result.host_cpu_percent:.1f}",
     ]
-
-
-def format_table(results: Sequence[RunResult]) -> str:
-    header = "  ".join(f"{heading:>{width}}" for heading, width in TABLE_COLUMNS)
-    lines = [header, "-" * len(header)]
-    for result in results:
-        cells = format_row(result)
-        lines.append(
-            "  ".join(
-                f"{cell:>{width}}" for cell, (_, width) in zip(cells, TABLE_COLUMNS, strict=True)
-            )
-        )
-    return "\n".join(lines)
 
 
 def compute_ratios(results: Sequence[RunResult]) -> dict[int, float]:
@@ -1297,7 +857,7 @@ def print_report(
     print_header(options, any(result.broker == "mosquitto" for result in results))
     print()
     if results:
-        print(format_table(results))
+        print(format_table(TABLE_COLUMNS, [format_row(result) for result in results]))
         print()
 
     ratios = compute_ratios(results)
@@ -1332,30 +892,6 @@ def build_json_report(
 # --- Command line --------------------------------------------------------------------
 
 
-def parse_qos_list(text: str) -> list[int]:
-    try:
-        levels = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        levels = []
-    if not levels or any(level not in (0, 1) for level in levels):
-        raise argparse.ArgumentTypeError(f"invalid QoS list {text!r}: use 0, 1 or 0,1")
-    return list(dict.fromkeys(levels))
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Measure MQTT routing throughput and broker CPU per message for"
@@ -1363,18 +899,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     # Workload
-    parser.add_argument(
-        "--duration",
-        type=positive_float,
-        default=DEFAULT_DURATION_S,
-        help=f"measurement window per run in seconds (default {DEFAULT_DURATION_S:g})",
-    )
-    parser.add_argument(
-        "--warmup",
-        type=float,
-        default=DEFAULT_WARMUP_S,
-        help=f"load before each window in seconds (default {DEFAULT_WARMUP_S:g})",
-    )
+    add_window_arguments(parser, DEFAULT_DURATION_S, DEFAULT_WARMUP_S)
     parser.add_argument(
         "--publishers",
         type=positive_int,
@@ -1388,12 +913,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes that share the publisher connections"
         f" (default {DEFAULT_PUBLISHER_PROCESSES})",
     )
-    parser.add_argument(
-        "--qos",
-        type=parse_qos_list,
-        default=[0, 1],
-        help="comma-separated QoS levels to run (default 0,1)",
-    )
+    add_qos_argument(parser)
     parser.add_argument(
         "--window",
         type=positive_int,
@@ -1419,23 +939,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--only", choices=["ironshadow", "mosquitto"], help="measure one broker only"
     )
-    parser.add_argument(
-        "--mosquitto",
-        default=DEFAULT_MOSQUITTO,
-        help=f"Mosquitto executable (default {DEFAULT_MOSQUITTO})",
-    )
+    add_mosquitto_argument(parser)
     parser.add_argument(
         "--mosquitto-tcp-nodelay",
         action="store_true",
         help="set set_tcp_nodelay true in the Mosquitto config. Mosquitto's default is false,"
         " which lets Nagle's algorithm merge its small writes to the subscriber.",
     )
-    parser.add_argument(
-        "--ironshadow-cmd",
-        default=DEFAULT_IRONSHADOW_CMD,
-        help="command that starts IronShadow, with the placeholders {python}, {host},"
-        " {mqtt_port}, {http_port} and {data_dir} (default: %(default)r)",
-    )
+    add_ironshadow_cmd_argument(parser)
 
     parser.add_argument("--json", action="store_true", help="print a JSON report as the last line")
     return parser
@@ -1456,7 +967,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def selected_brokers(options: argparse.Namespace) -> list[BrokerSpec]:
     brokers = {
         "ironshadow": make_ironshadow_spec(options.ironshadow_cmd),
-        "mosquitto": make_mosquitto_spec(options.mosquitto, options.mosquitto_tcp_nodelay),
+        "mosquitto": make_mosquitto_spec(
+            options.mosquitto, mosquitto_tuning(options.mosquitto_tcp_nodelay)
+        ),
     }
     if options.only:
         return [brokers[options.only]]

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import errno
 import ipaddress
 import json
@@ -60,7 +59,6 @@ import re
 import resource
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -68,21 +66,55 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
-from multiprocessing.context import SpawnContext
 from multiprocessing.sharedctypes import Synchronized
 from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any, cast
 
-try:
-    import uvloop
-except ImportError:  # The benchmark still runs, only with a slower generator.
-    uvloop = None
+from support import (
+    BROKER_HOST,
+    CONNACK,
+    DISCONNECT_PACKET,
+    MAX_PACKET_ID,
+    PUBACK,
+    PUBACK_HEADER,
+    PUBLISH,
+    READY,
+    RESULT,
+    STOP,
+    SUBACK,
+    BenchmarkError,
+    BrokerSpec,
+    ControlChannel,
+    ProtocolError,
+    RunningBroker,
+    Worker,
+    add_ironshadow_cmd_argument,
+    add_mosquitto_argument,
+    decode_remaining_length,
+    encode_connect,
+    encode_publish,
+    encode_subscribe,
+    host_cpu_ticks,
+    make_ironshadow_spec,
+    make_mosquitto_spec,
+    matching_log_lines,
+    mosquitto_config_lines,
+    positive_float,
+    positive_int,
+    process_cpu_seconds,
+    process_tree_cpu_seconds,
+    read_netstat_counters,
+    receive_message,
+    run_worker,
+    send_command,
+    split_evenly,
+    start_worker,
+    stop_workers,
+)
 
-# All brokers listen on loopback only, and no option changes this.
-BROKER_HOST = "127.0.0.1"
 # Storm clients bind to FIRST_SOURCE_ADDRESS and the addresses after it (all on loopback).
 FIRST_SOURCE_ADDRESS = ipaddress.IPv4Address("127.0.0.2")
 LAST_SOURCE_ADDRESS = ipaddress.IPv4Address("127.0.0.254")
@@ -94,11 +126,6 @@ MAX_CLIENTS_PER_SOURCE_ADDRESS = 5_000
 DEFAULT_CLIENTS = 19_000
 DEFAULT_PROCESSES = 4
 DEFAULT_TIMEOUT_S = 60.0
-DEFAULT_MOSQUITTO = "/usr/sbin/mosquitto"
-DEFAULT_IRONSHADOW_CMD = (
-    "{python} -m ironshadow serve --host {host} --mqtt-port {mqtt_port}"
-    " --http-port {http_port} --data-dir {data_dir}"
-)
 
 # The keep alive that storm clients send in CONNECT. A broker may close a client that
 # sends nothing for 1.5 times its keep alive (MQTT 3.1.1 section 3.1.2.10), and storm
@@ -113,7 +140,6 @@ GENERATOR_FILE_RESERVE = 64
 
 BROKER_START_TIMEOUT_S = 20.0
 BROKER_STOP_TIMEOUT_S = 10.0
-PORT_POLL_INTERVAL_S = 0.1
 WORKER_READY_TIMEOUT_S = 60.0  # a generator creates and binds all its sockets in this time
 RELEASE_WAIT_S = 120.0  # a generator that is not released within this time exits
 RESULT_GRACE_S = 15.0  # the parent waits this long past --timeout for the generators' results
@@ -127,7 +153,6 @@ CANARY_SETUP_TIMEOUT_S = 10.0  # CONNACK, SUBACK and a first round trip before t
 CANARY_INTERVAL_S = 0.01  # pause between two round trips
 PRE_STORM_S = 1.0  # canary round trips before the release give the baseline latency
 
-CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 BYTES_PER_MIB = 1024 * 1024
 BYTES_PER_KIB = 1024
 MILLISECONDS_PER_S = 1000
@@ -135,117 +160,22 @@ MILLISECONDS_PER_S = 1000
 # Kernel counters read from the TcpExt lines of /proc/net/netstat.
 NETSTAT_COUNTERS = ("ListenOverflows", "ListenDrops", "SyncookiesSent")
 
-# Broker log lines that the report quotes.
-LOG_PROBLEM_PATTERN = re.compile(r"warning|error|critical|traceback|exception", re.IGNORECASE)
+# Broker log lines that the report quotes: warning and error levels and Python tracebacks.
+# Plain words would also match logger names such as "uvicorn.error" in harmless INFO lines.
+LOG_PROBLEM_PATTERN = re.compile(
+    r"\b(WARNING|ERROR|CRITICAL)\b|\b(Error|Warning|error):|Traceback|\bException\b"
+)
 LOG_EXCERPT_LINES = 8
 
 # Mosquitto 2.0.11 has no setting for its listen backlog (mosquitto.conf(5) lists none),
-# and `ss -lnt` shows an accept queue of 100 for its listener. Its default log types write
-# 2 lines for every new client ("New connection from", "New client connected from"), so
-# here it logs errors and warnings only. IronShadow at its default level INFO logs no
-# line per client either.
-MOSQUITTO_CONFIG_TEMPLATE = [
-    "listener {port} {host}",
-    "allow_anonymous true",
-    "max_connections -1",
-    "persistence false",
-    "log_dest stderr",
-    "log_type error",
-    "log_type warning",
-]
+# and `ss -lnt` shows an accept queue of 100 for its listener. A max_connections of -1
+# means no limit.
+MOSQUITTO_SETTINGS = {"max_connections": "-1"}
 
-# MQTT 3.1.1 control packet types (the high nibble of the first byte).
-CONNACK = 2
-PUBLISH = 3
-PUBACK = 4
-SUBACK = 9
-
-MQTT_PROTOCOL_LEVEL_3_1_1 = 4
-CONNECT_FLAG_CLEAN_SESSION = 0x02
+# The 4-byte MQTT 3.1.1 CONNACK: first byte, remaining length 2, acknowledge flags, return code.
 CONNACK_FIRST_BYTE = 0x20
 CONNACK_REMAINING_LENGTH = 2
 CONNACK_LENGTH = 4
-SUBACK_FAILURE = 0x80
-MAX_PACKET_ID = 0xFFFF
-DISCONNECT_PACKET = b"\xe0\x00"
-PUBACK_HEADER = b"\x40\x02"
-
-# Messages on the control pipe between the parent and a worker process.
-READY = "ready"
-RESULT = "result"
-STOP = "stop"
-ERROR = "error"
-
-
-class BenchmarkError(Exception):
-    """A broker or a load-generator process failed, so one run has no result."""
-
-
-class ProtocolError(Exception):
-    """The broker sent bytes that are not a valid MQTT 3.1.1 packet for this client."""
-
-
-# --- MQTT 3.1.1 packet encoding ------------------------------------------------------
-
-
-def encode_remaining_length(length: int) -> bytes:
-    """Encode the Remaining Length field: 7 bits per byte, high bit set on all but the last."""
-    if not 0 <= length <= 268_435_455:
-        raise ValueError(f"remaining length {length} is outside 0..268435455")
-    encoded = bytearray()
-    while True:
-        digit, length = length % 128, length // 128
-        if length:
-            encoded.append(digit | 0x80)
-        else:
-            encoded.append(digit)
-            return bytes(encoded)
-
-
-def encode_string(text: str) -> bytes:
-    """Encode a UTF-8 string with its two-byte big-endian length prefix."""
-    data = text.encode()
-    return len(data).to_bytes(2, "big") + data
-
-
-def encode_packet(first_byte: int, body: bytes) -> bytes:
-    return bytes([first_byte]) + encode_remaining_length(len(body)) + body
-
-
-def encode_connect(client_id: str, keepalive_s: int) -> bytes:
-    variable_header = (
-        encode_string("MQTT")
-        + bytes([MQTT_PROTOCOL_LEVEL_3_1_1, CONNECT_FLAG_CLEAN_SESSION])
-        + keepalive_s.to_bytes(2, "big")
-    )
-    return encode_packet(0x10, variable_header + encode_string(client_id))
-
-
-def encode_subscribe(packet_id: int, topic_filter: str, qos: int) -> bytes:
-    body = packet_id.to_bytes(2, "big") + encode_string(topic_filter) + bytes([qos])
-    return encode_packet(0x82, body)
-
-
-def encode_publish_qos1(topic: str, payload: bytes, packet_id: int) -> bytes:
-    return encode_packet(0x32, encode_string(topic) + packet_id.to_bytes(2, "big") + payload)
-
-
-def decode_remaining_length(data: bytes, index: int) -> tuple[int, int] | None:
-    """Decode the Remaining Length that starts at data[index].
-
-    Returns (length, index of the first byte after the field), or None when the field
-    is not complete yet. Raises ProtocolError when the field is longer than 4 bytes.
-    """
-    length = 0
-    for shift in (0, 7, 14, 21):
-        if index >= len(data):
-            return None
-        digit = data[index]
-        index += 1
-        length |= (digit & 0x7F) << shift
-        if digit < 0x80:
-            return length, index
-    raise ProtocolError("remaining length field is longer than 4 bytes")
 
 
 def describe_os_error(error: OSError) -> str:
@@ -428,39 +358,6 @@ async def open_client(
         tracker.fail(describe_os_error(error))
 
 
-class ControlChannel:
-    """The worker's end of the pipe to the parent, readable without blocking the event loop."""
-
-    def __init__(self, connection: Connection) -> None:
-        self.connection = connection
-
-    def send(self, kind: str, detail: object = "") -> None:
-        self.connection.send((kind, detail))
-
-    async def receive(self, timeout_s: float) -> str | None:
-        """Return the next command, or None after timeout_s or when the parent is gone."""
-        loop = asyncio.get_running_loop()
-        command: asyncio.Future[str | None] = loop.create_future()
-
-        def on_readable() -> None:
-            if command.done():
-                return
-            try:
-                kind, _ = self.connection.recv()
-            except EOFError:
-                command.set_result(None)
-            else:
-                command.set_result(kind)
-
-        loop.add_reader(self.connection.fileno(), on_readable)
-        try:
-            return await asyncio.wait_for(command, timeout_s)
-        except TimeoutError:
-            return None
-        finally:
-            loop.remove_reader(self.connection.fileno())
-
-
 async def run_generator(
     settings: GeneratorSettings,
     control: ControlChannel,
@@ -611,7 +508,7 @@ class CanaryClient(asyncio.Protocol):
         self._payload = str(sequence).encode()
         self._acked = self._delivered = False
         self._round_trip = asyncio.get_running_loop().create_future()
-        self.write(encode_publish_qos1(CANARY_TOPIC, self._payload, self._packet_id))
+        self.write(encode_publish(CANARY_TOPIC, self._payload, 1, self._packet_id))
         return self._round_trip
 
     def stop(self) -> None:
@@ -640,7 +537,7 @@ async def run_canary(port: int, run_limit_s: float, control: ControlChannel) -> 
     return_code = await wait_for_reply(client.connack, "CONNACK for the canary")
     if return_code != 0:
         raise BenchmarkError(f"broker rejected the canary's CONNECT with return code {return_code}")
-    client.write(encode_subscribe(1, CANARY_TOPIC, 1))
+    client.write(encode_subscribe(1, [CANARY_TOPIC], 1))
     granted_qos = await wait_for_reply(client.suback, f"SUBACK for {CANARY_TOPIC!r}")
     if granted_qos != 1:
         raise BenchmarkError(f"broker granted {granted_qos:#x} for {CANARY_TOPIC!r}, not QoS 1")
@@ -684,24 +581,21 @@ def raise_open_file_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def worker_main(role: Callable[..., Any], connection: Connection, *role_args: Any) -> None:
+def describe_worker_error(error: Exception) -> str:
+    """Return the errno name of an OSError, or the message of any other error."""
+    return describe_os_error(error) if isinstance(error, OSError) else str(error)
+
+
+def worker_main(connection: Connection, role: Callable[..., Any], *role_args: Any) -> None:
     """Run one role (generator or canary) in this process and report failures to the parent."""
     control = ControlChannel(connection)
 
     async def run() -> None:
+        raise_open_file_limit()
         await role(*role_args, control)
         await asyncio.sleep(CLOSE_LINGER_S)  # let the DISCONNECT packets reach the broker
 
-    try:
-        raise_open_file_limit()
-        if uvloop is not None:
-            uvloop.run(run())
-        else:
-            asyncio.run(run())
-    except (BenchmarkError, ProtocolError, OSError) as error:
-        detail = describe_os_error(error) if isinstance(error, OSError) else str(error)
-        control.send(ERROR, f"{type(error).__name__}: {detail}")
-        sys.exit(1)
+    run_worker(control, run, describe_worker_error)
 
 
 async def generator_entry(
@@ -717,135 +611,7 @@ async def canary_entry(port: int, run_limit_s: float, control: ControlChannel) -
     await run_canary(port, run_limit_s, control)
 
 
-@dataclass
-class Worker:
-    """A worker process as seen from the parent."""
-
-    name: str
-    process: multiprocessing.Process
-    control: Connection
-
-    @property
-    def pid(self) -> int:
-        assert self.process.pid is not None, "the worker process was never started"
-        return self.process.pid
-
-
-def start_worker(
-    context: SpawnContext, name: str, role: Callable[..., Any], *role_args: Any
-) -> Worker:
-    parent_end, child_end = context.Pipe()
-    process = context.Process(
-        target=worker_main, args=(role, child_end, *role_args), name=name, daemon=True
-    )
-    process.start()
-    child_end.close()
-    return Worker(name, process, parent_end)
-
-
-def receive_message(worker: Worker, expected: str, timeout_s: float) -> Any:
-    """Wait for a message of kind `expected` from the worker and return its detail."""
-    if not worker.control.poll(max(0.0, timeout_s)):
-        raise BenchmarkError(f"{worker.name} sent no {expected} message within {timeout_s:.0f} s")
-    try:
-        kind, detail = worker.control.recv()
-    except (EOFError, OSError):
-        worker.process.join(1.0)
-        raise BenchmarkError(
-            f"{worker.name} exited with code {worker.process.exitcode} before its"
-            f" {expected} message"
-        ) from None
-    if kind != expected:
-        raise BenchmarkError(f"{worker.name} failed: {detail}")
-    return detail
-
-
-def send_command(worker: Worker, command: str) -> None:
-    # An OSError means the worker has exited already, and stop_workers() reports that.
-    with contextlib.suppress(OSError):
-        worker.control.send((command, ""))
-
-
-def stop_workers(workers: Sequence[Worker]) -> list[str]:
-    """Stop the workers, ending any that hang by PID, and return their error reports."""
-    for worker in workers:
-        send_command(worker, STOP)
-    errors = []
-    for worker in workers:
-        worker.process.join(WORKER_STOP_TIMEOUT_S)
-        if worker.process.is_alive():
-            errors.append(f"{worker.name} did not stop within {WORKER_STOP_TIMEOUT_S:.0f} s")
-            worker.process.terminate()
-            worker.process.join(WORKER_STOP_TIMEOUT_S)
-            if worker.process.is_alive():
-                worker.process.kill()
-                worker.process.join()
-        while True:
-            try:
-                if not worker.control.poll():
-                    break
-                kind, detail = worker.control.recv()
-            except (EOFError, OSError):  # the worker has exited and closed its end
-                break
-            if kind == ERROR:
-                errors.append(f"{worker.name} failed: {detail}")
-        worker.control.close()
-    return errors
-
-
 # --- Measurements from /proc ---------------------------------------------------------
-
-
-def read_proc_stat_fields(pid: int) -> list[str] | None:
-    """Return the fields of /proc/<pid>/stat after the command name, or None if pid is gone.
-
-    The command name is in parentheses and may contain spaces, so the fields are split
-    after the last ')'. Field 3 of proc(5), the state, is at index 0.
-    """
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return text[text.rindex(")") + 2 :].split()
-
-
-def process_cpu_seconds(pid: int, include_reaped_children: bool = False) -> float:
-    """Return utime + stime of a process (all its threads), or 0.0 once it has exited.
-
-    With include_reaped_children, add cutime + cstime, the CPU time of the children
-    that the process has waited for.
-    """
-    fields = read_proc_stat_fields(pid)
-    if fields is None:
-        return 0.0
-    ticks = int(fields[11]) + int(fields[12])
-    if include_reaped_children:
-        ticks += int(fields[13]) + int(fields[14])
-    return ticks / CLOCK_TICKS_PER_S
-
-
-def descendant_pids(root_pid: int) -> list[int]:
-    """Return the PIDs of all live descendants of root_pid."""
-    children_by_parent: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        fields = read_proc_stat_fields(int(entry.name))
-        if fields is not None:
-            children_by_parent.setdefault(int(fields[1]), []).append(int(entry.name))
-    descendants = []
-    pending = [root_pid]
-    while pending:
-        children = children_by_parent.get(pending.pop(), [])
-        descendants.extend(children)
-        pending.extend(children)
-    return descendants
-
-
-def process_tree_cpu_seconds(root_pid: int) -> float:
-    """Return the CPU seconds of root_pid and its live or reaped descendants."""
-    tree = [root_pid, *descendant_pids(root_pid)]
-    return sum(process_cpu_seconds(pid, include_reaped_children=True) for pid in tree)
 
 
 def process_memory_bytes(pid: int, field_name: str) -> int | None:
@@ -863,28 +629,6 @@ def open_file_count(pid: int) -> int | None:
         return len(os.listdir(f"/proc/{pid}/fd"))
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
-
-
-def read_netstat_counters() -> dict[str, int]:
-    """Return the TcpExt counters named in NETSTAT_COUNTERS from /proc/net/netstat.
-
-    The file has pairs of lines per group: a line of names, then a line of values.
-    """
-    lines = Path("/proc/net/netstat").read_text().splitlines()
-    for names_line, values_line in zip(lines[::2], lines[1::2], strict=False):
-        if names_line.startswith("TcpExt:"):
-            values = dict(zip(names_line.split()[1:], values_line.split()[1:], strict=True))
-            return {name: int(values[name]) for name in NETSTAT_COUNTERS if name in values}
-    return {}
-
-
-def host_cpu_ticks() -> tuple[int, int]:
-    """Return (busy, total) clock ticks summed over all CPUs, from /proc/stat."""
-    values = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle_ticks = values[3] + values[4]  # idle + iowait
-    # guest and guest_nice (fields 9 and 10) are already included in user and nice.
-    total_ticks = sum(values[:8])
-    return total_ticks - idle_ticks, total_ticks
 
 
 def read_sysctl(name: str) -> str | None:
@@ -929,156 +673,12 @@ def listen_backlog(port: int) -> int | None:
     return None
 
 
-# --- Brokers -------------------------------------------------------------------------
-
-
-def find_free_port() -> int:
-    """Return a loopback TCP port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((BROKER_HOST, 0))
-        return probe.getsockname()[1]
-
-
-def mosquitto_config_lines(port: int) -> list[str]:
-    return [line.format(port=port, host=BROKER_HOST) for line in MOSQUITTO_CONFIG_TEMPLATE]
-
-
-@dataclass
-class BrokerSpec:
-    """How to start one broker under test."""
-
-    name: str
-    build_command: Callable[[int, Path], list[str]]  # (MQTT port, temporary dir) -> argv
-    extra_env: dict[str, str] = field(default_factory=dict)
-
-
-def make_mosquitto_spec(executable: str) -> BrokerSpec:
-    def build(port: int, workdir: Path) -> list[str]:
-        config_path = workdir / "mosquitto.conf"
-        config_path.write_text("\n".join(mosquitto_config_lines(port)) + "\n")
-        return [executable, "-c", str(config_path)]
-
-    return BrokerSpec("mosquitto", build)
-
-
-def make_ironshadow_spec(command_template: str, extra_args: str) -> BrokerSpec:
-    def build(port: int, workdir: Path) -> list[str]:
-        data_dir = workdir / "data"
-        data_dir.mkdir()
-        placeholders = {
-            "python": shlex.quote(sys.executable),
-            "host": BROKER_HOST,
-            "mqtt_port": str(port),
-            "http_port": str(find_free_port()),
-            "data_dir": shlex.quote(str(data_dir)),
-        }
-        return shlex.split(command_template.format(**placeholders)) + shlex.split(extra_args)
-
-    # Let `python -m ironshadow` find the package in this checkout even if it is not installed.
-    source_dir = Path(__file__).resolve().parents[1] / "src"
-    python_path = os.pathsep.join(filter(None, [str(source_dir), os.environ.get("PYTHONPATH")]))
-    return BrokerSpec("ironshadow", build, {"PYTHONPATH": python_path})
-
-
-class RunningBroker:
-    """A broker process started for one run, and stopped by its PID on exit.
-
-    Its stdout and stderr go to log_path, which outlives the run.
-    """
-
-    def __init__(self, spec: BrokerSpec, log_path: Path) -> None:
-        self.spec = spec
-        self.port = find_free_port()
-        self._tempdir = tempfile.TemporaryDirectory(prefix=f"storm-{spec.name}-")
-        self.workdir = Path(self._tempdir.name)
-        self.log_path = log_path
-        self.command: list[str] = []
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> RunningBroker:
-        self.command = self.spec.build_command(self.port, self.workdir)
-        try:
-            with self.log_path.open("wb") as log:
-                self.process = subprocess.Popen(
-                    self.command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env={**os.environ, **self.spec.extra_env},
-                )
-        except OSError as error:
-            self._tempdir.cleanup()
-            raise BenchmarkError(f"cannot start {shlex.join(self.command)}: {error}") from error
-        try:
-            self._wait_for_port()
-        except BaseException:
-            self.stop()
-            self._tempdir.cleanup()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-        self._tempdir.cleanup()
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def _wait_for_port(self) -> None:
-        assert self.process is not None
-        deadline = time.monotonic() + BROKER_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise BenchmarkError(
-                    f"{self.spec.name} exited with code {self.process.returncode} at start."
-                    f" Output:\n{self.log_tail()}"
-                )
-            try:
-                with socket.create_connection((BROKER_HOST, self.port), PORT_POLL_INTERVAL_S):
-                    return
-            except OSError:
-                time.sleep(PORT_POLL_INTERVAL_S)
-        raise BenchmarkError(
-            f"{self.spec.name} did not accept connections on port {self.port} within"
-            f" {BROKER_START_TIMEOUT_S:.0f} s. Output:\n{self.log_tail()}"
-        )
-
-    def exit_code(self) -> int | None:
-        assert self.process is not None
-        return self.process.poll()
-
-    def stop(self) -> None:
-        """Send SIGTERM to the broker and its descendants by PID, then SIGKILL after a timeout."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        descendants = descendant_pids(self.process.pid)
-        self.process.terminate()
-        try:
-            self.process.wait(BROKER_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        for pid in descendants:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return "(no output)"
-        return "\n".join(text.splitlines()[-lines:]) or "(no output)"
+# --- Broker log ----------------------------------------------------------------------
 
 
 def log_problem_lines(log_path: Path) -> tuple[int, list[str]]:
     """Return the number of warning or error lines in a broker log, and the first few."""
-    try:
-        lines = log_path.read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return 0, []
-    problems = [line for line in lines if LOG_PROBLEM_PATTERN.search(line)]
+    problems = matching_log_lines(log_path, LOG_PROBLEM_PATTERN)
     return len(problems), problems[:LOG_EXCERPT_LINES]
 
 
@@ -1114,7 +714,7 @@ def take_snapshot(broker: RunningBroker, workers: Sequence[Worker]) -> Snapshot:
     host_busy, host_total = host_cpu_ticks()
     return Snapshot(
         wall_s=time.monotonic(),
-        netstat=read_netstat_counters(),
+        netstat=read_netstat_counters(NETSTAT_COUNTERS),
         broker_cpu_s=process_tree_cpu_seconds(broker.pid),
         generator_cpu_s=sum(process_cpu_seconds(worker.pid) for worker in workers),
         host_busy_ticks=host_busy,
@@ -1221,23 +821,18 @@ def summarize_canary(
     }
 
 
-def split_evenly(total: int, parts: int) -> list[tuple[int, int]]:
-    """Split range(total) into `parts` contiguous (start, count) slices of nearly equal size."""
-    slices = []
-    start = 0
-    for part in range(parts):
-        count = total // parts + (1 if part < total % parts else 0)
-        slices.append((start, count))
-        start += count
-    return slices
-
-
 def measure(spec: BrokerSpec, options: StormOptions, log_path: Path) -> StormResult:
     """Start the broker, the canary and the generators, run one storm, and stop everything."""
     context = multiprocessing.get_context("spawn")
     release = context.Event()
     release_time = cast("Synchronized[float]", context.Value("d", 0.0))
-    with RunningBroker(spec, log_path) as broker:
+    with RunningBroker(
+        spec,
+        start_timeout_s=BROKER_START_TIMEOUT_S,
+        stop_timeout_s=BROKER_STOP_TIMEOUT_S,
+        tempdir_prefix="storm",
+        log_path=log_path,
+    ) as broker:
         backlog = listen_backlog(broker.port)
         workers: list[Worker] = []
         generators: list[Worker] = []
@@ -1248,7 +843,9 @@ def measure(spec: BrokerSpec, options: StormOptions, log_path: Path) -> StormRes
             canary_limit_s = (
                 WORKER_READY_TIMEOUT_S + PRE_STORM_S + options.timeout_s + RESULT_GRACE_S
             )
-            canary = start_worker(context, "canary", canary_entry, broker.port, canary_limit_s)
+            canary = start_worker(
+                context, "canary", worker_main, canary_entry, broker.port, canary_limit_s
+            )
             workers.append(canary)
             receive_message(canary, READY, CANARY_SETUP_TIMEOUT_S + WORKER_READY_TIMEOUT_S)
 
@@ -1267,6 +864,7 @@ def measure(spec: BrokerSpec, options: StormOptions, log_path: Path) -> StormRes
                     start_worker(
                         context,
                         f"generator-{number}",
+                        worker_main,
                         generator_entry,
                         settings,
                         release,
@@ -1293,7 +891,7 @@ def measure(spec: BrokerSpec, options: StormOptions, log_path: Path) -> StormRes
         except BenchmarkError as error:
             errors.append(str(error))
         finally:
-            errors.extend(stop_workers(workers))
+            errors.extend(stop_workers(workers, WORKER_STOP_TIMEOUT_S))
         # A broker that exited during the storm still gets a result if the generators
         # reported, because the clients' errors show how it failed.
         exit_code = broker.exit_code()
@@ -1466,9 +1064,11 @@ def print_header(options: StormOptions, log_dir: Path) -> None:
     )
     if options.ironshadow_args:
         print(f"IronShadow extra flags: {options.ironshadow_args}")
+    # Port 0 is a placeholder for the port of each run, and [1:] drops the listener line.
+    mosquitto_config = "; ".join(mosquitto_config_lines(0, MOSQUITTO_SETTINGS)[1:])
     print(
-        "Mosquitto runs with " + "; ".join(mosquitto_config_lines(0)[1:]) + ". Mosquitto"
-        " 2.0.11 has no setting for its listen backlog."
+        f"Mosquitto runs with {mosquitto_config}. Mosquitto 2.0.11 has no setting for its"
+        " listen backlog."
     )
     print(f"Broker logs: {log_dir}")
 
@@ -1509,7 +1109,7 @@ def build_json_report(
                 "net.ipv4.ip_local_port_range",
             )
         },
-        "mosquitto_config": mosquitto_config_lines(0)[1:],
+        "mosquitto_config": mosquitto_config_lines(0, MOSQUITTO_SETTINGS)[1:],
         "log_dir": str(log_dir),
         "results": [asdict(result) for result in results],
         "failures": list(failures),
@@ -1517,20 +1117,6 @@ def build_json_report(
 
 
 # --- Command line --------------------------------------------------------------------
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1566,17 +1152,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help='extra flags for `ironshadow serve`, for example "--connect-rate 5000"',
     )
-    parser.add_argument(
-        "--ironshadow-cmd",
-        default=DEFAULT_IRONSHADOW_CMD,
-        help="command that starts IronShadow, with the placeholders {python}, {host},"
-        " {mqtt_port}, {http_port} and {data_dir} (default: %(default)r)",
-    )
-    parser.add_argument(
-        "--mosquitto",
-        default=DEFAULT_MOSQUITTO,
-        help=f"Mosquitto executable (default {DEFAULT_MOSQUITTO})",
-    )
+    add_ironshadow_cmd_argument(parser)
+    add_mosquitto_argument(parser)
     parser.add_argument(
         "--log-dir",
         type=Path,
@@ -1634,7 +1211,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def selected_brokers(options: argparse.Namespace) -> list[BrokerSpec]:
     brokers = {
         "ironshadow": make_ironshadow_spec(options.ironshadow_cmd, options.ironshadow_args),
-        "mosquitto": make_mosquitto_spec(options.mosquitto),
+        "mosquitto": make_mosquitto_spec(options.mosquitto, MOSQUITTO_SETTINGS),
     }
     if options.only:
         return [brokers[options.only]]

@@ -91,29 +91,57 @@ import json
 import multiprocessing
 import os
 import re
-import shlex
 import shutil
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnContext
 from pathlib import Path
 from typing import Any, cast
 
-try:
-    import uvloop
-except ImportError:  # The benchmark still runs, only with a slower generator.
-    uvloop = None
-
-# All brokers listen on loopback only, and no option changes this.
-BROKER_HOST = "127.0.0.1"
+from support import (
+    BROKER_HOST,
+    CONNACK,
+    DISCONNECT_PACKET,
+    PUBACK,
+    PUBACK_HEADER,
+    PUBLISH,
+    READY,
+    START,
+    SUBACK,
+    SUBACK_FAILURE,
+    BenchmarkError,
+    BrokerSpec,
+    ControlChannel,
+    ProtocolError,
+    RunningBroker,
+    Worker,
+    add_ironshadow_cmd_argument,
+    add_qos_argument,
+    add_window_arguments,
+    encode_connect,
+    encode_publish,
+    encode_subscribe,
+    format_table,
+    host_cpu_ticks,
+    make_ironshadow_spec,
+    matching_log_lines,
+    positive_int,
+    process_cpu_seconds,
+    process_tree_cpu_seconds,
+    read_netstat_counters,
+    receive_message,
+    run_worker,
+    send_command,
+    split_evenly,
+    split_packets,
+    start_worker,
+    stop_workers,
+)
 
 DEFAULT_DEVICES = 1000
 # One-shot device slots: each slot opens at most one connection at a time. amqtt 0.12.1
@@ -127,10 +155,6 @@ DEFAULT_WARMUP_S = 2.0
 DEFAULT_WINDOW = 1  # updates in flight per device in persistent mode
 DEFAULT_GENERATOR_PROCESSES = 1
 DEFAULT_AMQTT_PYTHON = ".amqtt-venv/bin/python"
-DEFAULT_IRONSHADOW_CMD = (
-    "{python} -m ironshadow serve --host {host} --mqtt-port {mqtt_port}"
-    " --http-port {http_port} --data-dir {data_dir}"
-)
 MODES = ("persistent", "one-shot")
 
 AMQTT_EXPECTED_VERSION = "0.12.1"
@@ -155,7 +179,6 @@ DRAIN_S = 1.0  # after STOP, devices wait this long for responses still in fligh
 COUNTER_SYNC_INTERVAL_S = 0.01  # how often a worker copies its counters to shared memory
 RETRY_PAUSE_S = 0.1  # pause of a one-shot device slot after a failed cycle
 MAX_CONCURRENT_CONNECTS = 20  # per worker, while persistent-mode devices connect
-PORT_POLL_INTERVAL_S = 0.1
 
 # A keep-alive of 0 turns the mechanism off (MQTT 3.1.1 section 3.1.2.10), so a device
 # that waits for responses needs no PINGREQ.
@@ -169,20 +192,7 @@ GENERATOR_SATURATED_PERCENT = 90.0  # of one core, for a single generator proces
 HOST_SATURATED_PERCENT = 95.0  # of all cores
 TARGET_RATIO = 20.0  # IronShadow applied rate ÷ amqtt applied rate
 
-CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 MICROSECONDS_PER_S = 1_000_000
-
-# MQTT 3.1.1 control packet types (the high nibble of the first byte).
-CONNACK = 2
-PUBLISH = 3
-PUBACK = 4
-SUBACK = 9
-
-MQTT_PROTOCOL_LEVEL_3_1_1 = 4
-CONNECT_FLAG_CLEAN_SESSION = 0x02
-SUBACK_FAILURE = 0x80
-DISCONNECT_PACKET = b"\xe0\x00"
-PUBACK_HEADER = b"\x40\x02"
 
 # The last level of a response topic: "accepted" and "rejected" have the same length,
 # so its first byte distinguishes them.
@@ -192,88 +202,6 @@ REJECTED_MARK = ord("r")
 
 # Broker log lines counted as errors in the notes.
 LOG_ERROR_PATTERN = re.compile(r"\bERROR\b|\bCRITICAL\b|Traceback")
-
-# Messages on the control pipe between the parent and a worker process.
-READY = "ready"
-START = "start"
-STOP = "stop"
-ERROR = "error"
-
-
-class BenchmarkError(Exception):
-    """A broker or a load-generator process failed, so one run has no result."""
-
-
-class ProtocolError(Exception):
-    """The broker sent bytes that are not a valid MQTT 3.1.1 packet for this client."""
-
-
-# --- MQTT 3.1.1 packet encoding ------------------------------------------------------
-
-
-def encode_remaining_length(length: int) -> bytes:
-    """Encode the Remaining Length field: 7 bits per byte, high bit set on all but the last."""
-    if not 0 <= length <= 268_435_455:
-        raise ValueError(f"remaining length {length} is outside 0..268435455")
-    encoded = bytearray()
-    while True:
-        digit, length = length % 128, length // 128
-        if length:
-            encoded.append(digit | 0x80)
-        else:
-            encoded.append(digit)
-            return bytes(encoded)
-
-
-def encode_string(text: str) -> bytes:
-    """Encode a UTF-8 string with its two-byte big-endian length prefix."""
-    data = text.encode()
-    return len(data).to_bytes(2, "big") + data
-
-
-def encode_packet(first_byte: int, body: bytes) -> bytes:
-    return bytes([first_byte]) + encode_remaining_length(len(body)) + body
-
-
-def encode_connect(client_id: str) -> bytes:
-    variable_header = (
-        encode_string("MQTT")
-        + bytes([MQTT_PROTOCOL_LEVEL_3_1_1, CONNECT_FLAG_CLEAN_SESSION])
-        + KEEPALIVE_S.to_bytes(2, "big")
-    )
-    return encode_packet(0x10, variable_header + encode_string(client_id))
-
-
-def encode_subscribe(packet_id: int, topic_filters: Sequence[str], qos: int) -> bytes:
-    body = packet_id.to_bytes(2, "big")
-    for topic_filter in topic_filters:
-        body += encode_string(topic_filter) + bytes([qos])
-    return encode_packet(0x82, body)
-
-
-def encode_publish(topic: str, payload: bytes, qos: int, packet_id: int = 0) -> bytes:
-    body = encode_string(topic)
-    if qos > 0:
-        body += packet_id.to_bytes(2, "big")
-    return encode_packet(0x30 | (qos << 1), body + payload)
-
-
-def decode_remaining_length(data: bytes, index: int) -> tuple[int, int] | None:
-    """Decode the Remaining Length that starts at data[index].
-
-    Returns (length, index of the first byte after the field), or None when the field
-    is not complete yet. Raises ProtocolError when the field is longer than 4 bytes.
-    """
-    length = 0
-    for shift in (0, 7, 14, 21):
-        if index >= len(data):
-            return None
-        digit = data[index]
-        index += 1
-        length |= (digit & 0x7F) << shift
-        if digit < 0x80:
-            return length, index
-    raise ProtocolError("remaining length field is longer than 4 bytes")
 
 
 # --- Shadow topics of each broker ----------------------------------------------------
@@ -318,7 +246,7 @@ def encode_device_packets(broker: str, thing: str, qos: int, updates: int) -> De
         update_topic = ironshadow_update_topic(thing)
     filters = [f"{update_topic}/accepted", f"{update_topic}/rejected"]
     return DevicePackets(
-        connect=encode_connect(thing),
+        connect=encode_connect(thing, KEEPALIVE_S),
         subscribe=encode_subscribe(1, filters, qos),
         updates=tuple(
             encode_publish(update_topic, encode_update_payload(variant), qos, variant + 1)
@@ -441,23 +369,8 @@ class DeviceProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._partial:
             data = self._partial + data
-        end = len(data)
-        position = 0
         try:
-            while end - position >= 2:
-                first_byte = data[position]
-                remaining_length = data[position + 1]
-                body_start = position + 2
-                if remaining_length >= 0x80:
-                    decoded = decode_remaining_length(data, position + 1)
-                    if decoded is None:
-                        break
-                    remaining_length, body_start = decoded
-                body_end = body_start + remaining_length
-                if body_end > end:
-                    break
-                self.handle_packet(first_byte, data, body_start, body_end)
-                position = body_end
+            position = split_packets(data, self.handle_packet)
         except ProtocolError as error:
             self.tally.record_protocol_error(error)
             self.fail(error)
@@ -678,39 +591,6 @@ class LoadSettings:
     run_limit_s: float  # a worker stops by itself this long after START
 
 
-class ControlChannel:
-    """Receives the parent's commands from a pipe without blocking the event loop."""
-
-    def __init__(self, connection: Connection) -> None:
-        self.connection = connection
-
-    def send(self, kind: str, detail: str = "") -> None:
-        self.connection.send((kind, detail))
-
-    async def receive(self, timeout_s: float) -> str | None:
-        """Return the next command, or None after timeout_s or when the parent is gone."""
-        loop = asyncio.get_running_loop()
-        command: asyncio.Future[str | None] = loop.create_future()
-
-        def on_readable() -> None:
-            if command.done():
-                return
-            try:
-                kind, _ = self.connection.recv()
-            except EOFError:
-                command.set_result(None)
-            else:
-                command.set_result(kind)
-
-        loop.add_reader(self.connection.fileno(), on_readable)
-        try:
-            return await asyncio.wait_for(command, timeout_s)
-        except TimeoutError:
-            return None
-        finally:
-            loop.remove_reader(self.connection.fileno())
-
-
 def setup_timeout_s(devices: int) -> float:
     return CONNECT_TIMEOUT_S + SETUP_TIMEOUT_PER_DEVICE_S * devices
 
@@ -777,10 +657,10 @@ async def run_one_shot_devices(
 
 
 def worker_main(
+    connection: Connection,
     settings: LoadSettings,
     counters: SharedCounters,
     slot: int,
-    connection: Connection,
     first_index: int,
     count: int,
 ) -> None:
@@ -794,158 +674,10 @@ def worker_main(
         await asyncio.sleep(0.1)  # let the DISCONNECT packets reach the broker
         tally.raise_protocol_error()
 
-    try:
-        if uvloop is not None:
-            uvloop.run(run())
-        else:
-            asyncio.run(run())
-    except (BenchmarkError, ProtocolError, OSError) as error:
-        control.send(ERROR, f"{type(error).__name__}: {error}")
-        sys.exit(1)
+    run_worker(control, run)
 
 
-@dataclass
-class Worker:
-    """A load-generator process as seen from the parent."""
-
-    name: str
-    process: multiprocessing.Process
-    control: Connection
-    devices: int
-
-
-def start_worker(
-    context: SpawnContext,
-    name: str,
-    settings: LoadSettings,
-    counters: SharedCounters,
-    slot: int,
-    first_index: int,
-    count: int,
-) -> Worker:
-    parent_end, child_end = context.Pipe()
-    process = context.Process(
-        target=worker_main,
-        args=(settings, counters, slot, child_end, first_index, count),
-        name=name,
-        daemon=True,
-    )
-    process.start()
-    child_end.close()
-    return Worker(name, process, parent_end, count)
-
-
-def wait_until_ready(worker: Worker, timeout_s: float) -> None:
-    if not worker.control.poll(timeout_s):
-        raise BenchmarkError(f"{worker.name} did not connect its devices within {timeout_s:.0f} s")
-    try:
-        kind, detail = worker.control.recv()
-    except (EOFError, OSError):
-        worker.process.join(1.0)
-        raise BenchmarkError(
-            f"{worker.name} exited with code {worker.process.exitcode} before connecting"
-        ) from None
-    if kind != READY:
-        raise BenchmarkError(f"{worker.name} failed: {detail}")
-
-
-def send_command(worker: Worker, command: str) -> None:
-    # An OSError means the worker has exited already, and stop_workers() reports that.
-    with contextlib.suppress(OSError):
-        worker.control.send((command, ""))
-
-
-def stop_workers(workers: Sequence[Worker]) -> list[str]:
-    """Stop the workers, ending any that hang by PID, and return their error reports."""
-    for worker in workers:
-        send_command(worker, STOP)
-    errors = []
-    for worker in workers:
-        worker.process.join(WORKER_STOP_TIMEOUT_S)
-        if worker.process.is_alive():
-            errors.append(f"{worker.name} did not stop within {WORKER_STOP_TIMEOUT_S:.0f} s")
-            worker.process.terminate()
-            worker.process.join(WORKER_STOP_TIMEOUT_S)
-            if worker.process.is_alive():
-                worker.process.kill()
-                worker.process.join()
-        while worker.control.poll():
-            try:
-                kind, detail = worker.control.recv()
-            except (EOFError, OSError):  # the worker has exited and closed its end
-                break
-            if kind == ERROR:
-                errors.append(f"{worker.name} failed: {detail}")
-        worker.control.close()
-    return errors
-
-
-# --- CPU and kernel counters from /proc ----------------------------------------------
-
-
-def read_proc_stat_fields(pid: int) -> list[str] | None:
-    """Return the fields of /proc/<pid>/stat after the command name, or None if pid is gone.
-
-    The command name is in parentheses and may contain spaces, so the fields are split
-    after the last ')'. Field 3 of proc(5), the state, is at index 0.
-    """
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return text[text.rindex(")") + 2 :].split()
-
-
-def process_cpu_seconds(pid: int, include_reaped_children: bool = False) -> float:
-    """Return utime + stime of a process (all its threads), or 0.0 once it has exited.
-
-    With include_reaped_children, add cutime + cstime, which is the CPU time of the
-    children that the process has waited for.
-    """
-    fields = read_proc_stat_fields(pid)
-    if fields is None:
-        return 0.0
-    ticks = int(fields[11]) + int(fields[12])
-    if include_reaped_children:
-        ticks += int(fields[13]) + int(fields[14])
-    return ticks / CLOCK_TICKS_PER_S
-
-
-def descendant_pids(root_pid: int) -> list[int]:
-    """Return the PIDs of all live descendants of root_pid, from the ppid in /proc/*/stat."""
-    children_by_parent: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        fields = read_proc_stat_fields(int(entry.name))
-        if fields is not None:
-            children_by_parent.setdefault(int(fields[1]), []).append(int(entry.name))
-    descendants = []
-    pending = [root_pid]
-    while pending:
-        children = children_by_parent.get(pending.pop(), [])
-        descendants.extend(children)
-        pending.extend(children)
-    return descendants
-
-
-def process_tree_cpu_seconds(root_pid: int) -> float:
-    """Return the CPU seconds of root_pid and its descendants, live or reaped.
-
-    NOTE: the time of a descendant that outlives its parent, and so is reaped outside
-    the tree, is lost.
-    """
-    tree = [root_pid, *descendant_pids(root_pid)]
-    return sum(process_cpu_seconds(pid, include_reaped_children=True) for pid in tree)
-
-
-def host_cpu_ticks() -> tuple[int, int]:
-    """Return (busy, total) clock ticks summed over all CPUs, from /proc/stat."""
-    values = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle_ticks = values[3] + values[4]  # idle + iowait
-    # guest and guest_nice (fields 9 and 10) are already included in user and nice.
-    total_ticks = sum(values[:8])
-    return total_ticks - idle_ticks, total_ticks
+# --- Kernel counters from /proc ------------------------------------------------------
 
 
 def listen_overflows() -> int:
@@ -954,76 +686,10 @@ def listen_overflows() -> int:
     It counts connections dropped because a listen queue was full, on every listener of
     the host, which costs the client a SYN retransmission of at least 1 s.
     """
-    try:
-        lines = Path("/proc/net/netstat").read_text().splitlines()
-    except OSError:
-        return 0
-    for names, values in zip(lines[::2], lines[1::2], strict=False):
-        if names.startswith("TcpExt:"):
-            counters = dict(zip(names.split()[1:], values.split()[1:], strict=False))
-            return int(counters.get("ListenOverflows", 0))
-    return 0
+    return read_netstat_counters(["ListenOverflows"]).get("ListenOverflows", 0)
 
 
 # --- Brokers -------------------------------------------------------------------------
-
-
-def find_free_port() -> int:
-    """Return a loopback TCP port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((BROKER_HOST, 0))
-        return probe.getsockname()[1]
-
-
-TCP_LISTEN_STATE = "0A"  # st column of /proc/net/tcp, see include/net/tcp_states.h
-
-
-def port_is_listening(port: int) -> bool:
-    """Return True if a socket listens on BROKER_HOST:port, from /proc/net/tcp.
-
-    Reading the kernel's table, not connecting, keeps a probe connection without CONNECT
-    out of the broker's log.
-    """
-    # The kernel prints the address as the 32-bit value in the host's byte order.
-    address = int.from_bytes(socket.inet_aton(BROKER_HOST), sys.byteorder)
-    local_address = f"{address:08X}:{port:04X}"
-    with open("/proc/net/tcp") as table:
-        next(table)  # the header line
-        for line in table:
-            fields = line.split()
-            if fields[1] == local_address and fields[3] == TCP_LISTEN_STATE:
-                return True
-    return False
-
-
-@dataclass
-class BrokerSpec:
-    """How to start one broker under test."""
-
-    name: str
-    build_command: Callable[[int, Path], list[str]]  # (MQTT port, temporary dir) -> argv
-    extra_env: dict[str, str] = field(default_factory=dict)
-    # Counts the shadow rows the broker stored, from its temporary dir after it stopped.
-    count_store_rows: Callable[[Path], int | None] | None = None
-
-
-def make_ironshadow_spec(command_template: str) -> BrokerSpec:
-    def build(port: int, workdir: Path) -> list[str]:
-        data_dir = workdir / "data"
-        data_dir.mkdir()
-        placeholders = {
-            "python": shlex.quote(sys.executable),
-            "host": BROKER_HOST,
-            "mqtt_port": str(port),
-            "http_port": str(find_free_port()),
-            "data_dir": shlex.quote(str(data_dir)),
-        }
-        return shlex.split(command_template.format(**placeholders))
-
-    # Let `python -m ironshadow` find the package in this checkout even if it is not installed.
-    source_dir = Path(__file__).resolve().parents[1] / "src"
-    python_path = os.pathsep.join(filter(None, [str(source_dir), os.environ.get("PYTHONPATH")]))
-    return BrokerSpec("ironshadow", build, {"PYTHONPATH": python_path})
 
 
 AMQTT_PROBE_SCRIPT = (
@@ -1088,121 +754,10 @@ def make_amqtt_spec(python: str) -> BrokerSpec:
     return BrokerSpec("amqtt", build, count_store_rows=count_amqtt_rows)
 
 
-PR_SET_PDEATHSIG = 1  # prctl(2) option, from <linux/prctl.h>
-
-
-def stop_with_parent() -> None:
-    """Ask Linux to send this process SIGTERM when its parent dies.
-
-    It runs in the broker's process between fork and exec, so that a benchmark killed
-    before it could stop the broker leaves no broker behind.
-    """
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-class RunningBroker:
-    """A broker process started for one run, and stopped by its PID."""
-
-    def __init__(self, spec: BrokerSpec) -> None:
-        self.spec = spec
-        self.port = find_free_port()
-        self._tempdir = tempfile.TemporaryDirectory(prefix=f"bench-shadow-{spec.name}-")
-        self.workdir = Path(self._tempdir.name)
-        self.log_path = self.workdir / "broker.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> RunningBroker:
-        command = self.spec.build_command(self.port, self.workdir)
-        try:
-            with self.log_path.open("wb") as log:
-                self.process = subprocess.Popen(
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env={**os.environ, **self.spec.extra_env},
-                    preexec_fn=stop_with_parent,  # safe: this process starts no threads
-                )
-        except OSError as error:
-            self._tempdir.cleanup()
-            raise BenchmarkError(f"cannot start {shlex.join(command)}: {error}") from error
-        try:
-            self._wait_for_port()
-        except BaseException:
-            self.stop()
-            self._tempdir.cleanup()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-        self._tempdir.cleanup()
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def _wait_for_port(self) -> None:
-        assert self.process is not None
-        deadline = time.monotonic() + BROKER_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise BenchmarkError(
-                    f"{self.spec.name} exited with code {self.process.returncode} at start."
-                    f" Output:\n{self.log_tail()}"
-                )
-            if port_is_listening(self.port):
-                return
-            time.sleep(PORT_POLL_INTERVAL_S)
-        raise BenchmarkError(
-            f"{self.spec.name} did not listen on port {self.port} within"
-            f" {BROKER_START_TIMEOUT_S:.0f} s. Output:\n{self.log_tail()}"
-        )
-
-    def check_running(self) -> None:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise BenchmarkError(
-                f"{self.spec.name} exited with code {self.process.returncode} during the run."
-                f" Output:\n{self.log_tail()}"
-            )
-
-    def stop(self) -> None:
-        """Send SIGTERM to the broker and its descendants by PID, then SIGKILL after a timeout."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        descendants = descendant_pids(self.process.pid)
-        self.process.terminate()
-        try:
-            self.process.wait(BROKER_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        for pid in descendants:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return "(no output)"
-        return "\n".join(text.splitlines()[-lines:]) or "(no output)"
-
-    def log_errors(self) -> tuple[int, str | None]:
-        """Return the number of error lines in the broker's output, and the first of them."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return 0, None
-        errors = [line for line in text.splitlines() if LOG_ERROR_PATTERN.search(line)]
-        return len(errors), errors[0].strip() if errors else None
-
-    def store_rows(self) -> int | None:
-        if self.spec.count_store_rows is None:
-            return None
-        return self.spec.count_store_rows(self.workdir)
+def count_log_errors(log_path: Path) -> tuple[int, str | None]:
+    """Return the number of error lines in the broker's output, and the first of them."""
+    errors = matching_log_lines(log_path, LOG_ERROR_PATTERN)
+    return len(errors), errors[0].strip() if errors else None
 
 
 # --- One measurement run -------------------------------------------------------------
@@ -1259,9 +814,7 @@ def take_snapshot(
         applied=counters.total("applied"),
         rejected=counters.total("rejected"),
         engine_cpu_s=process_tree_cpu_seconds(broker.pid),
-        generator_cpu_s=tuple(
-            process_cpu_seconds(cast(int, worker.process.pid)) for worker in workers
-        ),
+        generator_cpu_s=tuple(process_cpu_seconds(worker.pid) for worker in workers),
         host_busy_ticks=host_busy,
         host_total_ticks=host_total,
     )
@@ -1278,17 +831,6 @@ class RunOptions:
     window: int
     generator_processes: int
     log_dir: str | None  # folder that receives a copy of each run's broker output
-
-
-def split_evenly(total: int, parts: int) -> list[tuple[int, int]]:
-    """Split range(total) into `parts` contiguous (start, count) slices of nearly equal size."""
-    slices = []
-    start = 0
-    for part in range(parts):
-        count = total // parts + (1 if part < total % parts else 0)
-        slices.append((start, count))
-        start += count
-    return slices
 
 
 def devices_in_mode(options: RunOptions, mode: str) -> int:
@@ -1335,7 +877,12 @@ def measure(spec: BrokerSpec, mode: str, qos: int, options: RunOptions) -> RunRe
     """Start the broker and the devices, measure one window, and stop everything."""
     context = multiprocessing.get_context("spawn")
     overflows_before = listen_overflows()
-    with RunningBroker(spec) as broker:
+    with RunningBroker(
+        spec,
+        start_timeout_s=BROKER_START_TIMEOUT_S,
+        stop_timeout_s=BROKER_STOP_TIMEOUT_S,
+        tempdir_prefix="bench-shadow",
+    ) as broker:
         settings = LoadSettings(
             broker=spec.name,
             mode=mode,
@@ -1348,16 +895,23 @@ def measure(spec: BrokerSpec, mode: str, qos: int, options: RunOptions) -> RunRe
         workers: list[Worker] = []
         errors: list[str] = []
         try:
-            for slot, (start, count) in enumerate(
-                split_evenly(devices_in_mode(options, mode), options.generator_processes)
-            ):
+            slices = split_evenly(devices_in_mode(options, mode), options.generator_processes)
+            for slot, (start, count) in enumerate(slices):
                 workers.append(
                     start_worker(
-                        context, f"generator-{slot}", settings, counters, slot, start, count
+                        context,
+                        f"generator-{slot}",
+                        worker_main,
+                        settings,
+                        counters,
+                        slot,
+                        start,
+                        count,
                     )
                 )
-            for worker in workers:
-                wait_until_ready(worker, setup_timeout_s(worker.devices) + BROKER_START_TIMEOUT_S)
+            for worker, (_, count) in zip(workers, slices, strict=True):
+                timeout_s = setup_timeout_s(count) + BROKER_START_TIMEOUT_S
+                receive_message(worker, READY, timeout_s, task="connect its devices")
 
             for worker in workers:
                 send_command(worker, START)
@@ -1369,13 +923,13 @@ def measure(spec: BrokerSpec, mode: str, qos: int, options: RunOptions) -> RunRe
         except BenchmarkError as error:
             errors.append(str(error))
         finally:
-            errors.extend(stop_workers(workers))
+            errors.extend(stop_workers(workers, WORKER_STOP_TIMEOUT_S))
             broker.stop()
         if errors:
             raise BenchmarkError("; ".join(errors))
 
         result = compute_result(spec, mode, qos, options, before, after)
-        result.engine_log_errors, result.engine_first_log_error = broker.log_errors()
+        result.engine_log_errors, result.engine_first_log_error = count_log_errors(broker.log_path)
         if options.log_dir is not None:
             log_copy = Path(options.log_dir) / f"{spec.name}-{mode}-qos{qos}.log"
             shutil.copyfile(broker.log_path, log_copy)
@@ -1420,19 +974,6 @@ def format_row(result: RunResult) -> list[str]:
         "+".join(f"{percent:.0f}" for percent in result.generator_cpu_percent),
         f"{result.host_cpu_percent:.1f}",
     ]
-
-
-def format_table(results: Sequence[RunResult]) -> str:
-    header = "  ".join(f"{heading:>{width}}" for heading, width in TABLE_COLUMNS)
-    lines = [header, "-" * len(header)]
-    for result in results:
-        cells = format_row(result)
-        lines.append(
-            "  ".join(
-                f"{cell:>{width}}" for cell, (_, width) in zip(cells, TABLE_COLUMNS, strict=True)
-            )
-        )
-    return "\n".join(lines)
 
 
 # The ratios of applied rates, IronShadow's mode first: (key, IronShadow mode, amqtt mode).
@@ -1550,7 +1091,7 @@ def print_report(
         print(f"skipped: {reason}")
     print()
     if results:
-        print(format_table(results))
+        print(format_table(TABLE_COLUMNS, [format_row(result) for result in results]))
         print()
 
     ratios = compute_ratios(results)
@@ -1602,16 +1143,6 @@ def build_json_report(
 # --- Command line --------------------------------------------------------------------
 
 
-def parse_qos_list(text: str) -> list[int]:
-    try:
-        levels = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        levels = []
-    if not levels or any(level not in (0, 1) for level in levels):
-        raise argparse.ArgumentTypeError(f"invalid QoS list {text!r}: use 0, 1 or 0,1")
-    return list(dict.fromkeys(levels))
-
-
 def parse_mode_list(text: str) -> list[str]:
     modes = [part.strip() for part in text.split(",") if part.strip()]
     if not modes or any(mode not in MODES for mode in modes):
@@ -1619,20 +1150,6 @@ def parse_mode_list(text: str) -> list[str]:
             f"invalid mode list {text!r}: use persistent, one-shot or persistent,one-shot"
         )
     return list(dict.fromkeys(modes))
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1656,24 +1173,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="device slots in one-shot mode, each connecting, sending one update and"
         f" disconnecting, over and over (default {DEFAULT_ONE_SHOT_DEVICES})",
     )
-    parser.add_argument(
-        "--duration",
-        type=positive_float,
-        default=DEFAULT_DURATION_S,
-        help=f"measurement window per run in seconds (default {DEFAULT_DURATION_S:g})",
-    )
-    parser.add_argument(
-        "--warmup",
-        type=float,
-        default=DEFAULT_WARMUP_S,
-        help=f"load before each window in seconds (default {DEFAULT_WARMUP_S:g})",
-    )
-    parser.add_argument(
-        "--qos",
-        type=parse_qos_list,
-        default=[0, 1],
-        help="comma-separated QoS levels to run (default 0,1)",
-    )
+    add_window_arguments(parser, DEFAULT_DURATION_S, DEFAULT_WARMUP_S)
+    add_qos_argument(parser)
     parser.add_argument(
         "--mode",
         type=parse_mode_list,
@@ -1697,12 +1198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Brokers
     parser.add_argument("--only", choices=["ironshadow", "amqtt"], help="measure one broker only")
-    parser.add_argument(
-        "--ironshadow-cmd",
-        default=DEFAULT_IRONSHADOW_CMD,
-        help="command that starts IronShadow, with the placeholders {python}, {host},"
-        " {mqtt_port}, {http_port} and {data_dir} (default: %(default)r)",
-    )
+    add_ironshadow_cmd_argument(parser)
     parser.add_argument(
         "--amqtt-python",
         default=DEFAULT_AMQTT_PYTHON,
