@@ -60,6 +60,39 @@ def test_settings_invalid_value_names_source():
         resolve(parse("--queue-full-policy", "explode"), {})
 
 
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (("--mqtt-port", "abc"), "expected a whole number"),
+        (("--mqtt-port", "70000"), "must be from 1 to 65,535"),
+        (("--http-port", "0"), "must be from 1 to 65,535"),
+        (("--max-connections", "-1"), "must be at least 0"),
+        (("--max-packet-size", "0"), "must be from 128 to"),
+        (("--connect-rate", "-5"), "must be at least 0"),
+        (("--connect-rate", "nan"), "not a number"),
+        (("--receive-maximum", "0"), "must be from 1 to 65,535"),
+        (("--max-keep-alive", "-3"), "must be from 0 to 65,535"),
+        (("--max-shadow-size", "0"), "must be at least 1"),
+    ],
+)
+def test_settings_out_of_range(argv, expected):
+    with pytest.raises(SettingsError, match=expected) as caught:
+        resolve(parse(*argv), {})
+    assert argv[0] in str(caught.value)
+
+
+def test_settings_file_rejects_fraction_for_integer(tmp_path):
+    config = tmp_path / "engine.toml"
+    config.write_text("max_connections = 1.5\n")
+    with pytest.raises(SettingsError, match="expected a whole number"):
+        resolve(parse("--config", str(config)), {})
+
+
+def test_settings_config_is_a_folder(tmp_path):
+    with pytest.raises(SettingsError, match="cannot read config file"):
+        resolve(parse("--config", str(tmp_path)), {})
+
+
 def test_settings_unknown_key_in_file(tmp_path):
     config = tmp_path / "engine.toml"
     config.write_text("mqtt_prot = 1884\n")

@@ -8,6 +8,7 @@ import errno
 import logging
 import resource
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,15 @@ def _run_serve(args: argparse.Namespace) -> int:
     except PortInUseError as exc:
         print(f"ironshadow: error: {exc}", file=sys.stderr)
         return 2
+    except socket.gaierror as exc:
+        print(f"ironshadow: error: cannot bind to host {config.host!r}: {exc.strerror}; "
+              "give an IP address or a name of this machine with --host", file=sys.stderr)
+        return 2
+    except PermissionError:
+        print(f"ironshadow: error: permission denied binding ports {config.port} and "
+              f"{values['http_port']} on {config.host}; ports below 1024 need privileges, "
+              "so choose higher ones with --mqtt-port and --http-port", file=sys.stderr)
+        return 2
     except OSError as exc:
         if exc.errno == errno.EADDRNOTAVAIL:
             print(f"ironshadow: error: cannot bind to address {config.host}: it is not an "
@@ -120,7 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the engine: MQTT broker and device shadows")
+    serve = commands.add_parser(
+        "serve",
+        help="run the engine: MQTT broker and device shadows",
+        description="Run the engine: the MQTT broker, the shadow service and the REST API.",
+        epilog="Every setting can also come from an IRONSHADOW_<SETTING> environment variable "
+        "(for example IRONSHADOW_MQTT_PORT=1884) or from the TOML file given with --config "
+        "(for example mqtt_port = 1884). A flag wins over the environment, which wins over "
+        "the file.",
+    )
     add_arguments(serve)
     serve.set_defaults(handler=_run_serve)
     return parser

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .broker.config import QUEUE_FULL_POLICIES, BrokerConfig
+from .mqtt.constants import MAX_PACKET_SIZE
 from .shadow import ShadowLimits
 
 ENV_PREFIX = "IRONSHADOW_"
@@ -33,6 +34,8 @@ class Setting:
     help: str
     choices: tuple[str, ...] | None = None
     is_list: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
 
     @property
     def flag(self) -> str:
@@ -41,6 +44,12 @@ class Setting:
     @property
     def env(self) -> str:
         return ENV_PREFIX + self.name.upper()
+
+
+def _number_error(setting: Setting) -> str:
+    if setting.kind is int:
+        return "expected a whole number"
+    return "expected a number"
 
 
 def _bool(text: str) -> bool:
@@ -54,46 +63,62 @@ def _bool(text: str) -> bool:
 
 _defaults = BrokerConfig()
 
+MAX_PORT = 65_535
+# MQTT's own field limits: a two-byte integer for keep alive, Receive Maximum and Topic Alias
+# Maximum, and the largest packet a variable byte integer can describe.
+MAX_TWO_BYTE = 65_535
+# The smallest packet size limit that still admits a CONNECT with a short client id and a
+# few properties.
+MIN_PACKET_SIZE = 128
+
 SETTINGS: tuple[Setting, ...] = (
-    Setting("host", str, "127.0.0.1", "address the MQTT listener binds to"),
-    Setting("mqtt_port", int, 1883, "TCP port of the MQTT listener"),
-    Setting("http_port", int, 8080, "TCP port of the HTTP API (REST and its OpenAPI docs)"),
+    Setting("host", str, "127.0.0.1", "address that the MQTT and HTTP listeners bind to"),
+    Setting("mqtt_port", int, 1883, "TCP port of the MQTT listener", minimum=1, maximum=MAX_PORT),
+    Setting("http_port", int, 8080, "TCP port of the HTTP API (REST and its OpenAPI docs)",
+            minimum=1, maximum=MAX_PORT),
     Setting("data_dir", str, "./data", "folder for the engine's local data; created if missing"),
     Setting("log_level", str, "INFO", "logging level", ("DEBUG", "INFO", "WARNING", "ERROR")),
     Setting("max_packet_size", int, _defaults.max_packet_size,
-            "largest MQTT packet accepted from a client, in bytes"),
+            "largest MQTT packet accepted from a client, in bytes",
+            minimum=MIN_PACKET_SIZE, maximum=MAX_PACKET_SIZE),
     Setting("receive_maximum", int, _defaults.receive_maximum,
-            "unacknowledged QoS 1 and 2 messages a v5 client may send at once"),
+            "unacknowledged QoS 1 and 2 messages a v5 client may send at once",
+            minimum=1, maximum=MAX_TWO_BYTE),
     Setting("max_inflight", int, _defaults.max_inflight_v311,
-            "unacknowledged QoS 1 and 2 messages sent to an MQTT 3.1.1 client at once"),
+            "unacknowledged QoS 1 and 2 messages sent to an MQTT 3.1.1 client at once",
+            minimum=1, maximum=MAX_TWO_BYTE),
     Setting("topic_alias_maximum", int, _defaults.topic_alias_maximum,
-            "topic aliases a v5 client may use when publishing"),
+            "topic aliases a v5 client may use when publishing", minimum=0, maximum=MAX_TWO_BYTE),
     Setting("max_queued_messages", int, _defaults.max_queued_messages,
-            "undelivered QoS 1 and 2 messages kept per session"),
+            "undelivered QoS 1 and 2 messages kept per session", minimum=0),
     Setting("queue_full_policy", str, _defaults.queue_full_policy,
             "what a full session queue drops", QUEUE_FULL_POLICIES),
     Setting("queue_qos0_offline", _bool, _defaults.queue_qos0_offline,
-            "queue QoS 0 messages for offline persistent sessions too"),
+            "queue QoS 0 messages for offline persistent sessions too (true or false)"),
     Setting("max_keep_alive", int, _defaults.max_keep_alive,
-            "largest keep alive granted to v5 clients, in seconds (0: no limit)"),
+            "largest keep alive granted to v5 clients, in seconds (0: no limit)",
+            minimum=0, maximum=MAX_TWO_BYTE),
     Setting("max_connections", int, _defaults.max_connections,
-            "connections held at once; more are refused (0: the open-file limit less 256)"),
+            "connections held at once; more are refused (0: the open-file limit less 256)",
+            minimum=0),
     Setting("connect_rate", float, _defaults.connect_rate,
-            "CONNECT packets processed per second; the rest wait their turn (0: no limit)"),
+            "CONNECT packets processed per second; the rest wait their turn (0: no limit)",
+            minimum=0),
     Setting("connect_timeout", float, _defaults.connect_timeout,
-            "seconds a new connection may take to send CONNECT"),
+            "seconds a new connection may take to send CONNECT", minimum=0.001),
     Setting("listen_backlog", int, _defaults.listen_backlog,
-            "length of the kernel's accept queue (capped by net.core.somaxconn)"),
+            "length of the kernel's accept queue (capped by net.core.somaxconn)", minimum=1),
     Setting("write_high_water", int, _defaults.write_high_water,
-            "bytes buffered for one client above which QoS 0 messages to it are dropped"),
+            "bytes buffered for one client above which QoS 0 messages to it are dropped",
+            minimum=1),
     Setting("write_low_water", int, _defaults.write_low_water,
-            "bytes buffered for one client below which sending resumes"),
+            "bytes buffered for one client below which sending resumes", minimum=0),
     Setting("deny_subscription", str, (), "topic filter that clients may not subscribe to "
             "(repeat the flag for several)", is_list=True),
     Setting("sys_interval", float, _defaults.sys_interval,
-            "seconds between $SYS/broker statistics updates (0: off)"),
+            "seconds between $SYS/broker statistics updates (0: off)", minimum=0),
     Setting("max_shadow_size", int, 8192,
-            "largest shadow state (desired plus reported, as compact JSON) in bytes"),
+            "largest shadow state (desired plus reported, as compact JSON) in bytes", minimum=1),
 )
 
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
@@ -108,8 +133,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(setting.flag, action="append", default=None, metavar=metavar,
                                 help=setting.help)
         else:
+            choices = f"; one of {', '.join(setting.choices)}" if setting.choices else ""
             parser.add_argument(setting.flag, default=None, metavar=metavar,
-                                help=f"{setting.help} (default: {setting.default})")
+                                help=f"{setting.help}{choices} (default: {setting.default})")
 
 
 def _convert(setting: Setting, raw: Any, source: str) -> Any:
@@ -119,18 +145,35 @@ def _convert(setting: Setting, raw: Any, source: str) -> Any:
             return tuple(str(item) for item in items)
         if isinstance(raw, str) or setting.kind is _bool:
             value = setting.kind(raw) if isinstance(raw, str) else _bool(str(raw))
+        elif setting.kind is int and (not isinstance(raw, int) or isinstance(raw, bool)):
+            raise ValueError("expected a whole number")
         else:
             value = setting.kind(raw)
     except (TypeError, ValueError) as exc:
+        reason = _number_error(setting) if setting.kind in (int, float) else str(exc)
         raise SettingsError(
-            f"invalid value {raw!r} for {setting.name} in {source}: {exc}"
+            f"invalid value {raw!r} for {setting.name} in {source}: {reason}"
         ) from None
     if setting.choices and value not in setting.choices:
         raise SettingsError(
             f"invalid value {raw!r} for {setting.name} in {source}: "
             f"choose one of {', '.join(setting.choices)}"
         )
+    if setting.kind is float and value != value:  # NaN passes every comparison below
+        raise SettingsError(f"invalid value {raw!r} for {setting.name} in {source}: not a number")
+    too_low = setting.minimum is not None and value < setting.minimum
+    too_high = setting.maximum is not None and value > setting.maximum
+    if too_low or too_high:
+        raise SettingsError(
+            f"invalid value {raw!r} for {setting.name} in {source}: {_range_text(setting)}"
+        )
     return value
+
+
+def _range_text(setting: Setting) -> str:
+    if setting.maximum is None:
+        return f"must be at least {setting.minimum:,}"
+    return f"must be from {setting.minimum:,} to {setting.maximum:,}"
 
 
 def resolve(
@@ -147,6 +190,8 @@ def resolve(
                 document = tomllib.load(handle)
         except FileNotFoundError:
             raise SettingsError(f"config file {path} not found") from None
+        except OSError as exc:
+            raise SettingsError(f"cannot read config file {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
         for key, raw in document.items():

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from ..engine import Engine
 
 log = logging.getLogger("ironshadow.api")
+# uvicorn logs its routine start and stop lines at INFO under the name "uvicorn.error", which
+# reads like a failure in the engine's log; ironshadow.api logs those events itself.
+logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
 
 # Seconds that stop() waits for requests in progress before it cancels them.
 GRACEFUL_SHUTDOWN_TIMEOUT = 5.0
