@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from ..mqtt.constants import MQTT_5
@@ -80,6 +81,7 @@ class MQTTConnection(asyncio.Protocol):
         "out",
         "out_size",
         "peer",
+        "pending_acks",
         "reading_paused",
         "request_problem_information",
         "send_quota",
@@ -109,6 +111,9 @@ class MQTTConnection(asyncio.Protocol):
         self.last_received = now
         self.out: list[bytes] = []
         self.out_size = 0
+        # Acknowledgements waiting for consumers to store their messages, in arrival order:
+        # [packet bytes, ready].
+        self.pending_acks: deque[list[Any]] = deque()
         self.write_paused = False
         self.reading_paused = False
         self.send_quota = broker.config.max_inflight_v311
@@ -277,7 +282,7 @@ class MQTTConnection(asyncio.Protocol):
         self.broker.connection_lost(self)
         if reason_code is not None and linger and transport.can_write_eof():
             transport.write_eof()
-            self.broker.loop.call_later(LINGER_SECONDS, transport.close)
+            self.broker.linger(transport, LINGER_SECONDS)
         else:
             transport.close()
 
@@ -330,36 +335,84 @@ class MQTTConnection(asyncio.Protocol):
                     ) from None
         if packet.retain and not broker.config.retain_available:
             raise MQTTProtocolError(ReasonCode.RETAIN_NOT_SUPPORTED, "retained messages are off")
+        qos = packet.qos
+        message = None
         if topic.startswith("$SYS"):
             # $SYS topics belong to the broker: a client's message there is acknowledged
             # and discarded.
             matched = 0
         else:
-            qos = packet.qos
-            if qos == 2:
-                if packet.packet_id in session.inbound_qos2:
-                    # Retransmission before PUBREL: acknowledge again, do not route again.
-                    self.send(_PUBREC_HEADER + packet.packet_id.to_bytes(2, "big"))
-                    return
-                if len(session.inbound_qos2) >= self.inbound_qos2_limit:
+            if qos == 2 and packet.packet_id in session.inbound_qos2:
+                # Retransmission before PUBREL: acknowledge again, do not route again.
+                # NOTE: after a reconnect this PUBREC does not wait for a consumer that still
+                # holds the first copy, because the hold belongs to the old connection.
+                self.send_ack(_PUBREC_HEADER + packet.packet_id.to_bytes(2, "big"))
+                return
+            limit = self.inbound_qos2_limit
+            if self.version == MQTT_5:
+                if qos and self.unacknowledged() >= limit:
                     raise MQTTProtocolError(
                         ReasonCode.RECEIVE_MAXIMUM_EXCEEDED,
-                        f"more than {self.inbound_qos2_limit} QoS 2 messages awaiting PUBREL",
+                        f"more than {limit} QoS 1 and 2 messages unacknowledged",
                     )
+            elif qos == 2 and len(session.inbound_qos2) >= limit:
+                raise MQTTProtocolError(
+                    ReasonCode.RECEIVE_MAXIMUM_EXCEEDED,
+                    f"more than {limit} QoS 2 messages awaiting PUBREL",
+                )
             message = Message(topic, packet.payload, qos, packet.retain, properties, self.client_id)
             matched = broker.publish(message)
-        qos = packet.qos
+        if not qos:
+            return
         if qos == 1:
             if matched or self.version != MQTT_5:
-                self.send(_PUBACK_HEADER + packet.packet_id.to_bytes(2, "big"))
+                ack = _PUBACK_HEADER + packet.packet_id.to_bytes(2, "big")
             else:
-                self.send(Puback(packet.packet_id, ReasonCode.NO_MATCHING_SUBSCRIBERS).encode(5))
-        elif qos == 2:
+                ack = Puback(packet.packet_id, ReasonCode.NO_MATCHING_SUBSCRIBERS).encode(5)
+        else:
             session.inbound_qos2.add(packet.packet_id)
             if matched or self.version != MQTT_5:
-                self.send(_PUBREC_HEADER + packet.packet_id.to_bytes(2, "big"))
+                ack = _PUBREC_HEADER + packet.packet_id.to_bytes(2, "big")
             else:
-                self.send(Pubrec(packet.packet_id, ReasonCode.NO_MATCHING_SUBSCRIBERS).encode(5))
+                ack = Pubrec(packet.packet_id, ReasonCode.NO_MATCHING_SUBSCRIBERS).encode(5)
+        if message is not None and message.holds:
+            # A consumer stores the message first: the acknowledgement waits for it, in
+            # order behind any earlier one [MQTT-4.6.0-2].
+            pending = [ack, False]
+            self.pending_acks.append(pending)
+            message.on_released = lambda: self._ack_ready(pending)
+            if len(self.pending_acks) >= self.inbound_qos2_limit and not self.reading_paused:
+                # An MQTT 3.1.1 client has no Receive Maximum to respect, so it is slowed
+                # down by TCP instead until its acknowledgements catch up.
+                self.reading_paused = True
+                self.transport.pause_reading()
+        else:
+            self.send_ack(ack)
+
+    def unacknowledged(self) -> int:
+        """QoS 1 and 2 messages from this client not yet fully acknowledged."""
+        session = self.session
+        inbound = len(session.inbound_qos2) if session is not None else 0
+        return inbound + len(self.pending_acks)
+
+    def send_ack(self, ack: bytes) -> None:
+        """Send an acknowledgement now, or after the held ones before it."""
+        if self.pending_acks:
+            self.pending_acks.append([ack, True])
+        else:
+            self.send(ack)
+
+    def _ack_ready(self, pending: list[Any]) -> None:
+        pending[1] = True
+        acks = self.pending_acks
+        while acks and acks[0][1]:
+            ack = acks.popleft()[0]
+            if self.state == CONNECTED:
+                self.send(ack)
+        if self.reading_paused and len(acks) < self.inbound_qos2_limit // 2:
+            self.reading_paused = False
+            if self.transport is not None and self.held is None and not self.broker.reading_paused:
+                self.transport.resume_reading()
 
     def _resolve_topic_alias(self, topic: str, alias: int) -> str:
         if alias > self.broker.config.topic_alias_maximum:

@@ -90,6 +90,7 @@ class Broker:
         self._deny = tuple(self.config.deny_subscriptions)
         self.max_connections = self.config.max_connections or default_max_connections()
         self.hooks: list[BrokerHooks] = []
+        self._lingering: set[asyncio.Transport] = set()
 
     # --- extension points -------------------------------------------------------------
 
@@ -170,6 +171,9 @@ class Broker:
         for connection in list(self.connections):
             connection.disconnect_reason = reasons.SERVER_INITIATED_DISCONNECT
             connection.close(ReasonCode.SERVER_SHUTTING_DOWN, publish_will=False, linger=False)
+        for transport in self._lingering:
+            transport.close()
+        self._lingering.clear()
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
@@ -178,6 +182,16 @@ class Broker:
         log.info("broker stopped; %d connections closed", count)
 
     # --- connections ------------------------------------------------------------------
+
+    def linger(self, transport: asyncio.Transport, seconds: float) -> None:
+        """Close a half-closed transport after ``seconds``, or at shutdown if that is sooner."""
+        self._lingering.add(transport)
+
+        def close() -> None:
+            self._lingering.discard(transport)
+            transport.close()
+
+        self.loop.call_later(seconds, close)
 
     def connection_made(self, connection: MQTTConnection) -> None:
         limit = self.max_connections
@@ -731,7 +745,9 @@ class Broker:
             # The pause does not count against keep alive.
             connection.last_received = max(connection.last_received, now - SWEEP_INTERVAL)
             if connection.transport is not None and id(connection) not in queued:
-                connection.transport.resume_reading()
+                # A connection waiting for its acknowledgements resumes when they are sent.
+                if not connection.reading_paused:
+                    connection.transport.resume_reading()
                 connection.release_held()
         log.warning("reading resumed after %.1f s", paused_for)
 

@@ -8,6 +8,7 @@ subscribers costs one encode.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from ..mqtt.constants import MQTT_5
 from ..mqtt.encoding import encode_string, encode_vbi
@@ -19,11 +20,20 @@ _TOPIC_ALIAS = PropertyId.TOPIC_ALIAS
 
 
 class Message:
+    """A message being routed.
+
+    A consumer inside the engine that must store the message before the publisher may be
+    acknowledged calls :meth:`hold` while it is routed and :meth:`release` once the message
+    is stored; the publisher's PUBACK or PUBREC waits for the last release.
+    """
+
     __slots__ = (
         "_cache",
         "_properties_bytes",
         "_topic_bytes",
         "expires_at",
+        "holds",
+        "on_released",
         "origin",
         "payload",
         "properties",
@@ -61,6 +71,18 @@ class Message:
         self._topic_bytes: bytes | None = None
         self._properties_bytes: bytes | None = None
         self._cache: dict[int, bytes] | None = None
+        self.holds = 0
+        self.on_released: Callable[[], None] | None = None
+
+    def hold(self) -> None:
+        """Delay the publisher's acknowledgement until a matching :meth:`release`."""
+        self.holds += 1
+
+    def release(self) -> None:
+        self.holds -= 1
+        if not self.holds and self.on_released is not None:
+            callback, self.on_released = self.on_released, None
+            callback()
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at

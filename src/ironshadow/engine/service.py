@@ -65,6 +65,9 @@ class Request(NamedTuple):
     operation: str
     payload: bytes
     client_id: str
+    # The routed message, held so that the publisher's acknowledgement waits for the request
+    # to be applied.
+    message: Message
 
 
 class Reply(NamedTuple):
@@ -114,7 +117,10 @@ class ShadowService(BrokerHooks):
         self._inflight[client_id] = inflight + 1
         if not self._pending:
             asyncio.get_running_loop().call_soon(self._apply_pending)
-        self._pending.append(Request(thing, shadow_name, operation, message.payload, client_id))
+        message.hold()
+        self._pending.append(
+            Request(thing, shadow_name, operation, message.payload, client_id, message)
+        )
 
     def _apply_pending(self) -> None:
         pending, self._pending = self._pending, []
@@ -126,7 +132,10 @@ class ShadowService(BrokerHooks):
                 inflight[request.client_id] = count
             else:
                 del inflight[request.client_id]
-            self._handle(request, now)
+            try:
+                self._handle(request, now)
+            finally:
+                request.message.release()
 
     def _handle(self, request: Request, now: int) -> None:
         prefix = shadow_topic_prefix(request.thing, request.shadow_name)
