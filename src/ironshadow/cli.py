@@ -16,9 +16,10 @@ from typing import Any
 from . import __version__
 from .api import ApiServer
 from .broker.config import BrokerConfig
-from .engine import Engine
+from .engine import Engine, StorageConfig
 from .settings import SettingsError, add_arguments, broker_config, resolve, shadow_limits
 from .shadow import ShadowLimits
+from .storage.base import StoreUnavailable
 
 log = logging.getLogger("ironshadow")
 
@@ -46,13 +47,15 @@ class PortInUseError(Exception):
     """A listener's port is taken; the message names the port and the flag to change."""
 
 
-async def _serve(config: BrokerConfig, limits: ShadowLimits, http_port: int) -> None:
+async def _serve(
+    config: BrokerConfig, limits: ShadowLimits, http_port: int, storage: StorageConfig | None
+) -> None:
     # Signal handlers first, so that a signal during start-up also stops the engine cleanly.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    engine = Engine(config, limits)
+    engine = Engine(config, limits, storage)
     try:
         await engine.start()
     except OSError as exc:
@@ -99,11 +102,19 @@ def _run_serve(args: argparse.Namespace) -> int:
         print(f"ironshadow: error: cannot create data folder {data_dir}: {exc.strerror}; "
               "choose another with --data-dir", file=sys.stderr)
         return 2
+    storage = None
+    if not values["memory_only"]:
+        storage = StorageConfig(
+            data_dir,
+            redis_url=values["redis"] or None,
+            postgres_dsn=values["postgres"] or None,
+            retention_days=values["retention_days"],
+        )
     _raise_file_limit()
     _install_event_loop_policy()
     try:
-        asyncio.run(_serve(config, limits, values["http_port"]))
-    except PortInUseError as exc:
+        asyncio.run(_serve(config, limits, values["http_port"], storage))
+    except (PortInUseError, StoreUnavailable) as exc:
         print(f"ironshadow: error: {exc}", file=sys.stderr)
         return 2
     except socket.gaierror as exc:

@@ -117,6 +117,13 @@ SETTINGS: tuple[Setting, ...] = (
             "(repeat the flag for several)", is_list=True),
     Setting("sys_interval", float, _defaults.sys_interval,
             "seconds between $SYS/broker statistics updates (0: off)", minimum=0),
+    Setting("redis", str, "", "Redis URL for the shadows (redis://host:port/db); empty keeps "
+            "them in the data folder"),
+    Setting("postgres", str, "", "PostgreSQL URL for the history (postgresql://user@host/db); "
+            "empty keeps it in SQLite in the data folder"),
+    Setting("retention_days", float, 30.0, "days of history kept", minimum=0.001),
+    Setting("memory_only", _bool, False,
+            "keep shadows in memory only, with no store and no history (true or false)"),
     Setting("max_shadow_size", int, 8192,
             "largest shadow state (desired plus reported, as compact JSON) in bytes", minimum=1),
 )

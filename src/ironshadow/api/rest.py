@@ -140,7 +140,7 @@ def create_app(engine: Engine, max_body_bytes: int | None = None) -> FastAPI:
         operation: str, request: Request, thing: str, name: str | None
     ) -> Response:
         payload = await read_body(request, body_limit)
-        reply = service.http_request(operation, thing, name, payload)
+        reply = await service.http_request(operation, thing, name, payload)
         return Response(reply.body, status_code=reply.status, media_type=JSON_MEDIA_TYPE)
 
     @app.get(

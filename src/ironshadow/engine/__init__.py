@@ -1,24 +1,135 @@
-"""The engine: the embedded MQTT broker and the shadow service, wired together."""
+"""The engine: the embedded MQTT broker, the shadow service and their stores, wired together."""
 
 from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from ..broker.config import BrokerConfig
 from ..broker.core import Broker
 from ..shadow import ShadowLimits, shadow_key
+from ..storage.base import DEFAULT_RETENTION_DAYS, HistoryStore, HotStore
+from ..storage.pipeline import WriteBehind
 from .service import ShadowService
 
-__all__ = ["Engine", "ShadowService", "shadow_key"]
+__all__ = ["Engine", "ShadowService", "StorageConfig", "shadow_key"]
+
+log = logging.getLogger("ironshadow.storage")
+
+# Seconds between two runs of the history retention job.
+RETENTION_INTERVAL = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """Where shadows and history are kept.
+
+    The defaults need nothing installed: a journal in ``data_dir`` for the shadows and a
+    SQLite file beside it for the history. ``redis_url`` and ``postgres_dsn`` select the
+    production stores instead.
+    """
+
+    data_dir: Path
+    redis_url: str | None = None
+    postgres_dsn: str | None = None
+    retention_days: float = DEFAULT_RETENTION_DAYS
+
+
+def open_hot_store(config: StorageConfig) -> HotStore:
+    if config.redis_url:
+        from ..storage.redis import RedisHotStore
+
+        return RedisHotStore(config.redis_url)
+    from ..storage.embedded import EmbeddedHotStore
+
+    return EmbeddedHotStore(config.data_dir / "shadows")
+
+
+def open_history_store(config: StorageConfig) -> HistoryStore:
+    if config.postgres_dsn:
+        from ..storage.postgres import PostgresHistoryStore
+
+        return PostgresHistoryStore(config.postgres_dsn, retention_days=config.retention_days)
+    from ..storage.sqlite import SQLiteHistoryStore
+
+    return SQLiteHistoryStore(config.data_dir / "history.sqlite3", config.retention_days)
 
 
 class Engine:
+    """The broker and the shadow service; with a ``StorageConfig``, also their stores.
+
+    Without one, shadows live in memory only, which the tests of the MQTT side use.
+    """
+
     def __init__(
-        self, broker_config: BrokerConfig | None = None, shadow_limits: ShadowLimits | None = None
+        self,
+        broker_config: BrokerConfig | None = None,
+        shadow_limits: ShadowLimits | None = None,
+        storage: StorageConfig | None = None,
     ) -> None:
         self.broker = Broker(broker_config)
-        self.shadows = ShadowService(self.broker, shadow_limits)
+        self.storage = storage
+        self.pipeline: WriteBehind | None = None
+        self._hot: HotStore | None = None
+        self._history: HistoryStore | None = None
+        if storage is not None:
+            self._hot = open_hot_store(storage)
+            self._history = open_history_store(storage)
+            self.pipeline = WriteBehind(self._hot, self._history, self._on_pressure)
+        self.shadows = ShadowService(self.broker, shadow_limits, self.pipeline)
+        self._retention_task: asyncio.Task[None] | None = None
+
+    def _on_pressure(self, raised: bool) -> None:
+        if raised:
+            self.broker.pause_reading()
+        else:
+            self.broker.resume_reading()
 
     async def start(self) -> None:
-        await self.broker.start()
+        """Open the stores, load every shadow, then open the MQTT listener."""
+        if self.pipeline is not None:
+            assert self._hot is not None and self._history is not None
+            await self._hot.open()
+            try:
+                await self._history.open()
+            except BaseException:
+                await self._hot.close()
+                raise
+            started = time.monotonic()
+            count = await self.shadows.load()
+            log.info("loaded %d shadows in %.1f s", count, time.monotonic() - started)
+            self.pipeline.start()
+            self._retention_task = asyncio.get_running_loop().create_task(self._retention_loop())
+        try:
+            await self.broker.start()
+        except BaseException:
+            await self._close_stores()
+            raise
+
+    async def _retention_loop(self) -> None:
+        assert self._history is not None
+        while True:
+            try:
+                await self._history.enforce_retention(time.time())
+            except Exception as exc:  # logged and retried at the next interval
+                log.warning("history retention failed: %s; retrying in %.0f s", exc,
+                            RETENTION_INTERVAL)
+            await asyncio.sleep(RETENTION_INTERVAL)
 
     async def shutdown(self) -> None:
+        """Stop the broker, write what is pending, and close the stores."""
         await self.broker.shutdown()
+        await self._close_stores()
+
+    async def _close_stores(self) -> None:
+        if self._retention_task is not None:
+            self._retention_task.cancel()
+            self._retention_task = None
+        if self.pipeline is not None:
+            assert self._hot is not None and self._history is not None
+            await self.pipeline.stop()
+            await self._history.close()
+            await self._hot.close()

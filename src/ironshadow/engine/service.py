@@ -22,6 +22,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import NamedTuple
 
 import orjson
@@ -44,6 +45,8 @@ from ..shadow import (
     validate_shadow_name,
     validate_thing_name,
 )
+from ..storage.base import HistoryRow, ShadowWrite
+from ..storage.pipeline import WriteBehind
 from .topics import REQUEST_FILTERS, parse_shadow_topic, shadow_topic_prefix
 
 log = logging.getLogger("ironshadow.shadow")
@@ -78,9 +81,21 @@ class Reply(NamedTuple):
 
 
 class ShadowService(BrokerHooks):
-    def __init__(self, broker: Broker, limits: ShadowLimits | None = None) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        limits: ShadowLimits | None = None,
+        pipeline: WriteBehind | None = None,
+    ) -> None:
         self.broker = broker
         self.limits = limits or ShadowLimits()
+        # Without a pipeline, shadows live in memory only and replies go out at once.
+        self.pipeline = pipeline
+        # While a batch is applied with a pipeline: the writes it makes and the replies to
+        # publish once they are durable.
+        self._writes: list[ShadowWrite] = []
+        self._rows: list[HistoryRow] = []
+        self._deferred: list[tuple[str, bytes]] | None = None
         self.shadows: dict[str, Shadow] = {}
         # Thing -> names of its named shadows, for listing them without a full scan.
         self.named_shadows: dict[str, set[str]] = {}
@@ -126,16 +141,38 @@ class ShadowService(BrokerHooks):
         pending, self._pending = self._pending, []
         inflight = self._inflight
         now = int(time.time())
-        for request in pending:
-            count = inflight[request.client_id] - 1
-            if count:
-                inflight[request.client_id] = count
-            else:
-                del inflight[request.client_id]
-            try:
+        self._begin_batch()
+        try:
+            for request in pending:
+                count = inflight[request.client_id] - 1
+                if count:
+                    inflight[request.client_id] = count
+                else:
+                    del inflight[request.client_id]
                 self._handle(request, now)
-            finally:
-                request.message.release()
+        finally:
+            messages = [request.message for request in pending]
+            self._end_batch(lambda: _release_all(messages))
+
+    def _begin_batch(self) -> None:
+        if self.pipeline is not None:
+            self._deferred = []
+
+    def _end_batch(self, then: Callable[[], None]) -> None:
+        """Publish the batch's replies and call ``then`` once its writes are durable."""
+        deferred, self._deferred = self._deferred, None
+        writes, self._writes = self._writes, []
+        rows, self._rows = self._rows, []
+
+        def finish() -> None:
+            for topic, payload in deferred or ():
+                self._publish(topic, payload)
+            then()
+
+        if self.pipeline is not None and writes:
+            self.pipeline.submit(writes, rows, finish)
+        else:
+            finish()
 
     def _handle(self, request: Request, now: int) -> None:
         prefix = shadow_topic_prefix(request.thing, request.shadow_name)
@@ -146,7 +183,7 @@ class ShadowService(BrokerHooks):
             current = self.shadows.get(key)
             if operation == "update":
                 result = apply_update(current, request.payload, now, self.limits)
-                self._store(key, request.thing, request.shadow_name, result.shadow)
+                self._store(key, request.thing, request.shadow_name, result.shadow, now, result)
                 topic = prefix + "/update/accepted"
                 if has_subscribers(topic):
                     self._publish(topic, result.accepted_payload())
@@ -172,7 +209,7 @@ class ShadowService(BrokerHooks):
                     shadow_name=request.shadow_name,
                     limits=self.limits,
                 )
-                self.shadows[key] = tombstone
+                self._store(key, request.thing, request.shadow_name, tombstone, now)
                 self._publish(prefix + "/delete/accepted", document, only_if_heard=True)
         except ShadowError as error:
             self._publish_error(prefix, operation, error, now)
@@ -194,8 +231,32 @@ class ShadowService(BrokerHooks):
             validate_shadow_name(shadow_name)
         return shadow_key(thing, shadow_name)
 
-    def _store(self, key: str, thing: str, shadow_name: str | None, shadow: Shadow) -> None:
+    def _store(
+        self,
+        key: str,
+        thing: str,
+        shadow_name: str | None,
+        shadow: Shadow,
+        now: int,
+        result: UpdateResult | None = None,
+    ) -> None:
+        """Keep the new shadow, and queue its write and history row when stores are set."""
         self.shadows[key] = shadow
+        if self.pipeline is not None:
+            self._writes.append(ShadowWrite(key, document_bytes(shadow, now)))
+            if result is not None:
+                self._rows.append(
+                    HistoryRow(
+                        float(now),
+                        thing,
+                        shadow_name or "",
+                        shadow.version,
+                        result.request_section("reported"),
+                        result.request_section("desired"),
+                    )
+                )
+        if result is None:
+            return
         self.updates_applied += 1
         if shadow_name is not None:
             names = self.named_shadows.get(thing)
@@ -205,6 +266,9 @@ class ShadowService(BrokerHooks):
 
     def _publish(self, topic: str, payload: bytes, only_if_heard: bool = False) -> None:
         if only_if_heard and not self.broker.has_subscribers(topic):
+            return
+        if self._deferred is not None:
+            self._deferred.append((topic, payload))
             return
         self.messages_published += 1
         self.broker.publish(Message(topic, payload, SERVICE_QOS, False))
@@ -221,31 +285,60 @@ class ShadowService(BrokerHooks):
 
     # --- HTTP requests ----------------------------------------------------------------
 
-    def http_request(
+    async def http_request(
         self, operation: str, thing: str, shadow_name: str | None, payload: bytes
     ) -> Reply:
-        """Apply a shadow request made over HTTP and return its status and body.
+        """Apply a shadow request made over HTTP and return its status and body once the
+        change is durable.
 
         Errors are returned, not published on ``/rejected``. An accepted update still
         publishes ``update/delta`` and ``update/documents``.
         """
         now = int(time.time())
+        durable = asyncio.get_running_loop().create_future()
+        self._begin_batch()
+        try:
+            reply = self._http_apply(operation, thing, shadow_name, payload, now)
+        finally:
+            self._end_batch(lambda: durable.done() or durable.set_result(None))
+        await durable
+        return reply
+
+    def _http_apply(
+        self, operation: str, thing: str, shadow_name: str | None, payload: bytes, now: int
+    ) -> Reply:
         try:
             key = self._checked_key(thing, shadow_name)
             current = self.shadows.get(key)
             if operation == "update":
                 result = apply_update(current, payload, now, self.limits)
-                self._store(key, thing, shadow_name, result.shadow)
+                self._store(key, thing, shadow_name, result.shadow, now, result)
                 self._publish_update_notifications(shadow_topic_prefix(thing, shadow_name), result)
                 return Reply(200, result.accepted_payload())
             names = {"thing_name": thing, "shadow_name": shadow_name, "limits": self.limits}
             if operation == "get":
                 return Reply(200, get_shadow(current, payload, now, **names))
             tombstone, document = delete_shadow(current, payload, now, **names)
-            self.shadows[key] = tombstone
+            self._store(key, thing, shadow_name, tombstone, now)
             return Reply(200, document)
         except ShadowError as error:
             return Reply(error.code, error.payload(now))
+
+    # --- persistence ------------------------------------------------------------------
+
+    async def load(self) -> int:
+        """Load every shadow from the hot store; return how many were loaded."""
+        assert self.pipeline is not None
+        count = 0
+        async for batch in self.pipeline.hot.load_shadows():
+            for key, document in batch:
+                shadow = restore_shadow(document)
+                self.shadows[key] = shadow
+                thing, _, shadow_name = key.partition("~")
+                if shadow_name:
+                    self.named_shadows.setdefault(thing, set()).add(shadow_name)
+            count += len(batch)
+        return count
 
     def named_shadow_names(self, thing: str) -> list[str]:
         """Return the names of the thing's named shadows that exist (not deleted), sorted."""
@@ -333,6 +426,30 @@ class ShadowService(BrokerHooks):
             asyncio.get_running_loop().call_soon(self._send_replays)
         else:
             self._replay_scheduled = False
+
+
+def document_bytes(shadow: Shadow, now: int) -> bytes:
+    """Serialise a shadow for the hot store: its full document, or a tombstone's version.
+
+    Other services read these documents (the Redis key schema is public), so they have the
+    shape of a get/accepted reply.
+    """
+    if shadow.deleted:
+        return orjson.dumps({"deleted": True, "version": shadow.version})
+    return orjson.dumps(shadow.document(now))
+
+
+def restore_shadow(document: bytes) -> Shadow:
+    """Rebuild a shadow from what :func:`document_bytes` stored."""
+    parsed = orjson.loads(document)
+    if parsed.get("deleted"):
+        return Shadow.from_state(None, parsed["version"], deleted=True)
+    return Shadow.from_document(parsed)
+
+
+def _release_all(messages: list[Message]) -> None:
+    for message in messages:
+        message.release()
 
 
 def _delta_pending(session: Session, topic: str) -> bool:

@@ -112,6 +112,17 @@ class UpdateResult:
             message["clientToken"] = self.client_token
         return dumps_exact(message)
 
+    def request_section(self, name: str) -> bytes | None:
+        """Serialise the request's ``desired`` or ``reported`` part as sent, nulls included,
+        or return None when the request did not contain it. A request with ``"state": null``
+        cleared both, so both are ``null``."""
+        state = self._request_state
+        if state is None:
+            return b"null"
+        if name not in state:
+            return None
+        return dumps_exact(state[name])
+
     def delta_payload(self) -> bytes | None:
         """Serialise update/delta with the whole current delta, or return None when it is
         empty, in which case nothing is published on update/delta."""

@@ -1,0 +1,178 @@
+"""Shadows and history kept by the engine's stores: restart, crash and backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+
+import orjson
+import pytest
+
+from conftest import BrokerThread, free_port, scaled
+from ironshadow.broker.config import BrokerConfig
+from ironshadow.engine import Engine, StorageConfig
+from ironshadow.storage.base import HistoryRow, ShadowWrite
+from ironshadow.storage.embedded import EmbeddedHotStore
+from ironshadow.storage.pipeline import WriteBehind
+from mqtt_client import V311, TestClient
+
+PREFIX = "$aws/things/kiln-3/shadow"
+
+
+def start_engine(data_dir) -> BrokerThread:
+    config = BrokerConfig(port=free_port(), sys_interval=0)
+    thread = BrokerThread(config, Engine(config, storage=StorageConfig(data_dir)))
+    thread.start()
+    return thread
+
+
+def report(client: TestClient, **values: object) -> None:
+    client.publish(PREFIX + "/update", orjson.dumps({"state": {"reported": values}}), 1)
+
+
+def test_shadows_survive_restart(tmp_path):
+    engine = start_engine(tmp_path)
+    try:
+        device = TestClient(engine.port, "kiln-3", V311)
+        report(device, temperature=870, door="closed")
+        report(device, temperature=905)
+        device.disconnect()
+    finally:
+        engine.stop()
+    engine = start_engine(tmp_path)
+    try:
+        shadow = engine.call(engine.server.shadows.shadows.get, "kiln-3")
+        assert shadow is not None
+        assert shadow.version == 2
+        assert shadow.state() == {"reported": {"temperature": 905, "door": "closed"}}
+    finally:
+        engine.stop()
+    history = sqlite3.connect(tmp_path / "history.sqlite3")
+    rows = history.execute(
+        "SELECT version, reported FROM shadow_updates WHERE thing = 'kiln-3' ORDER BY version"
+    ).fetchall()
+    assert [row[0] for row in rows] == [1, 2]
+    assert orjson.loads(rows[1][1]) == {"temperature": 905}
+    values = history.execute(
+        "SELECT field, value FROM shadow_values WHERE thing = 'kiln-3' ORDER BY time, field"
+    ).fetchall()
+    assert ("temperature", 905.0) in values
+
+
+def test_acknowledged_updates_survive_kill(tmp_path):
+    mqtt_port = free_port()
+    command = [
+        sys.executable, "-m", "ironshadow", "serve", "--data-dir", str(tmp_path),
+        "--mqtt-port", str(mqtt_port), "--http-port", str(free_port()),
+    ]
+    engine = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + scaled(15)
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", mqtt_port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the engine did not start"
+                time.sleep(0.05)
+        device = TestClient(mqtt_port, "kiln-3", V311)
+        acknowledged = 0
+        for sequence in range(1, 201):
+            info = device.client.publish(
+                PREFIX + "/update", orjson.dumps({"state": {"reported": {"seq": sequence}}}), 1
+            )
+            info.wait_for_publish(scaled(10))
+            if info.is_published():
+                acknowledged = sequence
+        device.drop()
+    finally:
+        os.kill(engine.pid, signal.SIGKILL)
+        engine.wait()
+    assert acknowledged == 200
+
+    restarted = start_engine(tmp_path)
+    try:
+        shadow = restarted.call(restarted.server.shadows.shadows.get, "kiln-3")
+        assert shadow is not None
+        assert shadow.state()["reported"]["seq"] >= acknowledged
+        # The outbox moves every acknowledged update into the history store after restart.
+        deadline = time.monotonic() + scaled(10)
+        while True:
+            history = sqlite3.connect(tmp_path / "history.sqlite3")
+            count = history.execute(
+                "SELECT count(DISTINCT version) FROM shadow_updates WHERE thing = 'kiln-3'"
+            ).fetchone()[0]
+            history.close()
+            if count >= acknowledged or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert count >= acknowledged
+    finally:
+        restarted.stop()
+
+
+class GatedStore(EmbeddedHotStore):
+    """An embedded store whose writes wait until the test opens the gate."""
+
+    def __init__(self, path) -> None:
+        super().__init__(path)
+        self.gate = asyncio.Event()
+
+    async def write(self, shadows, history) -> None:
+        await self.gate.wait()
+        await super().write(shadows, history)
+
+
+def test_slow_store_raises_and_clears_pressure(tmp_path):
+    async def scenario() -> list[object]:
+        store = GatedStore(tmp_path / "shadows")
+        await store.open()
+        events: list[object] = []
+        pipeline = WriteBehind(store, None, events.append, high_water=10, low_water=5)
+        pipeline.start()
+        done: list[int] = []
+        for number in range(12):
+            write = ShadowWrite(f"thing-{number}", b'{"version": 1}')
+            row = HistoryRow(1.0, f"thing-{number}", "", 1, b"{}", None)
+            pipeline.submit([write], [row], lambda number=number: done.append(number))
+        await asyncio.sleep(0.05)
+        events.append(("durable before the gate opens", len(done)))
+        store.gate.set()
+        await pipeline.stop()
+        events.append(("durable after", sorted(done)))
+        await store.close()
+        return events
+
+    events = asyncio.run(scenario())
+    assert events[0] is True
+    assert events[1] == ("durable before the gate opens", 0)
+    assert events[2] is False
+    assert events[3] == ("durable after", list(range(12)))
+
+
+@pytest.mark.parametrize("rest", [False, True])
+def test_replies_follow_durable_write(tmp_path, rest):
+    engine = start_engine(tmp_path)
+    try:
+        app = TestClient(engine.port, "dashboard")
+        app.subscribe(PREFIX + "/update/accepted", 1)
+        service = engine.server.shadows
+        if rest:
+            payload = b'{"state": {"desired": {"temperature": 900}}}'
+            reply = asyncio.run_coroutine_threadsafe(
+                service.http_request("update", "kiln-3", None, payload), engine.loop
+            ).result(scaled(10))
+            assert reply.status == 200
+        else:
+            app.publish(PREFIX + "/update", b'{"state": {"desired": {"temperature": 900}}}', 1)
+            app.expect()
+        written = engine.call(lambda: service.pipeline.items_written)
+        assert written == 1
+    finally:
+        engine.stop()
