@@ -220,6 +220,10 @@ def create_app(engine: Engine, max_body_bytes: int | None = None) -> FastAPI:
         "shadows, or unknown to the engine, gets an empty list."
     )
 
+    named_shadows_responses = _responses(
+        "A page of shadow names.", (400, "Invalid thing name, pageSize or nextToken.")
+    )
+
     @app.get(
         "/things/{thing}/shadows",
         tags=["things"],
@@ -227,17 +231,8 @@ def create_app(engine: Engine, max_body_bytes: int | None = None) -> FastAPI:
         description=named_shadows_description,
         operation_id="ListNamedShadowsForThing",
         response_model=NamedShadowList,
-        responses=_responses(
-            "A page of shadow names.", (400, "Invalid thing name, pageSize or nextToken.")
-        ),
+        responses=named_shadows_responses,
     )
-    async def named_shadows(
-        thing: Thing,
-        page_size: NamedShadowsPageSize = NAMED_SHADOWS_PAGE_SIZE_DEFAULT,
-        next_token: NextToken = None,
-    ) -> Response:
-        return list_named_shadows(thing, page_size, next_token)
-
     @app.get(
         "/api/things/shadow/ListNamedShadowsForThing/{thing}",
         tags=["things"],
@@ -246,11 +241,9 @@ def create_app(engine: Engine, max_body_bytes: int | None = None) -> FastAPI:
         + " This is the path of the AWS IoT ListNamedShadowsForThing API.",
         operation_id="ListNamedShadowsForThingAwsPath",
         response_model=NamedShadowList,
-        responses=_responses(
-            "A page of shadow names.", (400, "Invalid thing name, pageSize or nextToken.")
-        ),
+        responses=named_shadows_responses,
     )
-    async def named_shadows_aws_path(
+    async def named_shadows(
         thing: Thing,
         page_size: NamedShadowsPageSize = NAMED_SHADOWS_PAGE_SIZE_DEFAULT,
         next_token: NextToken = None,
