@@ -25,7 +25,7 @@ RETENTION_INTERVAL = 3600.0
 
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
-    """Where shadows and history are kept.
+    """Storage locations for shadows and history.
 
     The defaults need nothing installed: a journal in ``data_dir`` for the shadows and a
     SQLite file beside it for the history. ``redis_url`` and ``postgres_dsn`` select the

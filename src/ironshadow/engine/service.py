@@ -1,4 +1,4 @@
-"""The shadow service: answers the AWS IoT Device Shadow topics over the embedded broker.
+"""The shadow service: handles the AWS IoT Device Shadow topics over the embedded broker.
 
 Requests arrive through an internal consumer subscribed to the request topics only. They are
 collected during one event-loop iteration and applied together in arrival order at the end
@@ -51,7 +51,7 @@ from .topics import REQUEST_FILTERS, parse_shadow_topic, shadow_topic_prefix
 
 log = logging.getLogger("ironshadow.shadow")
 
-# Requests from one client that may wait to be applied; AWS IoT answers the next one with
+# Requests from one client that may wait to be applied. AWS IoT rejects the next one with
 # 429 (more than 10 in flight on one connection).
 MAX_INFLIGHT_REQUESTS = 10
 # Delta replays sent per event-loop iteration during a reconnect storm.
@@ -453,7 +453,7 @@ def _release_all(messages: list[Message]) -> None:
 
 
 def _delta_pending(session: Session, topic: str) -> bool:
-    """Whether a message on ``topic`` waits in the session's queue or in flight."""
+    """Return whether a message on ``topic`` waits in the session's queue or in flight."""
     for delivery in session.queue:
         if delivery.message.topic == topic:
             return True

@@ -1,9 +1,9 @@
 """The write-behind pipeline between the shadow service and the stores.
 
 Accepted updates are submitted with a callback. The pipeline writes them to the hot store and
-the history outbox together in one durable batch (group commit: everything submitted while the
-previous batch was being written goes into the next one), then runs the callbacks, which send
-the acknowledgements and replies. A second task moves outbox rows into the history store and
+the history outbox together in one durable batch, then runs the callbacks, which send the
+acknowledgements and replies. This is group commit: everything submitted while one batch is
+being written goes into the next one. A second task moves outbox rows into the history store and
 marks them committed.
 
 Backpressure: the items submitted but not yet durable are counted. Above ``high_water`` the
@@ -26,8 +26,8 @@ from .base import HistoryRow, HistoryStore, HotStore, ShadowWrite
 log = logging.getLogger("ironshadow.storage")
 
 # Items (shadow writes) waiting for durability above which the devices are slowed down, and
-# below which they may go on. The default bounds the memory held for one slow store to a few
-# tens of megabytes of small shadow documents.
+# below which they may go on. For small shadow documents of a few hundred bytes, the default
+# bounds what a slow store makes the engine hold to roughly 10 MB (an estimate, not measured).
 DEFAULT_HIGH_WATER = 20_000
 DEFAULT_LOW_WATER = 10_000
 # Retry delays after a store error, in seconds: doubled from the first to the last.
@@ -107,6 +107,7 @@ class WriteBehind:
         shadows, self._shadows = self._shadows, []
         rows, self._rows = self._rows, []
         callbacks, self._callbacks = self._callbacks, []
+
         started = time.monotonic()
         delay = RETRY_FIRST_DELAY
         while True:
@@ -122,6 +123,7 @@ class WriteBehind:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_DELAY)
+
         self.last_batch_seconds = time.monotonic() - started
         self.batches_written += 1
         self.items_written += len(shadows)
@@ -131,6 +133,7 @@ class WriteBehind:
                 callback()
             except Exception:
                 log.exception("a callback after a durable write failed")
+
         if self.pressure and self.pending <= self.low_water:
             self.pressure = False
             log.warning("hot store caught up (%d writes waiting); devices resume", self.pending)
