@@ -17,7 +17,7 @@ import pytest
 
 from conftest import free_port, scaled
 from ironshadow.cli import build_parser
-from ironshadow.settings import SettingsError, broker_config, resolve
+from ironshadow.settings import SettingsError, broker_config, check_storage, resolve
 from mqtt_client import V5, TestClient
 
 
@@ -224,3 +224,9 @@ def test_serve_env_and_config_file(tmp_path):
         engine.send_signal(signal.SIGINT)
         engine.communicate(timeout=scaled(15))
     assert engine.returncode == 0
+
+
+def test_settings_memory_only_with_stores():
+    values = resolve(parse("--memory-only", "true", "--redis", "redis://127.0.0.1:6400/0"), {})
+    with pytest.raises(SettingsError, match="memory_only"):
+        check_storage(values)

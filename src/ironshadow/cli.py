@@ -17,7 +17,14 @@ from . import __version__
 from .api import ApiServer
 from .broker.config import BrokerConfig
 from .engine import Engine, StorageConfig
-from .settings import SettingsError, add_arguments, broker_config, resolve, shadow_limits
+from .settings import (
+    SettingsError,
+    add_arguments,
+    broker_config,
+    check_storage,
+    resolve,
+    shadow_limits,
+)
 from .shadow import ShadowLimits
 from .storage.base import StoreUnavailable
 
@@ -88,6 +95,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         values = resolve(args)
         config = broker_config(values)
         limits = shadow_limits(values)
+        check_storage(values)
     except SettingsError as exc:
         print(f"ironshadow: error: {exc}", file=sys.stderr)
         return 2

@@ -141,8 +141,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 help=setting.help)
         else:
             choices = f"; one of {', '.join(setting.choices)}" if setting.choices else ""
+            default = setting.default
+            if default == "":
+                default = "none"
+            elif isinstance(default, bool):
+                default = str(default).lower()
             parser.add_argument(setting.flag, default=None, metavar=metavar,
-                                help=f"{setting.help}{choices} (default: {setting.default})")
+                                help=f"{setting.help}{choices} (default: {default})")
 
 
 def _convert(setting: Setting, raw: Any, source: str) -> Any:
@@ -228,6 +233,15 @@ def shadow_limits(values: Mapping[str, Any]) -> ShadowLimits:
             f"max_shadow_size must be at least 1 byte, got {values['max_shadow_size']}"
         )
     return ShadowLimits(max_state_bytes=values["max_shadow_size"])
+
+
+def check_storage(values: Mapping[str, Any]) -> None:
+    """Reject store settings that --memory-only would silently ignore."""
+    if values["memory_only"] and (values["redis"] or values["postgres"]):
+        raise SettingsError(
+            "memory_only is set together with redis or postgres, which it would ignore; "
+            "remove one or the other"
+        )
 
 
 def broker_config(values: Mapping[str, Any]) -> BrokerConfig:

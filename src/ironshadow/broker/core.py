@@ -179,7 +179,7 @@ class Broker:
         self._servers.clear()
         for session in self.sessions.values():
             session.cancel_timers()
-        log.info("broker stopped; %d connections closed", count)
+        log.info("broker stopped; %d connection(s) closed", count)
 
     # --- connections ------------------------------------------------------------------
 

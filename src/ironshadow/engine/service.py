@@ -96,6 +96,8 @@ class ShadowService(BrokerHooks):
         self._writes: list[ShadowWrite] = []
         self._rows: list[HistoryRow] = []
         self._deferred: list[tuple[str, bytes]] | None = None
+        # Epoch seconds, with fractions, of the batch being applied: the history's time.
+        self._batch_time = 0.0
         self.shadows: dict[str, Shadow] = {}
         # Thing -> names of its named shadows, for listing them without a full scan.
         self.named_shadows: dict[str, set[str]] = {}
@@ -155,6 +157,7 @@ class ShadowService(BrokerHooks):
             self._end_batch(lambda: _release_all(messages))
 
     def _begin_batch(self) -> None:
+        self._batch_time = time.time()
         if self.pipeline is not None:
             self._deferred = []
 
@@ -247,7 +250,7 @@ class ShadowService(BrokerHooks):
             if result is not None:
                 self._rows.append(
                     HistoryRow(
-                        float(now),
+                        self._batch_time,
                         thing,
                         shadow_name or "",
                         shadow.version,

@@ -68,6 +68,11 @@ def _escape_glob(text: str) -> str:
     return "".join("\\" + char if char in _GLOB_CHARACTERS else char for char in text)
 
 
+
+def _reason(exc: BaseException) -> str:
+    """Return the error's text without a final period, to end a clause in a message."""
+    return str(exc).rstrip(".")
+
 class RedisHotStore:
     """A :class:`~ironshadow.storage.base.HotStore` on a standalone Redis server.
 
@@ -84,8 +89,9 @@ class RedisHotStore:
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailable:
         return StoreUnavailable(
-            f"Redis at {redact_url(self.url)} is unreachable: {exc}. Check that redis-server "
-            "is running and that the host, port and database number in the URL are right."
+            f"Redis at {redact_url(self.url)} is unreachable: {_reason(exc)}. "
+            "Check that redis-server is running and that the host, port and database number "
+            "in the URL are right."
         )
 
     @property
@@ -106,7 +112,7 @@ class RedisHotStore:
             )
         except ValueError as exc:
             raise StoreUnavailable(
-                f"invalid Redis URL {redact_url(self.url)}: {exc}. Use the form "
+                f"invalid Redis URL {redact_url(self.url)}: {_reason(exc)}. Use the form "
                 "redis://[[user]:password@]host[:port][/db] or rediss:// for TLS."
             ) from exc
 
@@ -115,14 +121,14 @@ class RedisHotStore:
         except AuthenticationError as exc:
             await client.aclose()
             raise StoreUnavailable(
-                f"Redis at {redact_url(self.url)} rejected the credentials: {exc}. Check the "
-                "user name and password in the URL."
+                f"Redis at {redact_url(self.url)} rejected the credentials: {_reason(exc)}. "
+                "Check the user name and password in the URL."
             ) from exc
         except ResponseError as exc:
             await client.aclose()
             raise StoreUnavailable(
-                f"Redis at {redact_url(self.url)} rejected PING: {exc}. Check that the URL "
-                "contains the password that the server requires."
+                f"Redis at {redact_url(self.url)} rejected PING: {_reason(exc)}. "
+                "Check that the URL contains the password that the server requires."
             ) from exc
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             await client.aclose()
