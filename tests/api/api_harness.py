@@ -18,7 +18,7 @@ import uvloop
 from conftest import free_port, open_clients, scaled
 from ironshadow.api import ApiServer, create_app
 from ironshadow.broker.config import BrokerConfig
-from ironshadow.engine import Engine
+from ironshadow.engine import Engine, StorageConfig
 
 HOST = "127.0.0.1"
 
@@ -26,11 +26,16 @@ HOST = "127.0.0.1"
 class EngineApiThread:
     """An Engine and an ApiServer on their own event loop in a background thread."""
 
-    def __init__(self, max_body_bytes: int | None = None, **broker_fields: Any) -> None:
+    def __init__(
+        self,
+        max_body_bytes: int | None = None,
+        storage: StorageConfig | None = None,
+        **broker_fields: Any,
+    ) -> None:
         broker_fields.setdefault("host", HOST)
         broker_fields.setdefault("port", free_port())
         broker_fields.setdefault("sys_interval", 0)
-        self.engine = Engine(BrokerConfig(**broker_fields), None)
+        self.engine = Engine(BrokerConfig(**broker_fields), None, storage)
         app = create_app(self.engine, max_body_bytes=max_body_bytes)
         self.api = ApiServer(self.engine, HOST, 0, app=app)
         self.loop = uvloop.new_event_loop()
@@ -90,9 +95,14 @@ async def _call_async(function: Callable[..., Any], *args: Any) -> Any:
 
 
 @contextlib.contextmanager
-def running_engine(max_body_bytes: int | None = None) -> Iterator[EngineApiThread]:
-    """Start an engine with its API, and stop it with every MQTT test client afterwards."""
-    thread = EngineApiThread(max_body_bytes)
+def running_engine(
+    max_body_bytes: int | None = None, storage: StorageConfig | None = None
+) -> Iterator[EngineApiThread]:
+    """Start an engine with its API, and stop it with every MQTT test client afterwards.
+
+    Without ``storage`` the engine keeps shadows in memory only.
+    """
+    thread = EngineApiThread(max_body_bytes, storage)
     thread.start()
     try:
         yield thread

@@ -41,6 +41,7 @@ from .documents import (
     UpdateAccepted,
 )
 from .errors import JSON_MEDIA_TYPE, ApiError, error_response, install_error_handlers
+from .history import add_history_routes
 from .paging import (
     NAMED_SHADOWS_PAGE_SIZE_DEFAULT,
     NAMED_SHADOWS_PAGE_SIZE_MAX,
@@ -53,6 +54,10 @@ from .things import ThingDirectory
 
 if TYPE_CHECKING:
     from ..engine import Engine
+
+# Seconds a client is asked to wait before it retries a write rejected while the store
+# catches up.
+RETRY_AFTER_SECONDS = 1
 
 # Both AWS IoT limits: thing names are 1 to 128 characters, shadow names 1 to 64.
 THING_NAME_HELP = "Thing name: 1 to 128 characters from a-z, A-Z, 0-9, ':', '_' and '-'."
@@ -73,6 +78,7 @@ update also publishes `update/delta` and `update/documents` on MQTT. Every error
 OPENAPI_TAGS = [
     {"name": "shadows", "description": "Get, update and delete device shadows."},
     {"name": "things", "description": "Devices known to the engine and their named shadows."},
+    {"name": "history", "description": "Numeric history of shadows, raw or aggregated."},
 ]
 
 Thing = Annotated[str, Path(description=THING_NAME_HELP, examples=["press-17"])]
@@ -135,10 +141,18 @@ def create_app(engine: Engine, max_body_bytes: int | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     _install_openapi_without_422(app)
+    add_history_routes(app, engine)
 
     async def shadow_request(
         operation: str, request: Request, thing: str, name: str | None
     ) -> Response:
+        pipeline = engine.pipeline
+        if operation != "get" and pipeline is not None and pipeline.pressure:
+            return error_response(
+                503,
+                "The engine is waiting for its store to catch up; retry the request later.",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
         payload = await read_body(request, body_limit)
         reply = await service.http_request(operation, thing, name, payload)
         return Response(reply.body, status_code=reply.status, media_type=JSON_MEDIA_TYPE)

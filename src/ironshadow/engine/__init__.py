@@ -82,6 +82,11 @@ class Engine:
         self.shadows = ShadowService(self.broker, shadow_limits, self.pipeline)
         self._retention_task: asyncio.Task[None] | None = None
 
+    @property
+    def history_store(self) -> HistoryStore | None:
+        """The history store, or None when the engine keeps no history."""
+        return self._history
+
     def _on_pressure(self, raised: bool) -> None:
         if raised:
             self.broker.pause_reading()

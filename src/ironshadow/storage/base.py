@@ -94,6 +94,19 @@ class HistoryStore(Protocol):
         """Delete or drop history older than the retention period."""
         ...
 
+    async def query(
+        self,
+        thing: str,
+        shadow_name: str,
+        start: float,
+        end: float,
+        fields: Sequence[str] | None = None,
+        bucket_seconds: float | None = None,
+        limit: int = 1000,
+    ) -> list[HistoryPoint] | list[HistoryBucket]:
+        """Return raw points in ``[start, end)``, or per-bucket aggregates with a bucket."""
+        ...
+
 
 class HistoryPoint(NamedTuple):
     """One numeric leaf of one update, as history queries return it."""
