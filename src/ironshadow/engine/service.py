@@ -175,6 +175,8 @@ class ShadowService(BrokerHooks):
         if self.pipeline is not None and writes:
             self.pipeline.submit(writes, rows, finish)
         else:
+            # NOTE: a batch without writes (gets, rejections) replies at once, so it can
+            # overtake an earlier batch still waiting for its write and show its state.
             finish()
 
     def _handle(self, request: Request, now: int) -> None:
