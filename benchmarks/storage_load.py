@@ -1,8 +1,8 @@
 """Measure how long the engine takes to load its shadows from the hot store at start.
 
-Fills a fresh embedded hot store (or a Redis given with --redis) with N typical small shadows
-(five reported numbers, two desired values, their metadata), as the engine stores them, then
-loads them the way the engine does at start and reports the time and the rate.
+Fills a fresh embedded hot store (or a Redis given with --redis) with N typical small shadows,
+stored as the engine stores them: five reported numbers, two desired values and their
+metadata. Then it loads them the way the engine does at start and reports the time and rate.
 
 Usage::
 
