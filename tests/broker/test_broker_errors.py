@@ -121,3 +121,10 @@ def test_v5_auth_method_rejected(broker):
     client = RawClient(broker.port)
     connack = client.connect("raw", properties={PropertyId.AUTHENTICATION_METHOD: "SCRAM-SHA-1"})
     assert connack.reason_code == ReasonCode.BAD_AUTHENTICATION_METHOD
+
+
+def test_internal_client_id_rejected(broker):
+    client = RawClient(broker.port, MQTT_5)
+    connack = client.connect("$internal/shadow")
+    assert connack.reason_code == ReasonCode.CLIENT_IDENTIFIER_NOT_VALID
+    assert "reserved" in connack.properties[PropertyId.REASON_STRING]

@@ -57,6 +57,8 @@ def default_max_connections() -> int:
         return 1_000_000
     return max(1, soft - FILE_DESCRIPTOR_RESERVE)
 
+# Client ids of the engine's internal consumers; clients may not use them.
+INTERNAL_CLIENT_PREFIX = "$internal/"
 # Shortest interval between two batches of queued CONNECTs, in seconds.
 ADMISSION_TICK = 0.01
 # How often keep-alive and CONNECT timeouts are checked, in seconds.
@@ -105,7 +107,7 @@ class Broker:
         Matching messages are passed to ``callback`` as they are routed, with no queue and
         no QoS flow. The consumer counts as a subscriber for :meth:`has_subscribers`.
         """
-        client_id = "$internal/" + name
+        client_id = INTERNAL_CLIENT_PREFIX + name
         session = Session(client_id)
         session.consumer = callback
         session.expiry_interval = NEVER_EXPIRES
@@ -391,6 +393,15 @@ class Broker:
                 return
             client_id = assigned_id = "auto-" + secrets.token_hex(12)
             connection.client_id = client_id
+        elif client_id.startswith(INTERNAL_CLIENT_PREFIX):
+            # The engine's own consumers use these sessions; a client must not take them over.
+            self._reject_connect(
+                connection,
+                ReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
+                ConnackReturnCode.IDENTIFIER_REJECTED,
+                f"client ids starting with {INTERNAL_CLIENT_PREFIX!r} are reserved for the engine",
+            )
+            return
 
         # Session expiry: 3.1.1 clean session 0 keeps the session for ever.
         if version == MQTT_5:
