@@ -40,21 +40,17 @@ _STORAGE_TESTS = str(Path(__file__).resolve().parents[1] / "storage")
 if _STORAGE_TESTS not in sys.path:
     sys.path.append(_STORAGE_TESTS)
 
-from servers import PostgresServer, RedisServer  # noqa: E402
+from servers import PostgresServer, RedisServer, fresh_redis_url  # noqa: E402
 
 THING = "kiln-3"
 PREFIX = f"$aws/things/{THING}/shadow"
 NAMED_PREFIX = f"{PREFIX}/name/config"
-
-# redis-server's default number of databases (its `databases` setting).
-REDIS_DATABASES = 16
 
 # Updates that the kill -9 test publishes before it kills the engine.
 KILL_TEST_UPDATES = 200
 
 BACKENDS = ["embedded", "redis-sqlite", "redis-postgres"]
 
-_redis_databases = itertools.count(1)
 _postgres_schemas = itertools.count()
 
 
@@ -87,22 +83,6 @@ def postgres_server() -> Iterator[PostgresServer]:
     server = PostgresServer.start()
     yield server
     server.stop()
-
-
-def fresh_redis_url(server: RedisServer) -> str:
-    """Flush a Redis database for one test and return its URL.
-
-    Databases 1 to 15 are handed out in turn and database 0 is left alone. After database 15
-    the numbers start again at 1, which is safe because each database is flushed first.
-    """
-    number = (next(_redis_databases) - 1) % (REDIS_DATABASES - 1) + 1
-    url = f"redis://127.0.0.1:{server.port}/{number}"
-    client = redis.Redis.from_url(url)
-    try:
-        client.flushdb()
-    finally:
-        client.close()
-    return url
 
 
 def fresh_postgres_dsn(server: PostgresServer) -> str:

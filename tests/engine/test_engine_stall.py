@@ -55,7 +55,7 @@ _STORAGE_TESTS = str(Path(__file__).resolve().parents[1] / "storage")
 if _STORAGE_TESTS not in sys.path:
     sys.path.append(_STORAGE_TESTS)
 
-from servers import PostgresServer, RedisServer  # noqa: E402
+from servers import PostgresServer, RedisServer, fresh_redis_url  # noqa: E402
 
 # Seconds a store stays stalled. The engine must ride out 20 s, and CI may set a shorter stall.
 STALL_SECONDS = float(os.environ.get("IRONSHADOW_STALL_SECONDS", "20"))
@@ -90,10 +90,6 @@ RSS_HEADROOM_BYTES = 32 * 1024 * 1024
 # Seconds between samples of the acknowledged count and the engine's RSS.
 SAMPLE_INTERVAL = 0.25
 
-# redis-server's default number of databases (its `databases` setting).
-REDIS_DATABASES = 16
-
-_redis_databases = itertools.count(1)
 _postgres_schemas = itertools.count()
 
 
@@ -124,18 +120,6 @@ def postgres_server() -> Iterator[PostgresServer]:
     server = PostgresServer.start()
     yield server
     server.stop()
-
-
-def fresh_redis_url(server: RedisServer) -> str:
-    """Flush a Redis database (1 to 15 in turn, never 0) for one test and return its URL."""
-    number = (next(_redis_databases) - 1) % (REDIS_DATABASES - 1) + 1
-    url = f"redis://127.0.0.1:{server.port}/{number}"
-    client = redis.Redis.from_url(url)
-    try:
-        client.flushdb()
-    finally:
-        client.close()
-    return url
 
 
 async def create_schema(server: PostgresServer) -> str:

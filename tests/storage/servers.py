@@ -12,6 +12,7 @@ operating system user and its processes run as that user.
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import pwd
 import shutil
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import redis
 
 # Seconds a server may take to accept connections after it was started.
 START_TIMEOUT_SECONDS = 30.0 * float(os.environ.get("IRONSHADOW_TEST_TIMEOUT_SCALE", "1"))
@@ -253,3 +255,25 @@ def _wait_for_postgres(bindir: Path, port: int, process: subprocess.Popen[bytes]
             return True
         time.sleep(0.05)
     return False
+
+
+# redis-server's default number of databases (its `databases` setting). Database 0 is never
+# handed out by fresh_redis_url().
+REDIS_DATABASES = 16
+_redis_databases = itertools.count(1)
+
+
+def fresh_redis_url(server: RedisServer) -> str:
+    """Flush a Redis database (1 to 15 in turn, never 0) for one test and return its URL.
+
+    After database 15 the numbers start again at 1, which is safe because each database is
+    flushed before it is handed out.
+    """
+    number = (next(_redis_databases) - 1) % (REDIS_DATABASES - 1) + 1
+    url = f"redis://127.0.0.1:{server.port}/{number}"
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+    return url
