@@ -43,8 +43,8 @@ class BrokerConfig:
     write_high_water: int = 256 * 1024
     write_low_water: int = 64 * 1024
 
-    # Largest keep alive accepted, in seconds; 0 leaves the client's value. A larger
-    # request from a v5 client is answered with Server Keep Alive.
+    # Largest keep alive accepted, in seconds; 0 leaves the client's value. A v5 client that
+    # requests more gets the maximum back in Server Keep Alive.
     max_keep_alive: int = 0
     # Upper bound on the session expiry interval a client may ask for, in seconds.
     max_session_expiry: int = 0xFFFFFFFF

@@ -266,7 +266,7 @@ class MQTTConnection(asyncio.Protocol):
 
         With a reason code and ``linger``, the broker half-closes the socket and discards
         what the client still sends for ``LINGER_SECONDS`` before closing it. Closing at
-        once would make the kernel answer the client's next write with a reset, which can
+        once would make the kernel respond to the client's next write with a reset, which can
         reach the client before it has read the DISCONNECT.
         """
         if self.state == CLOSED or self.transport is None:
@@ -293,7 +293,7 @@ class MQTTConnection(asyncio.Protocol):
         self.broker.stats.protocol_errors += 1
         if self.state == CONNECTING:
             if exc.reason_code == ReasonCode.UNSUPPORTED_PROTOCOL_VERSION:
-                # Answered in the 3.1.1 form, which every client version can read.
+                # Sent in the 3.1.1 form, which every client version can read.
                 self.send(b"\x20\x02\x00\x01")
             elif self.decoder.version == MQTT_5:
                 self.send(b"\x20\x03\x00" + bytes((exc.reason_code,)) + b"\x00")

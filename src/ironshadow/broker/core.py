@@ -440,7 +440,7 @@ class Broker:
         # Keep alive, send window and limits announced by the client.
         keep_alive = connect.keep_alive
         server_keep_alive = None
-        # An MQTT 3.1.1 client cannot be told of a lower keep alive, so it keeps its own.
+        # MQTT 3.1.1 has no Server Keep Alive to lower a client's keep alive, so it keeps its own.
         too_long = keep_alive == 0 or keep_alive > config.max_keep_alive
         if version == MQTT_5 and config.max_keep_alive and too_long:
             keep_alive = server_keep_alive = config.max_keep_alive

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from .session import Session
     from .subscriptions import SubscriptionRecord
 
-# Why a client's connection ended, with the names AWS IoT uses in presence events.
+# Reasons for the end of a client's connection, named as AWS IoT names them in presence events.
 CLIENT_INITIATED_DISCONNECT = "CLIENT_INITIATED_DISCONNECT"
 CONNECTION_LOST = "CONNECTION_LOST"
 DUPLICATE_CLIENT_ID = "DUPLICATE_CLIENTID"
@@ -25,10 +25,10 @@ SERVER_INITIATED_DISCONNECT = "SERVER_INITIATED_DISCONNECT"
 
 class BrokerHooks:
     def client_connected(self, connection: MQTTConnection) -> None:
-        """A client completed CONNECT; its CONNACK is already queued."""
+        """Handle a client that completed CONNECT. Its CONNACK is already queued."""
 
     def client_disconnected(self, connection: MQTTConnection, reason: str) -> None:
-        """A connected client's connection ended; ``reason`` is one of the constants above."""
+        """Handle the end of a connected client's connection, for ``reason`` (a constant above)."""
 
     def subscribed(self, session: Session, record: SubscriptionRecord) -> None:
-        """A client subscribed; its SUBACK and any retained messages are already queued."""
+        """Handle a new subscription. Its SUBACK and any retained messages are already queued."""

@@ -22,9 +22,9 @@ _TOPIC_ALIAS = PropertyId.TOPIC_ALIAS
 class Message:
     """A message being routed.
 
-    A consumer inside the engine that must store the message before the publisher may be
-    acknowledged calls :meth:`hold` while it is routed and :meth:`release` once the message
-    is stored; the publisher's PUBACK or PUBREC waits for the last release.
+    A consumer inside the engine may have to store the message before the publisher is
+    acknowledged. It calls :meth:`hold` while the message is routed and :meth:`release` once
+    the message is stored, and the publisher's PUBACK or PUBREC waits for the last release.
     """
 
     __slots__ = (

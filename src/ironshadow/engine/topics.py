@@ -2,7 +2,7 @@
 
 Classic shadow: ``$aws/things/{thing}/shadow/{operation}``; named shadow:
 ``$aws/things/{thing}/shadow/name/{shadow}/{operation}``. Requests are ``update``, ``get`` and
-``delete``; the engine answers on ``{request}/accepted`` and ``{request}/rejected`` and
+``delete``; the engine replies on ``{request}/accepted`` and ``{request}/rejected`` and
 publishes ``update/delta`` and ``update/documents``.
 """
 

@@ -3,7 +3,7 @@
 Each packet class has ``encode(version) -> bytes``. ``decode_packet(first_byte, body,
 version)`` turns one packet's body (the bytes after the remaining length) into a packet
 object; the incremental framing lives in :mod:`ironshadow.mqtt.decoder`. Every check here
-raises :class:`MQTTProtocolError` with the reason code the receiver should answer with.
+raises :class:`MQTTProtocolError` with the reason code the receiver should respond with.
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ class Suback:
     def encode(self, version: int) -> bytes:
         codes = self.reason_codes
         if version != MQTT_5:
-            # MQTT 3.1.1 knows only the granted QoS and 0x80 for failure.
+            # MQTT 3.1.1 defines only the granted QoS and 0x80 for failure.
             codes = [code if code < 0x80 else 0x80 for code in codes]
         parts = [self.packet_id.to_bytes(2, "big")]
         if version == MQTT_5:
@@ -327,7 +327,7 @@ def _decode_connect(flags: int, body: bytes, version: int) -> Connect:
         raise malformed("CONNECT variable header is truncated")
     level = body[pos]
     if name != "MQTT" or level not in SUPPORTED_PROTOCOL_LEVELS:
-        # [MQTT-3.1.2-2] Answered with CONNACK 0x01 (3.1.1) or 0x84 (5).
+        # [MQTT-3.1.2-2] The broker responds with CONNACK 0x01 (3.1.1) or 0x84 (5).
         raise MQTTProtocolError(
             ReasonCode.UNSUPPORTED_PROTOCOL_VERSION,
             f"unsupported protocol {name!r} level {level}; this broker speaks MQTT 3.1.1 and 5.0",

@@ -30,7 +30,7 @@ DEFAULT_RETENTION_DAYS = 30
 
 
 class StoreUnavailable(Exception):
-    """A store cannot be reached or used; the message says which and what to check."""
+    """A store cannot be reached or used; the message names which and what to check."""
 
 
 @dataclass(frozen=True, slots=True)
