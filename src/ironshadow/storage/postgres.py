@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -142,6 +142,19 @@ def _partition_name(table: str, day: date) -> str:
     return f"{table}_p{day:%Y%m%d}"
 
 
+async def _is_hypertable(connection: asyncpg.Connection, table: str) -> bool:
+    # The table name resolves through search_path, so a hypertable of the same name in another
+    # schema does not count.
+    return await connection.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM timescaledb_information.hypertables "
+        "WHERE (hypertable_schema, hypertable_name) = ("
+        "SELECT namespace.nspname, class.relname FROM pg_class class "
+        "JOIN pg_namespace namespace ON namespace.oid = class.relnamespace "
+        "WHERE class.oid = to_regclass($1)))",
+        table,
+    )
+
+
 async def _init_connection(connection: asyncpg.Connection) -> None:
     # Binary jsonb is a version byte (1) followed by the JSON text, so this codec passes the
     # engine's JSON bytes to COPY without decoding them to str and back.
@@ -155,13 +168,27 @@ async def _init_connection(connection: asyncpg.Connection) -> None:
 
 
 class PostgresHistoryStore:
-    """A :class:`~ironshadow.storage.base.HistoryStore` on PostgreSQL 14 or newer."""
+    """A :class:`~ironshadow.storage.base.HistoryStore` on PostgreSQL 14 or newer.
 
-    def __init__(self, dsn: str, retention_days: int = DEFAULT_RETENTION_DAYS) -> None:
+    ``pool_options`` are extra keyword arguments for :func:`asyncpg.create_pool`, such as
+    ``max_size``, ``statement_cache_size`` or ``reset``, and override the store's defaults
+    (``init`` is the store's own and cannot be given).
+    A server that serves one client at a time in one shared session, such as PGlite behind
+    tools/pglite/server.mjs, needs ``max_size=1`` and ``statement_cache_size=0``.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        retention_days: int = DEFAULT_RETENTION_DAYS,
+        *,
+        pool_options: Mapping[str, Any] | None = None,
+    ) -> None:
         if retention_days < 1:
             raise ValueError(f"retention_days must be at least 1, got {retention_days}")
         self.dsn = dsn
         self.retention_days = retention_days
+        self.pool_options = dict(pool_options or {})
         self.timescale = False
         self._pool: asyncpg.Pool | None = None
         # UTC days that have partitions, in native partitioning mode.
@@ -180,14 +207,14 @@ class PostgresHistoryStore:
 
     async def open(self) -> None:
         """Connect, then create the schema if needed. Raise StoreUnavailable on failure."""
+        options = {
+            "min_size": 1,
+            "max_size": POOL_MAX_SIZE,
+            "timeout": CONNECT_TIMEOUT_SECONDS,
+            **self.pool_options,
+        }
         try:
-            pool = await asyncpg.create_pool(
-                self.dsn,
-                min_size=1,
-                max_size=POOL_MAX_SIZE,
-                init=_init_connection,
-                timeout=CONNECT_TIMEOUT_SECONDS,
-            )
+            pool = await asyncpg.create_pool(self.dsn, init=_init_connection, **options)
         except asyncpg.InvalidAuthorizationSpecificationError as exc:
             raise self._unavailable(
                 exc, "Check the user name and password in the DSN and the server's pg_hba.conf."
@@ -260,7 +287,7 @@ class PostgresHistoryStore:
             installed = await connection.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')"
             )
-            if installed:
+            if installed and await _is_hypertable(connection, "shadow_updates"):
                 return True
             raise StoreUnavailable(
                 f"table shadow_updates in {redact_dsn(self.dsn)} is neither partitioned nor a "
@@ -284,17 +311,14 @@ class PostgresHistoryStore:
         return True
 
     async def _create_hypertables(self, connection: asyncpg.Connection) -> None:
-        # NOTE: the TimescaleDB branches here, in enforce_retention() and in query() are not
-        # run by the default test suite, which has no TimescaleDB.
+        # NOTE: the TimescaleDB branches here, in enforce_retention() and in query() run only in
+        # the opt-in tier tests/timescale (PGlite with TimescaleDB 2.23), not in the default
+        # suite. TimescaleDB's functions are called unqualified, so the schema that contains the
+        # extension (public by default) must be on the connection's search_path.
         await connection.execute(CREATE_TABLES.format(partitioning=""))
         retention = timedelta(days=self.retention_days)
         for table in TABLES:
-            created = await connection.fetchval(
-                "SELECT NOT EXISTS (SELECT 1 FROM timescaledb_information.hypertables "
-                "WHERE hypertable_name = $1)",
-                table,
-            )
-            if created:
+            if not await _is_hypertable(connection, table):
                 # by_range() is the interface of TimescaleDB 2.13 and newer.
                 await connection.execute(
                     "SELECT create_hypertable($1::regclass, by_range('time', INTERVAL '1 day'))",
