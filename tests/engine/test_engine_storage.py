@@ -156,6 +156,74 @@ def test_slow_store_raises_and_clears_pressure(tmp_path):
     assert events[3] == ("durable after", list(range(12)))
 
 
+class RecordingStore(GatedStore):
+    """A gated store that records the number of shadows in each write."""
+
+    def __init__(self, path) -> None:
+        super().__init__(path)
+        self.batch_sizes: list[int] = []
+
+    async def write(self, shadows, history) -> None:
+        await super().write(shadows, history)
+        self.batch_sizes.append(len(shadows))
+
+
+def test_large_documents_raise_pressure_by_bytes(tmp_path):
+    """Few writes of large documents pass the byte mark long before the item mark."""
+
+    async def scenario() -> tuple[list[object], int, float]:
+        store = RecordingStore(tmp_path / "shadows")
+        await store.open()
+        events: list[object] = []
+        pipeline = WriteBehind(
+            store, None, events.append, high_water_bytes=100_000, low_water_bytes=50_000
+        )
+        pipeline.start()
+        document = b'{"state": {"reported": {"blob": "' + b"x" * 20_000 + b'"}}}'
+        for number in range(6):
+            pipeline.submit([ShadowWrite(f"camera-{number}", document)], [], lambda: None)
+            events.append(pipeline.pressure)
+        await asyncio.sleep(0.05)
+        paused = pipeline.paused_seconds()
+        store.gate.set()
+        await pipeline.stop()
+        await store.close()
+        return events, pipeline.pending_bytes, paused
+
+    events, pending_bytes, paused = asyncio.run(scenario())
+    # The fifth document passes 100,000 bytes: on_pressure(True) is called, pressure stays
+    # raised for the sixth, and on_pressure(False) comes once the writes are durable.
+    assert events == [False, False, False, False, True, True, True, False]
+    assert pending_bytes == 0
+    assert paused >= 0.05
+
+
+def test_backlog_drains_in_bounded_batches(tmp_path):
+    """After a stall the backlog is written in batches of at most BATCH_MAX_ITEMS, whole
+    submissions each, and the metrics count every batch."""
+
+    async def scenario() -> tuple[list[int], list[int], WriteBehind]:
+        store = RecordingStore(tmp_path / "shadows")
+        await store.open()
+        pipeline = WriteBehind(store, None)
+        pipeline.start()
+        done: list[int] = []
+        for number in range(9):  # 9 submissions of 700 writes: 6,300 in all
+            writes = [ShadowWrite(f"m-{number}-{i}", b"{}") for i in range(700)]
+            pipeline.submit(writes, [], lambda number=number: done.append(number))
+        store.gate.set()
+        await pipeline.stop()
+        await store.close()
+        return store.batch_sizes, done, pipeline
+
+    sizes, done, pipeline = asyncio.run(scenario())
+    assert sizes == [1400, 1400, 1400, 1400, 700]
+    assert done == list(range(9))
+    assert pipeline.batch_items.count == 5
+    assert pipeline.batch_items.sum == 6300
+    assert pipeline.write_seconds.count == 5
+
+
 @pytest.mark.parametrize("rest", [False, True])
 def test_replies_follow_durable_write(tmp_path, rest):
     engine = start_engine(tmp_path)

@@ -187,13 +187,42 @@ def test_key_schema_readable_by_plain_client(
     assert plain_client.get(f"{prefix}:shadow:drill-3~firmware") == document(1, build="a1")
     entries = plain_client.xrange(f"{prefix}:history")
     assert len(entries) == 1
-    fields = entries[0][1]
-    assert fields[b"thing"] == b"drill-3"
-    assert fields[b"shadow_name"] == b""
-    assert fields[b"version"] == b"5"
-    assert float(fields[b"time"]) == 1_700_000_005.25
-    assert fields[b"reported"] == b'{"temperature":25}'
-    assert b"desired" not in fields
+    assert list(entries[0][1]) == [b"rows"]
+    assert orjson.loads(entries[0][1][b"rows"]) == [
+        [1_700_000_005.25, "drill-3", "", 5, {"temperature": 25}, None]
+    ]
+
+
+def test_batch_is_one_mset_and_one_xadd(
+    redis_server: RedisServer, prefix: str, plain_client: redis.Redis
+) -> None:
+    """The last write to a key in a batch wins, and a batch's rows share one stream entry."""
+
+    async def scenario() -> list[tuple[str, HistoryRow]]:
+        store = RedisHotStore(redis_server.url, prefix=prefix)
+        await store.open()
+        await store.write([ShadowWrite("press-1", document(1, p=1))], [])
+        await store.write(
+            [
+                ShadowWrite("press-1", None),
+                ShadowWrite("press-2", document(1, p=2)),
+                ShadowWrite("press-2", document(2, p=3)),
+                ShadowWrite("press-3", document(1, p=4)),
+                ShadowWrite("press-3", None),
+                ShadowWrite("press-1", document(1, p=5)),
+            ],
+            [history_row("press-2", 1), history_row("press-2", 2)],
+        )
+        entries = await pending(store)
+        await store.close()
+        return entries
+
+    entries = run(scenario())
+    assert plain_client.get(f"{prefix}:shadow:press-1") == document(1, p=5)
+    assert plain_client.get(f"{prefix}:shadow:press-2") == document(2, p=3)
+    assert plain_client.get(f"{prefix}:shadow:press-3") is None
+    assert plain_client.xlen(f"{prefix}:history") == 1
+    assert [row for _, row in entries] == [history_row("press-2", 1), history_row("press-2", 2)]
 
 
 def test_outbox_pending_then_committed(redis_server: RedisServer, prefix: str) -> None:
@@ -245,24 +274,102 @@ def test_outbox_survives_reopen(redis_server: RedisServer, prefix: str) -> None:
 
 
 def test_outbox_pages_through_batches(redis_server: RedisServer, prefix: str) -> None:
-    count = 2100  # more than two XRANGE batches
+    """Rows come in batches of OUTBOX_BATCH_SIZE, from memory and after a reopen alike."""
+    writes = 7
+    rows_per_write = 300  # 2,100 rows: more than two batches of OUTBOX_BATCH_SIZE
 
-    async def scenario() -> tuple[int, list[int]]:
+    async def batch_sizes(store: RedisHotStore) -> list[list[int]]:
+        return [[row.version for _, row in batch] async for batch in store.pending_history()]
+
+    async def scenario() -> tuple[list[list[int]], list[list[int]]]:
         store = RedisHotStore(redis_server.url, prefix=prefix)
         await store.open()
-        await store.write([], [history_row("conveyor", version) for version in range(count)])
-        batches = 0
-        versions = []
-        async for batch in store.pending_history():
-            batches += 1
-            versions.extend(row.version for _, row in batch)
-        await store.history_committed([])
+        for write in range(writes):
+            first = write * rows_per_write
+            await store.write(
+                [], [history_row("conveyor", v) for v in range(first, first + rows_per_write)]
+            )
+        from_memory = await batch_sizes(store)
         await store.close()
-        return batches, versions
+        await store.open()
+        from_stream = await batch_sizes(store)
+        await store.close()
+        return from_memory, from_stream
 
-    batches, versions = run(scenario())
-    assert versions == list(range(count))
-    assert batches == 3
+    from_memory, from_stream = run(scenario())
+    everything = list(range(writes * rows_per_write))
+    assert [v for batch in from_memory for v in batch] == everything
+    assert [len(batch) for batch in from_memory] == [1000, 1000, 100]
+    assert [v for batch in from_stream for v in batch] == everything
+    # XRANGE asks for one entry, then for as many as make about 1,000 rows.
+    assert [len(batch) for batch in from_stream] == [300, 900, 900]
+
+
+def test_outbox_read_back_after_memory_overflow(
+    redis_server: RedisServer, prefix: str, plain_client: redis.Redis
+) -> None:
+    """Past its memory bound the store drops its copies and reads the stream instead."""
+
+    async def scenario() -> tuple[list[int], list[int], int]:
+        store = RedisHotStore(redis_server.url, prefix=prefix)
+        await store.open()
+        store._outbox.memory_rows = 10
+        for version in range(1, 13):  # the twelfth row overflows memory
+            await store.write([], [history_row("oven", version)])
+        first = await pending(store)
+        await store.history_committed([position for position, _ in first[:5]])
+        # Back in memory mode now; this row comes from memory, the rest from the stream.
+        await store.write([], [history_row("oven", 13)])
+        second = await pending(store)
+        await store.history_committed([position for position, _ in second])
+        left = await pending(store)
+        await store.close()
+        return [row.version for _, row in first], [row.version for _, row in second], len(left)
+
+    first, second, left = run(scenario())
+    assert first == list(range(1, 13))
+    assert second == list(range(6, 14))
+    assert left == 0
+    assert plain_client.xlen(f"{prefix}:history") == 0
+
+
+def test_outbox_partly_committed_entry(
+    redis_server: RedisServer, prefix: str, plain_client: redis.Redis
+) -> None:
+    """An entry leaves the stream only when every one of its rows is committed."""
+    rows = [history_row("saw", version) for version in range(1, 4)]
+
+    async def scenario() -> tuple[list[int], list[int], int]:
+        store = RedisHotStore(redis_server.url, prefix=prefix)
+        await store.open()
+        await store.write([], rows)
+        positions = [position for position, _ in await pending(store)]
+        await store.history_committed(positions[:2])
+        still_in_stream = plain_client.xlen(f"{prefix}:history")
+        remaining = [row.version for _, row in await pending(store)]
+        await store.history_committed(positions[2:])
+        after = [row.version for _, row in await pending(store)]
+        await store.close()
+        return remaining, after, still_in_stream
+
+    remaining, after, still_in_stream = run(scenario())
+    assert remaining == [3]
+    assert after == []
+    assert still_in_stream == 1
+    assert plain_client.xlen(f"{prefix}:history") == 0
+
+
+def test_commit_rejects_foreign_position(redis_server: RedisServer, prefix: str) -> None:
+    async def scenario() -> None:
+        store = RedisHotStore(redis_server.url, prefix=prefix)
+        await store.open()
+        try:
+            await store.history_committed(["17"])
+        finally:
+            await store.close()
+
+    with pytest.raises(ValueError, match="invalid outbox position '17'"):
+        run(scenario())
 
 
 def test_invalid_outbox_entry_skipped(
@@ -284,7 +391,7 @@ def test_invalid_outbox_entry_skipped(
 def test_write_is_one_transaction(
     redis_server: RedisServer, prefix: str, plain_client: redis.Redis
 ) -> None:
-    """A batch of SETs and XADDs reaches Redis as one MULTI/EXEC."""
+    """A batch of shadows and history rows reaches Redis as one MULTI/EXEC."""
     before = plain_client.info("commandstats").get("cmdstat_exec", {}).get("calls", 0)
 
     async def scenario() -> None:

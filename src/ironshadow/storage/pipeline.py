@@ -19,28 +19,52 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+from ironshadow.metrics import Histogram
 
 from .base import HistoryRow, HistoryStore, HotStore, ShadowWrite
 
 log = logging.getLogger("ironshadow.storage")
 
-# Items (shadow writes) waiting for durability above which the devices are slowed down, and
-# below which they may go on. For small shadow documents of a few hundred bytes, the default
-# bounds what a slow store makes the engine hold to roughly 10 MB (an estimate, not measured).
+# Shadow writes waiting for durability above which the devices are slowed down, and below
+# which they may go on; likewise in bytes of documents and history rows, for large shadows.
+# Either high mark raises the pause; it clears once both are below their low marks.
 DEFAULT_HIGH_WATER = 20_000
 DEFAULT_LOW_WATER = 10_000
+DEFAULT_HIGH_WATER_BYTES = 64 * 1024 * 1024
+DEFAULT_LOW_WATER_BYTES = 32 * 1024 * 1024
+# Bytes counted per history row on top of its JSON: the time, names and version.
+ROW_OVERHEAD_BYTES = 64
 # Group commit by time: a batch smaller than BATCH_TARGET_ITEMS waits up to BATCH_DELAY
 # seconds for more submissions before it is written. Each write costs a thread handoff and an
 # fsync however small it is, so at moderate rates gathering a few milliseconds of updates cuts
 # the cost per update, at the price of that much added acknowledgement latency.
-BATCH_DELAY = 0.005
+BATCH_DELAY = 0.010
 BATCH_TARGET_ITEMS = 500
+# Shadow writes per write at most, so that draining a backlog after a stall goes in steps of
+# bounded size: the engine's memory for encoding a batch stays small.
+BATCH_MAX_ITEMS = 2_000
+# Histogram buckets for the metrics: items per batch, and seconds per write.
+BATCH_ITEMS_BUCKETS = (1, 10, 50, 100, 500, 1_000, 2_000, 5_000)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 # Retry delays after a store error, in seconds: doubled from the first to the last.
 RETRY_FIRST_DELAY = 0.1
 RETRY_MAX_DELAY = 10.0
 # Seconds the history task waits for new outbox rows before it looks again.
 HISTORY_IDLE_WAIT = 1.0
+# Seconds the history task lets new outbox rows gather before it moves them. Nobody waits on
+# the history store, and each move costs a transaction there however few its rows.
+HISTORY_BATCH_DELAY = 0.25
+
+
+class _Submission(NamedTuple):
+    shadows: Sequence[ShadowWrite]
+    rows: Sequence[HistoryRow]
+    done: Callable[[], None]
+    size: int  # bytes counted against the byte marks
 
 
 class WriteBehind:
@@ -51,17 +75,21 @@ class WriteBehind:
         on_pressure: Callable[[bool], None] | None = None,
         high_water: int = DEFAULT_HIGH_WATER,
         low_water: int = DEFAULT_LOW_WATER,
+        high_water_bytes: int = DEFAULT_HIGH_WATER_BYTES,
+        low_water_bytes: int = DEFAULT_LOW_WATER_BYTES,
     ) -> None:
         self.hot = hot
         self.history = history
         self.on_pressure = on_pressure
         self.high_water = high_water
         self.low_water = low_water
-        self._shadows: list[ShadowWrite] = []
-        self._rows: list[HistoryRow] = []
-        self._callbacks: list[Callable[[], None]] = []
-        self.pending = 0  # items submitted and not yet durable
+        self.high_water_bytes = high_water_bytes
+        self.low_water_bytes = low_water_bytes
+        self._queue: deque[_Submission] = deque()
+        self.pending = 0  # shadow writes submitted and not yet durable
+        self.pending_bytes = 0  # their documents and history rows, in bytes
         self.pressure = False
+        self._pressure_since = 0.0
         self._wakeup = asyncio.Event()
         self._history_wakeup = asyncio.Event()
         self._stopping = False
@@ -72,11 +100,22 @@ class WriteBehind:
         self.items_written = 0
         self.last_batch_seconds = 0.0
         self.history_rows_committed = 0
+        self.pressure_seconds = 0.0  # time spent above the high mark, finished periods only
+        self.batch_items = Histogram(BATCH_ITEMS_BUCKETS)
+        self.write_seconds = Histogram(LATENCY_BUCKETS)
+        self.history_batch_rows = Histogram(BATCH_ITEMS_BUCKETS)
+        self.history_write_seconds = Histogram(LATENCY_BUCKETS)
 
     def start(self) -> None:
         self._writer = asyncio.get_running_loop().create_task(self._write_loop())
         if self.history is not None:
             self._historian = asyncio.get_running_loop().create_task(self._history_loop())
+
+    def paused_seconds(self) -> float:
+        """Return the total time the pipeline has slowed the devices down, up to now."""
+        if self.pressure:
+            return self.pressure_seconds + time.monotonic() - self._pressure_since
+        return self.pressure_seconds
 
     def submit(
         self,
@@ -85,14 +124,21 @@ class WriteBehind:
         done: Callable[[], None],
     ) -> None:
         """Queue writes; ``done`` runs once they are durable."""
-        self._shadows.extend(shadows)
-        self._rows.extend(rows)
-        self._callbacks.append(done)
+        size = sum(len(shadow.key) + len(shadow.document or b"") for shadow in shadows)
+        for row in rows:
+            size += ROW_OVERHEAD_BYTES + len(row.reported or b"") + len(row.desired or b"")
+        self._queue.append(_Submission(shadows, rows, done, size))
         self.pending += len(shadows)
-        if not self.pressure and self.pending >= self.high_water:
+        self.pending_bytes += size
+        if not self.pressure and (
+            self.pending >= self.high_water or self.pending_bytes >= self.high_water_bytes
+        ):
             self.pressure = True
+            self._pressure_since = time.monotonic()
             log.warning(
-                "%d shadow writes wait for the hot store; slowing devices down", self.pending
+                "%d shadow writes (%d bytes) wait for the hot store; slowing devices down",
+                self.pending,
+                self.pending_bytes,
             )
             if self.on_pressure is not None:
                 self.on_pressure(True)
@@ -102,19 +148,27 @@ class WriteBehind:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            if not self._stopping and len(self._shadows) < BATCH_TARGET_ITEMS:
+            if not self._stopping and self.pending < BATCH_TARGET_ITEMS:
                 await asyncio.sleep(BATCH_DELAY)
-            while self._callbacks:
+            while self._queue:
                 await self._write_batch()
             if self._stopping:
                 return
 
+    def _take_batch(self) -> list[_Submission]:
+        """Take the oldest submissions, up to BATCH_MAX_ITEMS shadow writes (at least one)."""
+        batch = [self._queue.popleft()]
+        items = len(batch[0].shadows)
+        while self._queue and items + len(self._queue[0].shadows) <= BATCH_MAX_ITEMS:
+            submission = self._queue.popleft()
+            items += len(submission.shadows)
+            batch.append(submission)
+        return batch
+
     async def _write_batch(self) -> None:
-        # Everything submitted since the last batch goes into this one; its size is bounded
-        # by the high-water mark, past which devices are slowed down.
-        shadows, self._shadows = self._shadows, []
-        rows, self._rows = self._rows, []
-        callbacks, self._callbacks = self._callbacks, []
+        batch = self._take_batch()
+        shadows = [shadow for submission in batch for shadow in submission.shadows]
+        rows = [row for submission in batch for row in submission.rows]
 
         started = time.monotonic()
         delay = RETRY_FIRST_DELAY
@@ -133,17 +187,25 @@ class WriteBehind:
                 delay = min(delay * 2, RETRY_MAX_DELAY)
 
         self.last_batch_seconds = time.monotonic() - started
+        self.write_seconds.observe(self.last_batch_seconds)
+        self.batch_items.observe(len(shadows))
         self.batches_written += 1
         self.items_written += len(shadows)
         self.pending -= len(shadows)
-        for callback in callbacks:
+        self.pending_bytes -= sum(submission.size for submission in batch)
+        for submission in batch:
             try:
-                callback()
+                submission.done()
             except Exception:
                 log.exception("a callback after a durable write failed")
 
-        if self.pressure and self.pending <= self.low_water:
+        if (
+            self.pressure
+            and self.pending <= self.low_water
+            and self.pending_bytes <= self.low_water_bytes
+        ):
             self.pressure = False
+            self.pressure_seconds += time.monotonic() - self._pressure_since
             log.warning("hot store caught up (%d writes waiting); devices resume", self.pending)
             if self.on_pressure is not None:
                 self.on_pressure(False)
@@ -158,7 +220,10 @@ class WriteBehind:
             try:
                 async for batch in self.hot.pending_history():
                     positions = [position for position, _ in batch]
+                    started = time.monotonic()
                     await self.history.write([row for _, row in batch])
+                    self.history_write_seconds.observe(time.monotonic() - started)
+                    self.history_batch_rows.observe(len(batch))
                     await self.hot.history_committed(positions)
                     moved += len(batch)
                     self.history_rows_committed += len(batch)
@@ -174,6 +239,8 @@ class WriteBehind:
                 self._history_wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._history_wakeup.wait(), HISTORY_IDLE_WAIT)
+            if not self._stopping:
+                await asyncio.sleep(HISTORY_BATCH_DELAY)
 
     async def stop(self) -> None:
         """Write what was submitted, move the outbox to the history store, and stop."""

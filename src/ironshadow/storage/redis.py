@@ -8,23 +8,30 @@ Key schema, with ``{prefix}`` the configured prefix (``ironshadow`` by default):
     The same for the named shadow ``name`` of ``thing``. AWS thing and shadow names cannot
     contain ``~``, so the key splits back into thing and shadow name without ambiguity.
 ``{prefix}:history``
-    A stream of accepted updates that the history store has not committed yet. Each entry has
-    the fields ``time`` (epoch seconds as a decimal string), ``thing``, ``shadow_name`` (empty
-    for the classic shadow), ``version``, and ``reported`` and ``desired`` (JSON, each absent
-    when the request had no such section). Entries are deleted once committed.
+    A stream of accepted updates that the history store has not committed yet: one entry per
+    write batch, with one field ``rows``, a JSON array with an array per update of ``[time,
+    thing, shadow_name, version, reported, desired]``. ``time`` is epoch seconds,
+    ``shadow_name`` is empty for the classic shadow, and ``reported`` and ``desired`` are the
+    request's sections, or null when it had none. An entry is deleted once all its rows are
+    committed.
 
 Other services read a shadow with a plain ``GET``. One call to :meth:`RedisHotStore.write`
-sends all its ``SET``, ``DEL`` and ``XADD`` commands in one ``MULTI``/``EXEC`` transaction, so
-a batch costs one round trip and readers never see half of it.
+sends a ``MULTI``, at most one ``MSET``, one ``DEL`` and one ``XADD``, and an ``EXEC`` in one
+write, so a batch costs one round trip and readers never see half of it.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import hiredis
+import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, ResponseError
@@ -43,8 +50,16 @@ CONNECT_TIMEOUT_SECONDS = 5.0
 # round trips of each kind.
 LOAD_BATCH_SIZE = 1000
 
-# Outbox entries per XRANGE call in pending_history(), and ids per XDEL call.
+# Outbox entries per XRANGE call in pending_history(), ids per XDEL call, and the rows that a
+# batch from memory reaches before it is yielded.
 OUTBOX_BATCH_SIZE = 1000
+
+# Outbox rows kept in memory for the history task. Past this, memory drops them and the task
+# reads them back from the stream: a slow history store costs reads, not engine memory.
+OUTBOX_MEMORY_ROWS = 20_000
+
+_MULTI = hiredis.pack_command(("MULTI",))
+_EXEC = hiredis.pack_command(("EXEC",))
 
 # Characters that SCAN's MATCH pattern treats as glob syntax.
 _GLOB_CHARACTERS = "\\*?[]"
@@ -68,10 +83,10 @@ def _escape_glob(text: str) -> str:
     return "".join("\\" + char if char in _GLOB_CHARACTERS else char for char in text)
 
 
-
 def _reason(exc: BaseException) -> str:
     """Return the error's text without a final period, to end a clause in a message."""
     return str(exc).rstrip(".")
+
 
 class RedisHotStore:
     """A :class:`~ironshadow.storage.base.HotStore` on a standalone Redis server.
@@ -85,7 +100,9 @@ class RedisHotStore:
         self.prefix = prefix
         self.shadow_key_prefix = f"{prefix}:shadow:"
         self.history_key = f"{prefix}:history"
+        self._outbox = _Outbox(OUTBOX_MEMORY_ROWS)
         self._client: aioredis.Redis | None = None
+        self._write_connection: AbstractConnection | None = None
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailable:
         return StoreUnavailable(
@@ -135,9 +152,15 @@ class RedisHotStore:
             raise self._unavailable(exc) from exc
 
         self._client = client
+        pool = client.connection_pool
+        self._write_connection = pool.connection_class(**pool.connection_kwargs)
+        self._outbox = _Outbox(OUTBOX_MEMORY_ROWS)
         logger.info("opened the Redis hot store at %s", redact_url(self.url))
 
     async def close(self) -> None:
+        if self._write_connection is not None:
+            await self._write_connection.disconnect()
+            self._write_connection = None
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -171,40 +194,86 @@ class RedisHotStore:
             raise self._unavailable(exc) from exc
 
     async def write(self, shadows: Sequence[ShadowWrite], history: Sequence[HistoryRow]) -> None:
-        """Store the shadows and append the rows to the outbox in one MULTI/EXEC transaction."""
+        """Store the shadows and append the rows to the outbox in one MULTI/EXEC transaction.
+
+        The transaction holds at most one ``MSET``, one ``DEL`` and one ``XADD`` whatever the
+        batch size: the cost of a batch in the engine grows with the data, not the commands.
+        """
         if not shadows and not history:
             return
-        pipeline = self.client.pipeline(transaction=True)
+        # The last write to a key wins, as it would with one command per write in order.
+        latest: dict[str, bytes | None] = {}
         for shadow in shadows:
-            key = self.shadow_key_prefix + shadow.key
-            if shadow.document is None:
-                pipeline.delete(key)
-            else:
-                pipeline.set(key, shadow.document)
-        for row in history:
-            pipeline.xadd(self.history_key, _encode_row(row))
+            latest[self.shadow_key_prefix + shadow.key] = shadow.document
+        stored = {key: document for key, document in latest.items() if document is not None}
+        deleted = [key for key, document in latest.items() if document is None]
+
+        # The transaction is packed here and sent on a connection of its own: redis-py's
+        # pipeline object costs more per batch than the commands themselves.
+        commands = [_MULTI]
+        if stored:
+            commands.append(hiredis.pack_command(("MSET", *itertools.chain(*stored.items()))))
+        if deleted:
+            commands.append(hiredis.pack_command(("DEL", *deleted)))
+        if history:
+            commands.append(
+                hiredis.pack_command(("XADD", self.history_key, "*", "rows", _encode_rows(history)))
+            )
+        commands.append(_EXEC)
+        results = await self._transaction(commands)
+        if history:
+            self._outbox.remember(results[-1].decode(), list(history))
+
+    async def _transaction(self, commands: list[bytes]) -> list[Any]:
+        """Send MULTI, the commands and EXEC in one write; return EXEC's replies."""
+        connection = self._write_connection
+        if connection is None:
+            raise RuntimeError("RedisHotStore is not open: call open() first")
         try:
-            await pipeline.execute()
-        except (RedisConnectionError, RedisTimeoutError) as exc:
+            await connection.send_packed_command(commands, check_health=False)
+            for _ in range(len(commands) - 1):  # +OK for MULTI, +QUEUED for each command
+                await connection.read_response()
+            results: list[Any] = await connection.read_response()
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            await connection.disconnect(nowait=True)
             raise self._unavailable(exc) from exc
-        finally:
-            await pipeline.reset()
+        except BaseException:
+            # An error reply or a cancellation leaves replies unread: start afresh next time.
+            await connection.disconnect(nowait=True)
+            raise
+        return results
 
     async def pending_history(self) -> AsyncIterator[list[tuple[str, HistoryRow]]]:
-        """Yield the outbox entries, oldest first, as ``(stream entry id, row)`` batches."""
+        """Yield the outbox rows, oldest first, as ``(position, row)`` batches.
+
+        A position is ``{stream entry id}/{index of the row in the entry}``. Rows written by
+        this store since it opened come from memory; the stream is read only for what an
+        earlier run left behind, or after more than OUTBOX_MEMORY_ROWS rows waited at once.
+        Batches hold up to OUTBOX_BATCH_SIZE rows; a large entry spans several.
+        """
+        outbox = self._outbox
+        outbox.begin_pass()
         start = "-"
+        # Entries hold a write batch each, from one row to thousands: the count of entries
+        # per XRANGE follows the rows per entry seen so far, to keep replies near
+        # OUTBOX_BATCH_SIZE rows.
+        count = 1
         try:
-            while True:
+            while not outbox.complete:
+                # Stop short of the rows that memory holds, so none is yielded twice.
+                first_cached = outbox.first_id()
+                end = "+" if first_cached is None else "(" + first_cached
                 entries = await self.client.xrange(
-                    self.history_key, min=start, max="+", count=OUTBOX_BATCH_SIZE
+                    self.history_key, min=start, max=end, count=count
                 )
                 if not entries:
-                    return
-                batch = []
+                    outbox.complete = True
+                    break
+                batch: list[tuple[str, HistoryRow]] = []
                 for raw_id, fields in entries:
                     entry_id = raw_id.decode()
-                    row = _decode_row(fields)
-                    if row is None:
+                    rows = _decode_rows(fields)
+                    if rows is None:
                         # Left in the stream for inspection; the engine cannot write it.
                         logger.error(
                             "skipped invalid history outbox entry %s in %s: %r",
@@ -213,48 +282,165 @@ class RedisHotStore:
                             fields,
                         )
                         continue
-                    batch.append((entry_id, row))
-                if batch:
-                    yield batch
+                    outbox.read_from_stream(entry_id, len(rows))
+                    batch.extend(outbox.positioned(entry_id, rows))
+                count = max(
+                    1,
+                    min(OUTBOX_BATCH_SIZE, OUTBOX_BATCH_SIZE * len(entries) // max(1, len(batch))),
+                )
+                for first in range(0, len(batch), OUTBOX_BATCH_SIZE):
+                    yield batch[first : first + OUTBOX_BATCH_SIZE]
                 # "(" makes the next range start after the last id returned (Redis 6.2+).
                 start = "(" + entries[-1][0].decode()
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise self._unavailable(exc) from exc
+        for batch in outbox.cached_batches(OUTBOX_BATCH_SIZE):
+            yield batch
 
     async def history_committed(self, positions: Sequence[str]) -> None:
-        """Delete these stream entries: the history store has committed their rows."""
+        """Drop these rows from the outbox: the history store has committed them.
+
+        An entry is deleted from the stream (``XDEL``) once all its rows are committed.
+        """
+        finished = self._outbox.commit(positions)
         try:
-            for first in range(0, len(positions), OUTBOX_BATCH_SIZE):
-                chunk = positions[first : first + OUTBOX_BATCH_SIZE]
-                await self.client.xdel(self.history_key, *chunk)
+            for first in range(0, len(finished), OUTBOX_BATCH_SIZE):
+                await self.client.xdel(
+                    self.history_key, *finished[first : first + OUTBOX_BATCH_SIZE]
+                )
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise self._unavailable(exc) from exc
 
 
-def _encode_row(row: HistoryRow) -> dict[str, bytes | str | int]:
-    fields: dict[str, bytes | str | int] = {
-        "time": repr(row.time),
-        "thing": row.thing,
-        "shadow_name": row.shadow_name,
-        "version": row.version,
-    }
-    if row.reported is not None:
-        fields["reported"] = row.reported
-    if row.desired is not None:
-        fields["desired"] = row.desired
-    return fields
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    milliseconds, _, sequence = entry_id.partition("-")
+    return int(milliseconds), int(sequence)
 
 
-def _decode_row(fields: dict[bytes, bytes]) -> HistoryRow | None:
-    """Return the row of an outbox entry, or None when a field is missing or malformed."""
+class _Outbox:
+    """The engine's view of the history stream: which rows wait, and which are in memory.
+
+    The rows of every entry this store writes are kept in memory until they are committed, so
+    moving them to the history store does not read them back from Redis. Memory holds the newest
+    entries only; ``complete`` says whether it also holds every older uncommitted one. It is
+    False after opening (an earlier run may have left entries), after memory overflowed, and
+    while rows read from the stream wait uncommitted (a failed history write leaves them so);
+    pending_history() then reads the stream up to the first entry in memory, and sets it True
+    when nothing is left below that.
+    """
+
+    def __init__(self, memory_rows: int) -> None:
+        self.memory_rows = memory_rows
+        self.complete = False
+        self._cached: dict[str, list[HistoryRow]] = {}
+        self._cached_rows = 0
+        self._sizes: dict[str, int] = {}  # rows per yielded or cached entry
+        self._committed: dict[str, set[int]] = {}  # rows committed of unfinished entries
+        self._newest_read: tuple[int, int] = (0, 0)  # newest entry read from the stream
+        self._read_uncommitted: set[str] = set()  # entries read from the stream, not finished
+
+    def begin_pass(self) -> None:
+        if self._read_uncommitted:
+            self.complete = False
+
+    def first_id(self) -> str | None:
+        return next(iter(self._cached), None)
+
+    def remember(self, entry_id: str, rows: list[HistoryRow]) -> None:
+        if _stream_id(entry_id) <= self._newest_read:
+            return  # pending_history() read it from the stream already
+        self._cached[entry_id] = rows
+        self._sizes[entry_id] = len(rows)
+        self._cached_rows += len(rows)
+        if self._cached_rows > self.memory_rows:
+            # The history store is far behind. Memory holds nothing; the stream holds it all.
+            for cached_id in self._cached:
+                if cached_id not in self._committed:
+                    del self._sizes[cached_id]
+            self._cached.clear()
+            self._cached_rows = 0
+            self.complete = False
+
+    def read_from_stream(self, entry_id: str, size: int) -> None:
+        self._sizes[entry_id] = size
+        self._read_uncommitted.add(entry_id)
+        self._newest_read = max(self._newest_read, _stream_id(entry_id))
+        rows = self._cached.pop(entry_id, None)
+        if rows is not None:
+            self._cached_rows -= len(rows)
+
+    def positioned(self, entry_id: str, rows: list[HistoryRow]) -> list[tuple[str, HistoryRow]]:
+        done = self._committed.get(entry_id, ())
+        return [(f"{entry_id}/{index}", row) for index, row in enumerate(rows) if index not in done]
+
+    def cached_batches(self, size: int) -> Iterator[list[tuple[str, HistoryRow]]]:
+        batch: list[tuple[str, HistoryRow]] = []
+        for entry_id, rows in list(self._cached.items()):
+            batch.extend(self.positioned(entry_id, rows))
+            while len(batch) >= size:
+                yield batch[:size]
+                batch = batch[size:]
+        if batch:
+            yield batch
+
+    def commit(self, positions: Sequence[str]) -> list[str]:
+        """Record committed rows; return the ids of the entries now committed entirely."""
+        finished = []
+        for position in positions:
+            entry_id, _, index = position.partition("/")
+            try:
+                _stream_id(entry_id)
+                row_index = int(index)
+            except ValueError:
+                raise ValueError(
+                    f"invalid outbox position {position!r}: expected a position that "
+                    "pending_history() returned"
+                ) from None
+            done = self._committed.setdefault(entry_id, set())
+            done.add(row_index)
+            if len(done) >= self._sizes.get(entry_id, 0):
+                finished.append(entry_id)
+        for entry_id in finished:
+            self._read_uncommitted.discard(entry_id)
+            self._committed.pop(entry_id, None)
+            self._sizes.pop(entry_id, None)
+            rows = self._cached.pop(entry_id, None)
+            if rows is not None:
+                self._cached_rows -= len(rows)
+        return finished
+
+
+def _encode_rows(rows: Sequence[HistoryRow]) -> bytes:
+    return orjson.dumps(
+        [
+            [
+                row.time,
+                row.thing,
+                row.shadow_name,
+                row.version,
+                None if row.reported is None else orjson.Fragment(row.reported),
+                None if row.desired is None else orjson.Fragment(row.desired),
+            ]
+            for row in rows
+        ]
+    )
+
+
+def _decode_rows(fields: dict[bytes, bytes]) -> list[HistoryRow] | None:
+    """Return the rows of an outbox entry, or None when the entry is malformed."""
     try:
-        return HistoryRow(
-            time=float(fields[b"time"]),
-            thing=fields[b"thing"].decode(),
-            shadow_name=fields[b"shadow_name"].decode(),
-            version=int(fields[b"version"]),
-            reported=fields.get(b"reported"),
-            desired=fields.get(b"desired"),
-        )
-    except (KeyError, ValueError, UnicodeDecodeError):
+        return [
+            HistoryRow(
+                time=float(time),
+                thing=thing,
+                shadow_name=shadow_name,
+                version=version,
+                reported=None if reported is None else orjson.dumps(reported),
+                desired=None if desired is None else orjson.dumps(desired),
+            )
+            for time, thing, shadow_name, version, reported, desired in orjson.loads(
+                fields[b"rows"]
+            )
+        ]
+    except (KeyError, ValueError, TypeError, orjson.JSONDecodeError):
         return None
