@@ -117,6 +117,42 @@ def test_acknowledged_updates_survive_kill(tmp_path):
         restarted.stop()
 
 
+def test_tombstone_expires_after_48_hours(tmp_path):
+    """A deleted shadow keeps its version across a restart; 48 hours after the delete it is
+    forgotten, in memory and in the store, and the next update starts at version 1."""
+    engine = start_engine(tmp_path)
+    try:
+        device = TestClient(engine.port, "kiln-3", V311)
+        report(device, temperature=870)
+        report(device, temperature=905)
+        device.publish(PREFIX + "/delete", b"", 1)
+        device.disconnect()
+    finally:
+        engine.stop()
+
+    engine = start_engine(tmp_path)
+    try:
+        service = engine.server.shadows
+        deleted_at = engine.call(lambda: service.tombstones.get("kiln-3"))
+        assert deleted_at is not None and abs(deleted_at - time.time()) < 60
+        assert engine.call(service.expire_tombstones, deleted_at + 47 * 3600) == 0
+        assert engine.call(service.expire_tombstones, deleted_at + 48 * 3600) == 1
+        assert engine.call(lambda: "kiln-3" in service.shadows) is False
+    finally:
+        engine.stop()
+
+    engine = start_engine(tmp_path)
+    try:
+        assert engine.call(lambda: "kiln-3" in engine.server.shadows.shadows) is False
+        device = TestClient(engine.port, "kiln-3", V311)
+        report(device, temperature=20)
+        device.disconnect()
+        shadow = engine.call(engine.server.shadows.shadows.get, "kiln-3")
+        assert shadow is not None and shadow.version == 1
+    finally:
+        engine.stop()
+
+
 class GatedStore(EmbeddedHotStore):
     """An embedded store whose writes wait until the test opens the gate."""
 

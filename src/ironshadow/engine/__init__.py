@@ -21,6 +21,8 @@ log = logging.getLogger("ironshadow.storage")
 
 # Seconds between two runs of the history retention job.
 RETENTION_INTERVAL = 3600.0
+# Seconds between two sweeps for shadow tombstones past their retention time.
+TOMBSTONE_SWEEP_INTERVAL = 600
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +83,7 @@ class Engine:
             self.pipeline = WriteBehind(self._hot, self._history, self._on_pressure)
         self.shadows = ShadowService(self.broker, shadow_limits, self.pipeline)
         self._retention_task: asyncio.Task[None] | None = None
+        self._tombstone_task: asyncio.Task[None] | None = None
 
     @property
     def history_store(self) -> HistoryStore | None:
@@ -113,6 +116,14 @@ class Engine:
         except BaseException:
             await self._close_stores()
             raise
+        self._tombstone_task = asyncio.get_running_loop().create_task(self._tombstone_loop())
+
+    async def _tombstone_loop(self) -> None:
+        while True:
+            expired = self.shadows.expire_tombstones(time.time())
+            if expired:
+                log.info("forgot %d shadows deleted more than 48 hours ago", expired)
+            await asyncio.sleep(TOMBSTONE_SWEEP_INTERVAL)
 
     async def _retention_loop(self) -> None:
         assert self._history is not None
@@ -120,12 +131,16 @@ class Engine:
             try:
                 await self._history.enforce_retention(time.time())
             except Exception as exc:  # logged and retried at the next interval
-                log.warning("history retention failed: %s; retrying in %.0f s", exc,
-                            RETENTION_INTERVAL)
+                log.warning(
+                    "history retention failed: %s; retrying in %.0f s", exc, RETENTION_INTERVAL
+                )
             await asyncio.sleep(RETENTION_INTERVAL)
 
     async def shutdown(self) -> None:
         """Stop the broker, write what is pending, and close the stores."""
+        if self._tombstone_task is not None:
+            self._tombstone_task.cancel()
+            self._tombstone_task = None
         await self.broker.shutdown()
         await self._close_stores()
 

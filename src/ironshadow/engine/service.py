@@ -60,6 +60,9 @@ REPLAYS_PER_ITERATION = 200
 # subscribers reliably and wait in offline persistent sessions.
 SERVICE_QOS = 1
 PRESENCE_PREFIX = "$aws/events/presence/"
+# Seconds a deleted shadow keeps its version, as on AWS: an update within this time continues
+# from the deleted version, a later one starts again at 1.
+TOMBSTONE_SECONDS = 48 * 3600
 
 
 class Request(NamedTuple):
@@ -99,6 +102,8 @@ class ShadowService(BrokerHooks):
         # Epoch seconds, with fractions, of the batch being applied: the history's time.
         self._batch_time = 0.0
         self.shadows: dict[str, Shadow] = {}
+        # Key -> epoch seconds of the delete, for each shadow that is a tombstone.
+        self.tombstones: dict[str, int] = {}
         # Thing -> names of its named shadows, for listing them without a full scan.
         self.named_shadows: dict[str, set[str]] = {}
         # Thing (client id) -> epoch seconds of its last connect or disconnect.
@@ -247,6 +252,10 @@ class ShadowService(BrokerHooks):
     ) -> None:
         """Keep the new shadow, and queue its write and history row when stores are set."""
         self.shadows[key] = shadow
+        if shadow.deleted:
+            self.tombstones[key] = now
+        elif self.tombstones:
+            self.tombstones.pop(key, None)
         if self.pipeline is not None:
             self._writes.append(ShadowWrite(key, document_bytes(shadow, now)))
             if result is not None:
@@ -339,20 +348,40 @@ class ShadowService(BrokerHooks):
             for key, document in batch:
                 shadow = restore_shadow(document)
                 self.shadows[key] = shadow
+                if shadow.deleted:
+                    self.tombstones[key] = orjson.loads(document).get("timestamp", int(time.time()))
                 thing, _, shadow_name = key.partition("~")
                 if shadow_name:
                     self.named_shadows.setdefault(thing, set()).add(shadow_name)
             count += len(batch)
         return count
 
+    def expire_tombstones(self, now: float) -> int:
+        """Forget the shadows deleted TOMBSTONE_SECONDS or more ago; return how many.
+
+        A later update of such a shadow starts again at version 1, as on AWS.
+        """
+        expired = [
+            key for key, deleted in self.tombstones.items() if now - deleted >= TOMBSTONE_SECONDS
+        ]
+        for key in expired:
+            del self.tombstones[key]
+            del self.shadows[key]
+            thing, _, shadow_name = key.partition("~")
+            if shadow_name:
+                names = self.named_shadows.get(thing)
+                if names is not None:
+                    names.discard(shadow_name)
+                    if not names:
+                        del self.named_shadows[thing]
+        if expired and self.pipeline is not None:
+            self.pipeline.submit([ShadowWrite(key, None) for key in expired], [], _nothing)
+        return len(expired)
+
     def named_shadow_names(self, thing: str) -> list[str]:
         """Return the names of the thing's named shadows that exist (not deleted), sorted."""
         names = self.named_shadows.get(thing, ())
-        return sorted(
-            name
-            for name in names
-            if not self.shadows[shadow_key(thing, name)].deleted
-        )
+        return sorted(name for name in names if not self.shadows[shadow_key(thing, name)].deleted)
 
     # --- broker events: presence and delta replay ---------------------------------------
 
@@ -440,7 +469,7 @@ def document_bytes(shadow: Shadow, now: int) -> bytes:
     shape of a get/accepted reply.
     """
     if shadow.deleted:
-        return orjson.dumps({"deleted": True, "version": shadow.version})
+        return orjson.dumps({"deleted": True, "version": shadow.version, "timestamp": now})
     return orjson.dumps(shadow.document(now))
 
 
@@ -450,6 +479,10 @@ def restore_shadow(document: bytes) -> Shadow:
     if parsed.get("deleted"):
         return Shadow.from_state(None, parsed["version"], deleted=True)
     return Shadow.from_document(parsed)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _release_all(messages: list[Message]) -> None:
