@@ -9,7 +9,7 @@ from collections.abc import Sequence
 class Histogram:
     """Counts of observed values per bucket, with their sum, as Prometheus histograms keep.
 
-    ``bounds`` are the buckets' upper bounds, ascending; a value above the last one counts only
+    ``bounds`` are the buckets' upper bounds, ascending. A value above the last one counts only
     in the implicit ``+Inf`` bucket. ``counts[i]`` is the number of values in bucket ``i`` alone,
     not the cumulative count that the Prometheus text format shows.
     """

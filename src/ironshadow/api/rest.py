@@ -10,6 +10,7 @@ Endpoints:
   ``GET /api/things/shadow/ListNamedShadowsForThing/{thing}``: the thing's named shadows.
 - ``GET /things``: things in name order, filtered by name prefix and connection state.
 - ``GET /things/{thing}``: one thing's summary and its named shadows.
+- ``GET /metrics``: the engine's metrics for Prometheus (api/metrics.py).
 - ``/docs`` and ``/openapi.json``: the OpenAPI description.
 
 Every handler is a coroutine, so it runs on the engine's event loop and reads the shadow
@@ -42,6 +43,7 @@ from .documents import (
 )
 from .errors import JSON_MEDIA_TYPE, ApiError, error_response, install_error_handlers
 from .history import add_history_routes
+from .metrics import add_metrics_routes
 from .paging import (
     NAMED_SHADOWS_PAGE_SIZE_DEFAULT,
     NAMED_SHADOWS_PAGE_SIZE_MAX,
@@ -142,6 +144,7 @@ def create_app(engine: Engine, max_body_bytes: int | None = None) -> FastAPI:
     install_error_handlers(app)
     _install_openapi_without_422(app)
     add_history_routes(app, engine)
+    add_metrics_routes(app, engine)
 
     async def shadow_request(
         operation: str, request: Request, thing: str, name: str | None

@@ -99,6 +99,7 @@ class WriteBehind:
         self.batches_written = 0
         self.items_written = 0
         self.last_batch_seconds = 0.0
+        self.history_rows_written = 0  # to the outbox
         self.history_rows_committed = 0
         self.pressure_seconds = 0.0  # time spent above the high mark, finished periods only
         self.batch_items = Histogram(BATCH_ITEMS_BUCKETS)
@@ -191,6 +192,7 @@ class WriteBehind:
         self.batch_items.observe(len(shadows))
         self.batches_written += 1
         self.items_written += len(shadows)
+        self.history_rows_written += len(rows)
         self.pending -= len(shadows)
         self.pending_bytes -= sum(submission.size for submission in batch)
         for submission in batch:

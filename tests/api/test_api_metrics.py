@@ -1,0 +1,87 @@
+"""GET /metrics, read with prometheus-client's own parser of the text format."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+from api_harness import http_client, running_engine
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import scaled
+from ironshadow.engine import StorageConfig
+from mqtt_client import V311, TestClient
+
+
+def scrape(client) -> dict[str, dict[tuple, float]]:
+    """Return each sample's value by metric family, then by sample name and labels."""
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    families = {}
+    for family in text_string_to_metric_families(response.text):
+        families[family.name] = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for sample in family.samples
+        }
+    return families
+
+
+def value(families, sample: str) -> float:
+    """Return the unlabelled sample of this name; a counter's family drops the _total."""
+    family = sample.removesuffix("_total")
+    return families[family][(sample, ())]
+
+
+def test_metrics_follow_mqtt_updates(tmp_path):
+    with running_engine(storage=StorageConfig(tmp_path)) as engine, http_client(engine) as client:
+        before = scrape(client)
+        device = TestClient(engine.mqtt_port, "press-7", V311)
+        try:
+            for temperature in (61.5, 62.0, 62.5):
+                payload = orjson.dumps({"state": {"reported": {"temperature": temperature}}})
+                device.publish("$aws/things/press-7/shadow/update", payload, 1)
+
+            deadline = time.monotonic() + scaled(10)
+            while True:
+                after = scrape(client)
+                committed = value(after, "ironshadow_history_rows_total")
+                if committed >= 3 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert value(after, "ironshadow_clients_connected") == 1
+        finally:
+            device.disconnect()
+
+    assert value(before, "ironshadow_shadow_updates_total") == 0
+    assert value(after, "ironshadow_shadow_updates_total") == 3
+    assert value(after, "ironshadow_shadows") == 1
+    assert value(after, "ironshadow_publish_received_total") >= 3
+    assert value(after, "ironshadow_history_rows_total") == 3
+    assert value(after, "ironshadow_history_outbox_rows") == 0
+    assert value(after, "ironshadow_store_pending_writes") == 0
+    assert value(after, "ironshadow_store_pressure") == 0
+    assert value(after, "ironshadow_reading_paused") == 0
+
+    writes = value(after, "ironshadow_store_writes_total")
+    assert writes >= 1
+    updates = after["ironshadow_store_write_updates"]
+    assert updates[("ironshadow_store_write_updates_count", ())] == writes
+    assert updates[("ironshadow_store_write_updates_sum", ())] == 3
+    assert updates[("ironshadow_store_write_updates_bucket", (("le", "+Inf"),))] == writes
+    seconds = after["ironshadow_store_write_seconds"]
+    assert seconds[("ironshadow_store_write_seconds_count", ())] == writes
+    assert seconds[("ironshadow_store_write_seconds_sum", ())] > 0
+
+    assert value(after, "process_resident_memory_bytes") > 10 * 2**20
+    cpu = value(after, "process_cpu_seconds_total")
+    assert cpu >= value(before, "process_cpu_seconds_total") > 0
+
+
+def test_metrics_without_stores_leave_out_the_store_families():
+    with running_engine() as engine, http_client(engine) as client:
+        families = scrape(client)
+    assert "ironshadow_shadow_updates" in families
+    assert "ironshadow_clients_connected" in families
+    store_families = ("ironshadow_store_", "ironshadow_history_")
+    assert not any(name.startswith(store_families) for name in families)
