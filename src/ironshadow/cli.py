@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, swarm
 from .api import ApiServer
 from .broker.config import BrokerConfig
 from .engine import Engine, StorageConfig
@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(serve)
     serve.set_defaults(handler=_run_serve)
+    swarm.add_command(commands)
     return parser
 
 
