@@ -160,6 +160,7 @@ def test_impossible_rate_is_a_clear_error():
     completed = run_swarm("--port", "1", "--devices", "20000", "--frequency", "1ms")
     assert completed.returncode == 2
     assert "--devices 20000 at --frequency 1ms offer 20,000,000 messages/s" in completed.stderr
+    assert "about 300,000 each" in completed.stderr
     assert "lower --devices" in completed.stderr
 
 
@@ -179,3 +180,15 @@ def test_bad_duration_names_the_value():
     completed = run_swarm("--frequency", "fast")
     assert completed.returncode == 2
     assert "invalid duration 'fast'" in completed.stderr
+
+
+def test_ceiling_runs_against_the_discard_server():
+    result = report(
+        run_swarm("--ceiling", "--devices", "20", "--frequency", "0", "--duration", "2s", "--json")
+    )
+    assert result["scenario_figures"]["target"].startswith("discard server")
+    assert result["sent_total"] > 0
+    assert result["achieved_per_s"] > 0
+    assert result["errors"] == 0
+    # The discard server is a local process, so its CPU is reported as the engine's.
+    assert result["engine_cpu_percent_core"] is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import multiprocessing
 import os
@@ -32,6 +33,7 @@ from ironshadow.mqtt import (
     Subscription,
 )
 
+from .discard import run_discard_server
 from .options import SwarmOptions, SwarmUsageError, check
 from .worker import STATS_INTERVAL, run_worker, shadow_topic, thing_name
 
@@ -562,6 +564,8 @@ class Coordinator:
 async def run_swarm(options: SwarmOptions) -> SwarmResult:
     """Run the scenario that ``options`` name and return its result."""
     check(options)
+    if options.ceiling:
+        return await _run_against_discard_server(options)
     coordinator = Coordinator(options)
     observer = await coordinator.open_observer()
     coordinator.start_workers()
@@ -588,6 +592,31 @@ async def run_swarm(options: SwarmOptions) -> SwarmResult:
             observer.transport.close()
     result.sent_total = coordinator.total("sent")
     return result
+
+
+async def _run_against_discard_server(options: SwarmOptions) -> SwarmResult:
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    server = context.Process(
+        target=run_discard_server, args=("127.0.0.1", theirs), name="swarm-discard", daemon=True
+    )
+    server.start()
+    theirs.close()
+    try:
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(None, ours.poll, 30):
+            raise SwarmError("the discard server did not start within 30 s")
+        port = ours.recv()
+        measured = dataclasses.replace(
+            options, host="127.0.0.1", port=port, ceiling=False, engine_pid=server.pid
+        )
+        result = await run_swarm(measured)
+        result.scenario_figures["target"] = "discard server (the generator's ceiling)"
+        return result
+    finally:
+        server.kill()
+        server.join(timeout=5)
+        ours.close()
 
 
 # --- output --------------------------------------------------------------------------------
