@@ -371,6 +371,7 @@ class MQTTConnection(asyncio.Protocol):
                 ack = Puback(packet.packet_id, ReasonCode.NO_MATCHING_SUBSCRIBERS).encode(5)
         else:
             session.inbound_qos2.add(packet.packet_id)
+            broker.session_changed(session)
             if matched or self.version != MQTT_5:
                 ack = _PUBREC_HEADER + packet.packet_id.to_bytes(2, "big")
             else:
@@ -436,6 +437,7 @@ class MQTTConnection(asyncio.Protocol):
         delivery = session.inflight.get(packet.packet_id)
         if delivery is not None and delivery.state == AWAITING_PUBACK:
             del session.inflight[packet.packet_id]
+            self.broker.session_changed(session)
             if session.queue:
                 self.broker.drain(session)
 
@@ -453,10 +455,12 @@ class MQTTConnection(asyncio.Protocol):
         if packet.reason_code >= 0x80:
             # The receiver rejected the message: the flow ends here [MQTT-4.3.3-4].
             del session.inflight[packet.packet_id]
+            self.broker.session_changed(session)
             if session.queue:
                 self.broker.drain(session)
             return
         delivery.state = AWAITING_PUBCOMP
+        self.broker.session_changed(session)
         self.send(_PUBREL_HEADER + pid)
 
     def _on_pubrel(self, packet: Pubrel) -> None:
@@ -464,6 +468,7 @@ class MQTTConnection(asyncio.Protocol):
         pid = packet.packet_id
         if pid in session.inbound_qos2:
             session.inbound_qos2.discard(pid)
+            self.broker.session_changed(session)
             self.send(_PUBCOMP_HEADER + pid.to_bytes(2, "big"))
         elif self.version == MQTT_5:
             self.send(Pubcomp(pid, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND).encode(5))
@@ -475,6 +480,7 @@ class MQTTConnection(asyncio.Protocol):
         delivery = session.inflight.get(packet.packet_id)
         if delivery is not None and delivery.state == AWAITING_PUBCOMP:
             del session.inflight[packet.packet_id]
+            self.broker.session_changed(session)
             if session.queue:
                 self.broker.drain(session)
 

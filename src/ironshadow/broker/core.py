@@ -12,6 +12,10 @@ connected clients keep being served.
 Broker-wide pause. ``pause_reading()`` stops reading from every connection, new ones included,
 until ``resume_reading()``; storage layers raise it when their queues fill up, so that TCP flow
 control slows the devices down. Keep-alive timers do not expire while the pause is in force.
+
+Saved state. When the engine keeps MQTT state across restarts, ``state_changes`` collects the
+retained topics and sessions that changed, and the engine writes them behind (see
+``persistence``). Without it the broker keeps everything in memory only.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..mqtt.constants import MQTT_5
 from ..mqtt.errors import MQTTProtocolError, protocol_error
@@ -46,6 +51,9 @@ from .session import (
 )
 from .stats import BrokerStats
 from .subscriptions import SubscriptionIndex, SubscriptionRecord
+
+if TYPE_CHECKING:
+    from .persistence import StateChanges
 
 log = logging.getLogger("ironshadow.broker")
 
@@ -93,6 +101,9 @@ class Broker:
         self.max_connections = self.config.max_connections or default_max_connections()
         self.hooks: list[BrokerHooks] = []
         self._lingering: set[asyncio.Transport] = set()
+        # Retained topics and sessions changed since the last save, when the engine persists
+        # MQTT state (see ``persistence``); None when nothing is persisted.
+        self.state_changes: StateChanges | None = None
 
     # --- extension points -------------------------------------------------------------
 
@@ -125,6 +136,23 @@ class Broker:
         Callers skip building a message that nobody would receive.
         """
         return bool(self.index.match(topic))
+
+    def session_changed(self, session: Session) -> None:
+        """Mark a persistent session's state changed, for the next save of the MQTT state.
+
+        It runs on every queue and acknowledgement change, so it ignores sessions that end at
+        disconnect. Connect, disconnect and the end of a session call :meth:`_mark_session`
+        instead, which marks every session, because such a session may replace or delete a
+        saved persistent one.
+        """
+        changes = self.state_changes
+        if changes is not None and session.expiry_interval:
+            changes.sessions[session.client_id] = None
+
+    def _mark_session(self, client_id: str) -> None:
+        changes = self.state_changes
+        if changes is not None:
+            changes.sessions[client_id] = None
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -235,15 +263,19 @@ class Broker:
                 # and no later than the end of the session.
                 delay = min(delay, session.expiry_interval)
                 session.will = will
+                session.will_at = time.time() + delay
                 session.will_handle = self.loop.call_later(
                     delay, self._fire_delayed_will, session
                 )
         if session.expiry_interval == 0:
             self._end_session(session)
-        elif session.expiry_interval != NEVER_EXPIRES:
+            return
+        if session.expiry_interval != NEVER_EXPIRES:
+            session.ends_at = time.time() + session.expiry_interval
             session.expiry_handle = self.loop.call_later(
                 session.expiry_interval, self._expire_session, session
             )
+        self._mark_session(session.client_id)
 
     def _publish_will(self, will, client_id: str) -> None:  # type: ignore[no-untyped-def]
         # Will Delay Interval belongs to CONNECT and is not valid in a PUBLISH, so a
@@ -259,9 +291,11 @@ class Broker:
 
     def _fire_delayed_will(self, session: Session) -> None:
         session.will_handle = None
+        session.will_at = None
         will, session.will = session.will, None
         if will is not None:
             self._publish_will(will, session.client_id)
+            self._mark_session(session.client_id)
 
     def _expire_session(self, session: Session) -> None:
         session.expiry_handle = None
@@ -282,6 +316,7 @@ class Broker:
         if session.will_handle is not None:
             self._fire_delayed_will(session)
         session.cancel_timers()
+        self._mark_session(session.client_id)
 
     # --- admission --------------------------------------------------------------------
 
@@ -431,8 +466,12 @@ class Broker:
             # A resumed session cancels its expiry and any delayed will [MQTT-3.1.3-9].
             session.cancel_timers()
             session.will = None
+            session.will_at = None
+            session.ends_at = None
         session.expiry_interval = expiry
+        session.version = version
         session.connection = connection
+        self._mark_session(client_id)
         connection.session = session
         connection.will = connect.will
         connection.state = CONNECTED
@@ -554,6 +593,8 @@ class Broker:
             ):
                 retained.extend((message, record) for message in self.retained.match(inner))
         connection.send(Suback(packet.packet_id, codes).encode(version))
+        if added:
+            self.session_changed(session)
         for message, record in retained:
             # Retained messages sent because of a subscription keep the retain flag
             # [MQTT-3.3.1-8].
@@ -578,6 +619,7 @@ class Broker:
             self.index.remove(inner, session.client_id, group)
             codes.append(ReasonCode.SUCCESS)
         connection.send(Unsuback(packet.packet_id, codes).encode(connection.version))
+        self.session_changed(session)
 
     # --- routing ----------------------------------------------------------------------
 
@@ -585,6 +627,10 @@ class Broker:
         """Route ``message`` to every matching subscription; return how many matched."""
         if message.retain:
             self.retained.store(message)
+            changes = self.state_changes
+            # $SYS topics are published again by this broker after a restart.
+            if changes is not None and not message.topic.startswith("$SYS/"):
+                changes.retained[message.topic] = None
         nodes = self.index.match(message.topic)
         if not nodes:
             return 0
@@ -669,6 +715,7 @@ class Broker:
             return
         delivery.state = AWAITING_PUBACK if delivery.qos == 1 else AWAITING_PUBREC
         session.inflight[packet_id] = delivery
+        self.session_changed(session)
         connection.send(data)
         self.stats.packets_sent += 1
         self.stats.publish_sent += 1
@@ -690,9 +737,13 @@ class Broker:
                 session.queue_dropped,
             )
             if self.config.queue_full_policy != QUEUE_FULL_DROP_OLDEST:
+                # The queue is unchanged, so the session is not marked for saving: a full
+                # queue would otherwise be written whole on every save. The saved drop count
+                # catches up with the next change.
                 return
             queue.popleft()
         queue.append(delivery)
+        self.session_changed(session)
 
     def drain(self, session: Session) -> None:
         """Send queued messages while the in-flight window and the write buffer allow."""
@@ -706,6 +757,7 @@ class Broker:
             if delivery.qos and len(session.inflight) >= connection.send_quota:
                 return
             queue.popleft()
+            self.session_changed(session)
             if delivery.message.expired(now):
                 continue
             if delivery.qos:

@@ -39,6 +39,7 @@ class Message:
         "properties",
         "qos",
         "retain",
+        "serialized",
         "topic",
     )
 
@@ -73,6 +74,9 @@ class Message:
         self._cache: dict[int, bytes] | None = None
         self.holds = 0
         self.on_released: Callable[[], None] | None = None
+        # This message in the format of saved MQTT state, cached because many sessions may
+        # queue the same message (see ``persistence``).
+        self.serialized: bytes | None = None
 
     def hold(self) -> None:
         """Delay the publisher's acknowledgement until a matching :meth:`release`."""

@@ -2,7 +2,8 @@
 
 A session outlives its connections when its expiry interval is above zero. It holds the
 client's subscriptions, the QoS 1 and 2 messages sent but not yet acknowledged (in flight)
-and the messages waiting to be sent (queued).
+and the messages waiting to be sent (queued). When the engine keeps MQTT state, such a session
+also outlives a restart of the engine (see ``persistence``).
 
 Outbound delivery, per message and subscriber::
 
@@ -64,6 +65,7 @@ class Session:
         "client_id",
         "connection",
         "consumer",
+        "ends_at",
         "expiry_handle",
         "expiry_interval",
         "inbound_qos2",
@@ -72,7 +74,9 @@ class Session:
         "queue",
         "queue_dropped",
         "subscriptions",
+        "version",
         "will",
+        "will_at",
         "will_handle",
     )
 
@@ -91,7 +95,14 @@ class Session:
         self.next_packet_id = 1
         self.expiry_interval = 0
         self.expiry_handle: asyncio.TimerHandle | None = None
+        # Epoch seconds (time.time()) when the offline session ends, or None while it is
+        # connected or when it never expires. Wall-clock time, so that it survives a restart.
+        self.ends_at: float | None = None
+        # MQTT protocol level of the last connection: 4 for 3.1.1, 5 for 5.0.
+        self.version = 4
         self.will: Will | None = None
+        # Epoch seconds when the delayed ``will`` is due, or None without one.
+        self.will_at: float | None = None
         self.will_handle: asyncio.TimerHandle | None = None
 
     def allocate_packet_id(self) -> int:

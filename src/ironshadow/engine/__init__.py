@@ -7,13 +7,18 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..broker.config import BrokerConfig
 from ..broker.core import Broker
 from ..shadow import ShadowLimits, shadow_key
 from ..storage.base import DEFAULT_RETENTION_DAYS, HistoryStore, HotStore
 from ..storage.pipeline import WriteBehind
+from .mqtt_state import MqttStateSaver
 from .service import ShadowService
+
+if TYPE_CHECKING:
+    from ..storage.mqtt_state import MqttStateStore
 
 __all__ = ["Engine", "ShadowService", "StorageConfig", "shadow_key"]
 
@@ -50,6 +55,19 @@ def open_hot_store(config: StorageConfig) -> HotStore:
     return EmbeddedHotStore(config.data_dir / "shadows")
 
 
+def open_mqtt_state_store(config: StorageConfig) -> MqttStateStore:
+    """Return the store for retained messages and persistent sessions, beside the hot store."""
+    from ..storage.mqtt_state import (
+        SQLITE_FILE_NAME,
+        RedisMqttStateStore,
+        SQLiteMqttStateStore,
+    )
+
+    if config.redis_url:
+        return RedisMqttStateStore(config.redis_url)
+    return SQLiteMqttStateStore(config.data_dir / SQLITE_FILE_NAME)
+
+
 def open_history_store(config: StorageConfig) -> HistoryStore:
     if config.postgres_dsn:
         from ..storage.postgres import PostgresHistoryStore
@@ -82,6 +100,9 @@ class Engine:
             self._history = open_history_store(storage)
             self.pipeline = WriteBehind(self._hot, self._history, self._on_pressure)
         self.shadows = ShadowService(self.broker, shadow_limits, self.pipeline)
+        self._mqtt_state: MqttStateSaver | None = None
+        if storage is not None:
+            self._mqtt_state = MqttStateSaver(self.broker, open_mqtt_state_store(storage))
         self._retention_task: asyncio.Task[None] | None = None
         self._tombstone_task: asyncio.Task[None] | None = None
 
@@ -97,7 +118,8 @@ class Engine:
             self.broker.resume_reading()
 
     async def start(self) -> None:
-        """Open the stores, load every shadow, then open the MQTT listener."""
+        """Open the stores, load every shadow, retained message and persistent session, then
+        open the MQTT listener."""
         if self.pipeline is not None:
             assert self._hot is not None and self._history is not None
             await self._hot.open()
@@ -112,6 +134,8 @@ class Engine:
             self.pipeline.start()
             self._retention_task = asyncio.get_running_loop().create_task(self._retention_loop())
         try:
+            if self._mqtt_state is not None:
+                await self._mqtt_state.start()
             await self.broker.start()
         except BaseException:
             await self._close_stores()
@@ -145,6 +169,8 @@ class Engine:
         await self._close_stores()
 
     async def _close_stores(self) -> None:
+        if self._mqtt_state is not None:
+            await self._mqtt_state.stop()
         if self._retention_task is not None:
             self._retention_task.cancel()
             self._retention_task = None

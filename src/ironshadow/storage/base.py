@@ -11,6 +11,9 @@ Between the two sits the history outbox: rows of acknowledged updates wait there
 the history store has committed them, so an engine crash loses none. The embedded backend keeps
 the outbox in its journal; the Redis backend in a Redis Stream.
 
+Retained messages and persistent sessions have a store interface of their own, in
+``mqtt_state``.
+
 Every write method returns only when the data is durable (written and fsynced, acknowledged
 by Redis, or committed by the database). Backends raise :class:`StoreUnavailable` when the
 store cannot be reached, with a message that names the URL or path and what to check.
