@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import socket
 import threading
@@ -35,7 +36,10 @@ class TestClient:
         will: tuple[str, bytes, int, bool] | None = None,
         will_properties: Properties | None = None,
         connect: bool = True,
+        transport: str = "tcp",
+        websocket_path: str = "/mqtt",
     ) -> None:
+        """``transport="websockets"`` connects to ``websocket_path`` on the HTTP ``port``."""
         self.port = port
         self.protocol = protocol
         kwargs: dict[str, Any] = {}
@@ -48,8 +52,11 @@ class TestClient:
             client_id=client_id,
             protocol=protocol,
             reconnect_on_failure=False,
+            transport=transport,
             **kwargs,
         )
+        if transport == "websockets":
+            self.client.ws_set_options(path=websocket_path)
         self.messages: queue.Queue[paho.MQTTMessage] = queue.Queue()
         self.connected = threading.Event()
         self.disconnected = threading.Event()
@@ -165,9 +172,14 @@ class TestClient:
         sock = self.client.socket()
         if sock is not None:
             # shutdown() wakes the network thread out of select(), so loop_stop() returns
-            # at once.
+            # at once. paho's WebSocket wrapper has no shutdown(), so a duplicate of its
+            # descriptor is shut down instead, which shuts down the same connection.
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+                if isinstance(sock, socket.socket):
+                    sock.shutdown(socket.SHUT_RDWR)
+                else:
+                    with socket.socket(fileno=os.dup(sock.fileno())) as duplicate:
+                        duplicate.shutdown(socket.SHUT_RDWR)
         self.client.loop_stop()
         if sock is not None:
             sock.close()

@@ -17,7 +17,13 @@ import pytest
 
 from conftest import free_port, scaled
 from ironshadow.cli import build_parser
-from ironshadow.settings import SettingsError, broker_config, check_storage, resolve
+from ironshadow.settings import (
+    SettingsError,
+    broker_config,
+    check_storage,
+    feed_config,
+    resolve,
+)
 from mqtt_client import V5, TestClient
 
 
@@ -73,6 +79,8 @@ def test_settings_invalid_value_names_source():
         (("--receive-maximum", "0"), "must be from 1 to 65,535"),
         (("--max-keep-alive", "-3"), "must be from 0 to 65,535"),
         (("--max-shadow-size", "0"), "must be at least 1"),
+        (("--ws-feed-rate", "-1"), "must be at least 0"),
+        (("--ws-feed-queue", "0"), "must be at least 1"),
     ],
 )
 def test_settings_out_of_range(argv, expected):
@@ -103,6 +111,21 @@ def test_settings_unknown_key_in_file(tmp_path):
 def test_settings_missing_config_file(tmp_path):
     with pytest.raises(SettingsError, match="not found"):
         resolve(parse("--config", str(tmp_path / "absent.toml")), {})
+
+
+def test_settings_feed_from_each_source(tmp_path):
+    config = tmp_path / "engine.toml"
+    config.write_text("ws_feed_rate = 2\nws_feed_queue = 300\n")
+
+    defaults = feed_config(resolve(parse(), {}))
+    from_file = feed_config(resolve(parse("--config", str(config)), {}))
+    from_env = feed_config(resolve(parse(), {"IRONSHADOW_WS_FEED_RATE": "0.5"}))
+    from_flags = feed_config(resolve(parse("--ws-feed-rate", "0", "--ws-feed-queue", "7"), {}))
+
+    assert (defaults.rate, defaults.max_queue) == (4.0, 10_000)
+    assert (from_file.rate, from_file.max_queue) == (2.0, 300)
+    assert from_env.rate == 0.5
+    assert (from_flags.rate, from_flags.max_queue) == (0.0, 7)
 
 
 def test_settings_water_marks_checked():

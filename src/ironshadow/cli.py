@@ -15,6 +15,7 @@ from typing import Any
 
 from . import __version__, swarm
 from .api import ApiServer
+from .api.feed import FeedConfig
 from .broker.config import BrokerConfig
 from .engine import Engine, StorageConfig
 from .settings import (
@@ -22,6 +23,7 @@ from .settings import (
     add_arguments,
     broker_config,
     check_storage,
+    feed_config,
     resolve,
     shadow_limits,
 )
@@ -55,7 +57,11 @@ class PortInUseError(Exception):
 
 
 async def _serve(
-    config: BrokerConfig, limits: ShadowLimits, http_port: int, storage: StorageConfig | None
+    config: BrokerConfig,
+    limits: ShadowLimits,
+    http_port: int,
+    storage: StorageConfig | None,
+    feed: FeedConfig,
 ) -> None:
     # Signal handlers first, so that a signal during start-up also stops the engine cleanly.
     stop = asyncio.Event()
@@ -72,7 +78,7 @@ async def _serve(
                 "choose a free port with --mqtt-port"
             ) from exc
         raise
-    api = ApiServer(engine, config.host, http_port)
+    api = ApiServer(engine, config.host, http_port, feed=feed)
     try:
         await api.start()
     except OSError as exc:
@@ -95,6 +101,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         values = resolve(args)
         config = broker_config(values)
         limits = shadow_limits(values)
+        feed = feed_config(values)
         check_storage(values)
     except SettingsError as exc:
         print(f"ironshadow: error: {exc}", file=sys.stderr)
@@ -121,7 +128,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     _raise_file_limit()
     _install_event_loop_policy()
     try:
-        asyncio.run(_serve(config, limits, values["http_port"], storage))
+        asyncio.run(_serve(config, limits, values["http_port"], storage, feed))
     except (PortInUseError, StoreUnavailable) as exc:
         print(f"ironshadow: error: {exc}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .api.feed import FeedConfig
 from .broker.config import QUEUE_FULL_POLICIES, BrokerConfig
 from .mqtt.constants import MAX_PACKET_SIZE
 from .shadow import ShadowLimits
@@ -62,6 +63,7 @@ def _bool(text: str) -> bool:
 
 
 _defaults = BrokerConfig()
+_feed_defaults = FeedConfig()
 
 MAX_PORT = 65_535
 # MQTT's own field limits: a two-byte integer for keep alive, Receive Maximum and Topic Alias
@@ -74,8 +76,9 @@ MIN_PACKET_SIZE = 128
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", str, "127.0.0.1", "address that the MQTT and HTTP listeners bind to"),
     Setting("mqtt_port", int, 1883, "TCP port of the MQTT listener", minimum=1, maximum=MAX_PORT),
-    Setting("http_port", int, 8080, "TCP port of the HTTP API (REST and its OpenAPI docs)",
-            minimum=1, maximum=MAX_PORT),
+    Setting("http_port", int, 8080,
+            "TCP port of the HTTP API: REST, OpenAPI docs, the /ws feed and MQTT over WebSocket "
+            "at /mqtt", minimum=1, maximum=MAX_PORT),
     Setting("data_dir", str, "./data", "folder for the engine's local data; created if missing"),
     Setting("log_level", str, "INFO", "logging level", ("DEBUG", "INFO", "WARNING", "ERROR")),
     Setting("max_packet_size", int, _defaults.max_packet_size,
@@ -126,6 +129,12 @@ SETTINGS: tuple[Setting, ...] = (
             "keep shadows in memory only, with no store and no history (true or false)"),
     Setting("max_shadow_size", int, 8192,
             "largest shadow state (desired plus reported, as compact JSON) in bytes", minimum=1),
+    Setting("ws_feed_rate", float, _feed_defaults.rate,
+            "frames per second that a /ws feed client gets for one shadow; changes in between "
+            "are coalesced and the latest is always sent (0: every change)", minimum=0),
+    Setting("ws_feed_queue", int, _feed_defaults.max_queue,
+            "frames that may wait for one /ws feed client, at most one per shadow; a client "
+            "with more is disconnected", minimum=1),
 )
 
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
@@ -242,6 +251,11 @@ def check_storage(values: Mapping[str, Any]) -> None:
             "memory_only is set together with redis or postgres, which it would ignore; "
             "remove one or the other"
         )
+
+
+def feed_config(values: Mapping[str, Any]) -> FeedConfig:
+    """Build the /ws feed's limits from resolved settings."""
+    return FeedConfig(rate=values["ws_feed_rate"], max_queue=values["ws_feed_queue"])
 
 
 def broker_config(values: Mapping[str, Any]) -> BrokerConfig:

@@ -17,6 +17,7 @@ import uvloop
 
 from conftest import free_port, open_clients, scaled
 from ironshadow.api import ApiServer, create_app
+from ironshadow.api.feed import FeedConfig
 from ironshadow.broker.config import BrokerConfig
 from ironshadow.engine import Engine, StorageConfig
 
@@ -30,13 +31,14 @@ class EngineApiThread:
         self,
         max_body_bytes: int | None = None,
         storage: StorageConfig | None = None,
+        feed: FeedConfig | None = None,
         **broker_fields: Any,
     ) -> None:
         broker_fields.setdefault("host", HOST)
         broker_fields.setdefault("port", free_port())
         broker_fields.setdefault("sys_interval", 0)
         self.engine = Engine(BrokerConfig(**broker_fields), None, storage)
-        app = create_app(self.engine, max_body_bytes=max_body_bytes)
+        app = create_app(self.engine, max_body_bytes=max_body_bytes, feed_config=feed)
         self.api = ApiServer(self.engine, HOST, 0, app=app)
         self.loop = uvloop.new_event_loop()
         self._ready = threading.Event()
@@ -96,13 +98,16 @@ async def _call_async(function: Callable[..., Any], *args: Any) -> Any:
 
 @contextlib.contextmanager
 def running_engine(
-    max_body_bytes: int | None = None, storage: StorageConfig | None = None
+    max_body_bytes: int | None = None,
+    storage: StorageConfig | None = None,
+    feed: FeedConfig | None = None,
+    **broker_fields: Any,
 ) -> Iterator[EngineApiThread]:
     """Start an engine with its API, and stop it with every MQTT test client afterwards.
 
     Without ``storage`` the engine keeps shadows in memory only.
     """
-    thread = EngineApiThread(max_body_bytes, storage)
+    thread = EngineApiThread(max_body_bytes, storage, feed, **broker_fields)
     thread.start()
     try:
         yield thread

@@ -176,6 +176,31 @@ def collect(engine: Engine) -> Exposition:
     return out
 
 
+def collect_websockets(out: Exposition, app: FastAPI) -> None:
+    """Add the metrics of the WebSocket endpoints that ``create_app`` put in ``app.state``."""
+    endpoint = getattr(app.state, "mqtt_websockets", None)
+    if endpoint is not None:
+        out.gauge(
+            "ironshadow_mqtt_websocket_connections",
+            len(endpoint.transports),
+            "MQTT connections over WebSocket (/mqtt) open now, also counted in the MQTT "
+            "metrics.",
+        )
+    feed = getattr(app.state, "feed", None)
+    if feed is not None:
+        out.gauge("ironshadow_feed_clients", len(feed.clients), "Shadow feed (/ws) clients.")
+        out.counter(
+            "ironshadow_feed_frames_sent_total",
+            feed.frames_sent,
+            "Shadow change frames handed to feed clients.",
+        )
+        out.counter(
+            "ironshadow_feed_clients_dropped_total",
+            feed.clients_dropped,
+            "Feed clients disconnected because too many frames waited for them.",
+        )
+
+
 def _process_usage() -> tuple[float, int]:
     """Return this process's CPU seconds (all threads) and resident bytes, from /proc."""
     with open("/proc/self/stat", "rb") as stat_file:
@@ -203,6 +228,7 @@ def add_metrics_routes(app: FastAPI, engine: Engine) -> None:
     async def metrics() -> Response:
         started = time.perf_counter()
         out = collect(engine)
+        collect_websockets(out, app)
         out.gauge(
             "ironshadow_metrics_collect_seconds",
             time.perf_counter() - started,

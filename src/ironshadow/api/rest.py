@@ -11,6 +11,9 @@ Endpoints:
 - ``GET /things``: things in name order, filtered by name prefix and connection state.
 - ``GET /things/{thing}``: one thing's summary and its named shadows.
 - ``GET /metrics``: the engine's metrics for Prometheus (api/metrics.py).
+- ``/ws``: the WebSocket feed of shadow changes (api/feed.py).
+- ``/mqtt``: MQTT over WebSocket, served by the broker's connection logic
+  (api/mqtt_websocket.py).
 - ``/docs`` and ``/openapi.json``: the OpenAPI description.
 
 Every handler is a coroutine, so it runs on the engine's event loop and reads the shadow
@@ -42,8 +45,10 @@ from .documents import (
     UpdateAccepted,
 )
 from .errors import JSON_MEDIA_TYPE, ApiError, error_response, install_error_handlers
+from .feed import FeedConfig, ShadowFeed, add_feed_route
 from .history import add_history_routes
 from .metrics import add_metrics_routes
+from .mqtt_websocket import MQTTWebSocketEndpoint, add_mqtt_websocket_route
 from .paging import (
     NAMED_SHADOWS_PAGE_SIZE_DEFAULT,
     NAMED_SHADOWS_PAGE_SIZE_MAX,
@@ -125,11 +130,16 @@ NO_SHADOW = (404, "No shadow exists with that name (never created, or deleted)."
 INTERNAL = (500, "Internal service failure.")
 
 
-def create_app(engine: Engine, max_body_bytes: int | None = None) -> FastAPI:
-    """Build the REST API application for ``engine``.
+def create_app(
+    engine: Engine, max_body_bytes: int | None = None, feed_config: FeedConfig | None = None
+) -> FastAPI:
+    """Build the HTTP application for ``engine``: the REST API and the WebSocket endpoints.
 
     ``max_body_bytes`` caps request bodies. The default is the broker's maximum MQTT
     packet size, so that a request too large for MQTT is also too large for HTTP.
+    ``feed_config`` sets the rate and queue limits of the ``/ws`` feed. ``app.state.feed``
+    and ``app.state.mqtt_websockets`` hold the two WebSocket endpoints, which
+    ``ApiServer.stop()`` closes.
     """
     service = engine.shadows
     directory = ThingDirectory(service, engine.broker)
@@ -145,6 +155,10 @@ def create_app(engine: Engine, max_body_bytes: int | None = None) -> FastAPI:
     _install_openapi_without_422(app)
     add_history_routes(app, engine)
     add_metrics_routes(app, engine)
+    app.state.feed = ShadowFeed(service, feed_config)
+    add_feed_route(app, app.state.feed)
+    app.state.mqtt_websockets = MQTTWebSocketEndpoint(engine.broker)
+    add_mqtt_websocket_route(app, app.state.mqtt_websockets)
 
     async def shadow_request(
         operation: str, request: Request, thing: str, name: str | None

@@ -5,6 +5,10 @@ thread, and ``Server.startup()`` calls ``sys.exit()`` when it cannot bind. The e
 owns the signals and must report a busy port itself, so ``ApiServer`` binds the sockets
 first (a busy port raises OSError) and then calls uvicorn's ``startup(sockets=...)``,
 ``main_loop()`` and ``shutdown()`` directly. Checked against uvicorn 0.55.
+
+WebSocket connections (``/ws`` and ``/mqtt``) use uvicorn's ``websockets-sansio``
+implementation, whose flow control api/mqtt_websocket.py relies on. ``stop()`` closes them
+before uvicorn's own shutdown, which would close them with 1012 and no MQTT DISCONNECT.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 from fastapi import FastAPI
 
+from .feed import FeedConfig
 from .rest import create_app
 
 if TYPE_CHECKING:
@@ -31,20 +36,34 @@ logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
 GRACEFUL_SHUTDOWN_TIMEOUT = 5.0
 # listen() backlog of the HTTP sockets. The kernel caps it at net.core.somaxconn.
 LISTEN_BACKLOG = 1024
+# Smallest limit on one received WebSocket message, in bytes. The limit is the broker's
+# maximum packet size when that is larger, so that any packet the broker accepts fits in
+# one message. 64 KiB leaves room for feed requests when the packet size is set very low.
+MIN_WEBSOCKET_MESSAGE_BYTES = 64 * 1024
 
 
 class ApiServer:
-    """The REST API on ``host``:``port``, started and stopped with the engine.
+    """The REST API and the WebSocket endpoints on ``host``:``port``, started and stopped
+    with the engine.
 
-    ``port`` 0 picks a free port, and ``ports`` returns it after ``start()``.
+    ``port`` 0 picks a free port, and ``ports`` returns it after ``start()``. ``feed``
+    configures the ``/ws`` feed of the app built here; it is ignored when ``app`` is given.
     """
 
     def __init__(
-        self, engine: Engine, host: str = "127.0.0.1", port: int = 8080, app: FastAPI | None = None
+        self,
+        engine: Engine,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        app: FastAPI | None = None,
+        feed: FeedConfig | None = None,
     ) -> None:
         self.host = host
         self.port = port
-        self.app = app if app is not None else create_app(engine)
+        self.app = app if app is not None else create_app(engine, feed_config=feed)
+        self._websocket_message_limit = max(
+            engine.broker.config.max_packet_size, MIN_WEBSOCKET_MESSAGE_BYTES
+        )
         self._server: uvicorn.Server | None = None
         self._sockets: list[socket.socket] = []
         self._ticks: asyncio.Task[None] | None = None
@@ -73,6 +92,8 @@ class ApiServer:
             server_header=False,
             backlog=LISTEN_BACKLOG,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_TIMEOUT,
+            ws="websockets-sansio",
+            ws_max_size=self._websocket_message_limit,
         )
         config.load()
         server = uvicorn.Server(config)
@@ -92,7 +113,11 @@ class ApiServer:
             server.main_loop(), name="ironshadow-api-ticks"
         )
         addresses = ", ".join(_format_address(sock) for sock in sockets)
-        log.info("REST API listening on %s, OpenAPI docs at /docs", addresses)
+        log.info(
+            "REST API listening on %s, OpenAPI docs at /docs, shadow feed at /ws, "
+            "MQTT over WebSocket at /mqtt",
+            addresses,
+        )
 
     async def stop(self) -> None:
         """Stop accepting, let requests in progress finish, and close the sockets."""
@@ -100,6 +125,14 @@ class ApiServer:
         if server is None:
             return
         self._server = None
+        # As on the TCP listener, MQTT clients get DISCONNECT with "server shutting down" and
+        # their wills are not published. Feed clients get close code 1001.
+        for endpoint in (
+            getattr(self.app.state, "mqtt_websockets", None),
+            getattr(self.app.state, "feed", None),
+        ):
+            if endpoint is not None:
+                await endpoint.close_all(GRACEFUL_SHUTDOWN_TIMEOUT)
         server.should_exit = True
         if self._ticks is not None:
             await self._ticks

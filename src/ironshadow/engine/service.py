@@ -76,6 +76,17 @@ class Request(NamedTuple):
     message: Message
 
 
+class ShadowChange(NamedTuple):
+    """One stored change of a shadow, as ``ShadowService.change_listener`` receives it."""
+
+    thing: str
+    shadow_name: str | None
+    # The new shadow, or a tombstone (``deleted`` set) after a delete.
+    shadow: Shadow
+    # Epoch seconds of the change, the ``timestamp`` of its shadow document.
+    timestamp: int
+
+
 class Reply(NamedTuple):
     """The result of a shadow request made over HTTP: a status and a JSON body."""
 
@@ -113,6 +124,11 @@ class ShadowService(BrokerHooks):
         self._replays: deque[tuple[Session, SubscriptionRecord, str, str]] = deque()
         self._replay_scheduled = False
         self._presence_sequence = 0
+        # Called with each batch's stored changes, in the order they were applied, once they
+        # are durable (at once when shadows live in memory only). While it is None no change
+        # is collected: the WebSocket feed sets it only while a client subscribes.
+        self.change_listener: Callable[[list[ShadowChange]], None] | None = None
+        self._changes: list[ShadowChange] = []
         self.updates_applied = 0
         self.messages_published = 0
         broker.add_consumer("shadow", REQUEST_FILTERS, self._on_request)
@@ -171,11 +187,14 @@ class ShadowService(BrokerHooks):
         deferred, self._deferred = self._deferred, None
         writes, self._writes = self._writes, []
         rows, self._rows = self._rows, []
+        changes, self._changes = self._changes, []
 
         def finish() -> None:
             for topic, payload in deferred or ():
                 self._publish(topic, payload)
             then()
+            if changes and self.change_listener is not None:
+                self.change_listener(changes)
 
         if self.pipeline is not None and writes:
             self.pipeline.submit(writes, rows, finish)
@@ -252,6 +271,8 @@ class ShadowService(BrokerHooks):
     ) -> None:
         """Keep the new shadow, and queue its write and history row when stores are set."""
         self.shadows[key] = shadow
+        if self.change_listener is not None:
+            self._changes.append(ShadowChange(thing, shadow_name, shadow, now))
         if shadow.deleted:
             self.tombstones[key] = now
         elif self.tombstones:
