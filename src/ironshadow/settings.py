@@ -126,7 +126,8 @@ SETTINGS: tuple[Setting, ...] = (
             "empty keeps it in SQLite in the data folder"),
     Setting("retention_days", float, 30.0, "days of history kept", minimum=0.001),
     Setting("memory_only", _bool, False,
-            "keep shadows in memory only, with no store and no history (true or false)"),
+            "keep shadows, retained messages and sessions in memory only, with no store and "
+            "no history, so a restart loses them (true or false)"),
     Setting("max_shadow_size", int, 8192,
             "largest shadow state (desired plus reported, as compact JSON) in bytes", minimum=1),
     Setting("ws_feed_rate", float, _feed_defaults.rate,
