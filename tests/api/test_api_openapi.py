@@ -89,7 +89,7 @@ def test_openapi_response_shapes(schema: dict[str, Any]) -> None:
     components = schema["components"]["schemas"]
 
     assert set(components["ThingSummary"]["properties"]) == {
-        "name", "connected", "lastSeen", "version"
+        "name", "connected", "lastSeen", "version", "pendingDelta"
     }
     assert {"results", "nextToken", "timestamp"} <= set(components["NamedShadowList"]["properties"])
     assert {"code", "message", "timestamp", "clientToken"} <= set(

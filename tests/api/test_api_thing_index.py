@@ -16,6 +16,7 @@ from ironshadow.api.things import INSORT_MAX_NEW_NAMES, ThingDirectory, ThingInd
 class FakeShadow:
     version: int = 1
     deleted: bool = False
+    has_delta: bool = False
 
 
 @dataclass
@@ -177,7 +178,13 @@ def test_directory_filters_stale_and_offline() -> None:
     assert [thing["name"] for thing in everything] == ["live", "named-only", "offline", "online"]
     assert [thing["name"] for thing in connected] == ["online"]
     assert [thing["name"] for thing in disconnected] == ["live", "named-only", "offline"]
-    assert everything[0] == {"name": "live", "connected": False, "lastSeen": None, "version": 4}
+    assert everything[0] == {
+        "name": "live",
+        "connected": False,
+        "lastSeen": None,
+        "version": 4,
+        "pendingDelta": False,
+    }
     assert everything[1]["version"] is None
 
 

@@ -103,7 +103,13 @@ def test_things_from_shadows_and_clients(engine: EngineApiThread, client: httpx.
     assert things["cnc-1"]["connected"] is True
     assert before - 5 <= things["cnc-1"]["lastSeen"] <= before + 5
     assert things["cnc-1"]["version"] is None
-    assert things["cnc-2"] == {"name": "cnc-2", "connected": False, "lastSeen": None, "version": 1}
+    assert things["cnc-2"] == {
+        "name": "cnc-2",
+        "connected": False,
+        "lastSeen": None,
+        "version": 1,
+        "pendingDelta": False,
+    }
     assert things["cnc-3"]["version"] is None
 
 
@@ -319,3 +325,14 @@ def test_named_shadows_bad_parameters(
 @pytest.mark.parametrize("path", NAMED_SHADOW_LIST_PATHS)
 def test_named_shadows_bad_thing_name(client: httpx.Client, path: str) -> None:
     assert_bad_request(client.get(path.format(thing="a" * 129)), "maximum is 128")
+
+
+def test_things_pending_delta(client: httpx.Client) -> None:
+    create_shadow(client, "cnc-8")
+    desired = json.dumps({"state": {"desired": {"on": False}}}).encode()
+    assert client.post("/things/cnc-8/shadow", content=desired).status_code == 200
+    assert list_things(client)["things"][0]["pendingDelta"] is True
+
+    reported = json.dumps({"state": {"reported": {"on": False}}}).encode()
+    assert client.post("/things/cnc-8/shadow", content=reported).status_code == 200
+    assert list_things(client)["things"][0]["pendingDelta"] is False

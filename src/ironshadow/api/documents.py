@@ -96,6 +96,10 @@ class ThingSummary(BaseModel):
     version: int | None = Field(
         description="The version of the classic shadow. Null when the thing has none."
     )
+    pendingDelta: bool = Field(
+        description="Whether the classic shadow's desired state differs from its reported "
+        "state, so the device has a delta to apply. False when the thing has no classic shadow."
+    )
 
 
 class ThingDetail(ThingSummary):

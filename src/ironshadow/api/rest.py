@@ -15,6 +15,7 @@ Endpoints:
 - ``/mqtt``: MQTT over WebSocket, served by the broker's connection logic
   (api/mqtt_websocket.py).
 - ``/docs`` and ``/openapi.json``: the OpenAPI description.
+- ``/``, ``/static/...`` and ``GET /api/engine``: the web dashboard (api/dashboard.py).
 
 Every handler is a coroutine, so it runs on the engine's event loop and reads the shadow
 service and the broker without locks. None of them awaits between reading and writing
@@ -34,6 +35,7 @@ from starlette.responses import Response
 
 from .. import __version__
 from ..shadow import ShadowError, validate_thing_name
+from .dashboard import add_dashboard_routes
 from .documents import (
     UPDATE_REQUEST_BODY,
     DeleteAccepted,
@@ -159,6 +161,7 @@ def create_app(
     add_feed_route(app, app.state.feed)
     app.state.mqtt_websockets = MQTTWebSocketEndpoint(engine.broker)
     add_mqtt_websocket_route(app, app.state.mqtt_websockets)
+    add_dashboard_routes(app, engine)
 
     async def shadow_request(
         operation: str, request: Request, thing: str, name: str | None

@@ -114,8 +114,8 @@ class ApiServer:
         )
         addresses = ", ".join(_format_address(sock) for sock in sockets)
         log.info(
-            "REST API listening on %s, OpenAPI docs at /docs, shadow feed at /ws, "
-            "MQTT over WebSocket at /mqtt",
+            "REST API listening on %s, dashboard at /, OpenAPI docs at /docs, shadow feed "
+            "at /ws, MQTT over WebSocket at /mqtt",
             addresses,
         )
 

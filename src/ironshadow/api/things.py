@@ -213,14 +213,16 @@ class ThingDirectory:
         return session is not None and session.connection is not None
 
     def summary(self, name: str) -> dict[str, Any]:
-        """Return the thing's name, connection state, last-seen time and classic shadow version."""
+        """Return the thing's name, connection state, last-seen time, and its classic shadow's
+        version and whether that shadow has a delta."""
         classic = self._service.shadows.get(name)
-        version = None if classic is None or classic.deleted else classic.version
+        live = classic is not None and not classic.deleted
         return {
             "name": name,
             "connected": self.is_connected(name),
             "lastSeen": self._service.last_seen.get(name),
-            "version": version,
+            "version": classic.version if live else None,
+            "pendingDelta": live and classic.has_delta,
         }
 
     def detail(self, name: str) -> dict[str, Any]:

@@ -1,0 +1,141 @@
+"""The web dashboard: its static files, the page at ``/`` and ``GET /api/engine``.
+
+The page and its scripts are in ``static/``, built from ``web/`` in the repository (see
+web/README.md), so an installed engine needs no Node and the browser loads nothing from
+another host. The page reads the REST API, the history API and the ``/ws`` feed like any
+other client. ``GET /api/engine`` gives the engine view the figures of ``/metrics`` as JSON.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from fastapi import FastAPI
+from pydantic import BaseModel, Field
+from starlette.responses import FileResponse, Response
+from starlette.staticfiles import StaticFiles
+
+from .errors import JSON_MEDIA_TYPE
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+class EngineConnections(BaseModel):
+    mqtt: int = Field(description="MQTT clients connected now, over TCP and WebSocket.")
+    mqttWebSocket: int = Field(description="Of those, the clients connected over /mqtt.")
+    offlineSessions: int = Field(description="Persistent sessions whose client is offline.")
+    feedClients: int = Field(description="Clients of the /ws shadow feed.")
+
+
+class EngineCounters(BaseModel):
+    publishReceived: int = Field(description="PUBLISH packets received since start.")
+    publishSent: int = Field(description="PUBLISH packets sent since start.")
+    publishDropped: int = Field(
+        description="Messages not sent: QoS 0 to a congested client, or over a client's "
+        "maximum packet size."
+    )
+    queueDropped: int = Field(description="Messages that a full session queue dropped.")
+    shadowUpdates: int = Field(description="Shadow updates accepted, over MQTT and REST.")
+
+
+class EngineStore(BaseModel):
+    pendingWrites: int = Field(description="Shadow writes not yet durable in the hot store.")
+    pendingBytes: int = Field(description="Bytes waiting for the hot store.")
+    historyOutboxRows: int = Field(description="History rows not yet committed.")
+    pressure: bool = Field(
+        description="True while the pending writes are above their high mark, so the engine "
+        "slows the devices down and rejects REST writes with 503."
+    )
+    pressureSeconds: float = Field(description="Seconds spent above the high mark since start.")
+
+
+class EngineStatus(BaseModel):
+    """The engine's figures at one moment. A client computes a rate from two readings, by
+    dividing the change of a counter by the change of ``timestamp``."""
+
+    timestamp: float = Field(description="When the figures were read, in epoch seconds.")
+    connections: EngineConnections
+    counters: EngineCounters
+    readingPaused: bool = Field(
+        description="True while the engine reads from no MQTT connection, to slow devices down."
+    )
+    store: EngineStore | None = Field(
+        description="The write-behind queue to the hot store. Null with --memory-only."
+    )
+
+
+def engine_status(engine: Engine, app: FastAPI) -> dict[str, Any]:
+    """Collect the figures of ``EngineStatus`` from the engine and the app's WebSocket
+    endpoints."""
+    broker = engine.broker
+    stats = broker.stats
+    connected = 0
+    offline = 0
+    for session in broker.sessions.values():
+        if session.connection is not None:
+            connected += 1
+        elif session.consumer is None:  # not one of the engine's own consumers
+            offline += 1
+
+    mqtt_websockets = getattr(app.state, "mqtt_websockets", None)
+    feed = getattr(app.state, "feed", None)
+    status: dict[str, Any] = {
+        "timestamp": time.time(),
+        "connections": {
+            "mqtt": connected,
+            "mqttWebSocket": len(mqtt_websockets.transports) if mqtt_websockets else 0,
+            "offlineSessions": offline,
+            "feedClients": len(feed.clients) if feed else 0,
+        },
+        "counters": {
+            "publishReceived": stats.publish_received,
+            "publishSent": stats.publish_sent,
+            "publishDropped": stats.publish_dropped,
+            "queueDropped": stats.queue_dropped,
+            "shadowUpdates": engine.shadows.updates_applied,
+        },
+        "readingPaused": bool(broker.reading_paused),
+        "store": None,
+    }
+
+    pipeline = engine.pipeline
+    if pipeline is not None:
+        status["store"] = {
+            "pendingWrites": pipeline.pending,
+            "pendingBytes": pipeline.pending_bytes,
+            "historyOutboxRows": pipeline.history_rows_written - pipeline.history_rows_committed,
+            "pressure": bool(pipeline.pressure),
+            "pressureSeconds": pipeline.paused_seconds(),
+        }
+    return status
+
+
+def add_dashboard_routes(app: FastAPI, engine: Engine) -> None:
+    """Serve the dashboard at ``/`` and its files under ``/static``, and add ``/api/engine``."""
+
+    @app.get(
+        "/api/engine",
+        tags=["operations"],
+        summary="Engine status",
+        description="Connections, message and update counters, and the write-behind queue "
+        "with its backpressure state, as JSON: the figures of /metrics that the dashboard's "
+        "engine view shows.",
+        operation_id="GetEngineStatus",
+        response_model=EngineStatus,
+        responses={200: {"description": "The engine's figures now."}},
+    )
+    async def get_engine_status() -> Response:
+        return Response(orjson.dumps(engine_status(engine, app)), media_type=JSON_MEDIA_TYPE)
+
+    @app.get("/", include_in_schema=False)
+    async def dashboard_page() -> FileResponse:
+        # The page changes with each release while its URL stays the same.
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

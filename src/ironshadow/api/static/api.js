@@ -1,0 +1,74 @@
+// Requests to the engine's REST API and its /ws shadow feed.
+
+export async function getJson(path) {
+  const response = await fetch(path, { headers: { Accept: "application/json" } });
+  const body = await response.json().catch(() => null);
+  if (!response.ok) {
+    const message = body && body.message ? body.message : response.statusText;
+    throw new ApiError(response.status, message);
+  }
+  return body;
+}
+
+export async function postJson(path, document) {
+  const response = await fetch(path, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(document),
+  });
+  const body = await response.json().catch(() => null);
+  if (!response.ok) {
+    const message = body && body.message ? body.message : response.statusText;
+    throw new ApiError(response.status, message);
+  }
+  return body;
+}
+
+export class ApiError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+// Seconds between reconnection attempts after the feed closes.
+const FEED_RECONNECT_SECONDS = 2;
+
+// Follow the /ws feed for `patterns` (thing names or prefix patterns). `onFrame` gets each
+// change frame, `onOpen` runs after every (re)subscription, so the caller can read the
+// current state then, as the feed sends no snapshot. Returns a function that closes the feed.
+export function followFeed(patterns, onFrame, onOpen) {
+  let socket = null;
+  let closed = false;
+  let retry = null;
+
+  function connect() {
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    socket = new WebSocket(`${scheme}//${location.host}/ws`);
+    socket.addEventListener("open", () => {
+      socket.send(JSON.stringify({ subscribe: patterns }));
+    });
+    socket.addEventListener("message", (event) => {
+      const message = JSON.parse(event.data);
+      if (message.thing !== undefined) {
+        onFrame(message);
+      } else if (message.subscriptions !== undefined) {
+        onOpen();
+      } else if (message.error !== undefined) {
+        console.error("feed request rejected:", message.error);
+      }
+    });
+    socket.addEventListener("close", () => {
+      if (!closed) {
+        retry = setTimeout(connect, FEED_RECONNECT_SECONDS * 1000);
+      }
+    });
+  }
+
+  connect();
+  return () => {
+    closed = true;
+    clearTimeout(retry);
+    socket.close();
+  };
+}

@@ -1,0 +1,108 @@
+// The engine view: GET /api/engine every REFRESH_SECONDS. Rates are the change of a counter
+// between two readings divided by the time between them.
+import { getJson } from "./api.js";
+import { TimeChart } from "./chart.js";
+import { element, formatNumber } from "./format.js";
+
+const REFRESH_SECONDS = 1;
+// Ten minutes of readings in the chart.
+const CHART_POINTS = 600;
+
+export function mountEngine(root) {
+  const figures = {};
+  function card(key, label) {
+    figures[key] = element("div", { class: "figure", id: `engine-${key}`, text: "–" });
+    return element("div", { class: "card" }, element("div", { class: "label", text: label }), figures[key]);
+  }
+
+  const error = element("p", { class: "message error" });
+  const chartBox = element("div", { class: "panel" });
+  root.append(
+    element("h1", { text: "Engine" }),
+    error,
+    element("h2", { text: "Messages" }),
+    element(
+      "div",
+      { class: "cards" },
+      card("received", "PUBLISH received per second"),
+      card("sent", "PUBLISH sent per second"),
+      card("updates", "shadow updates per second"),
+      card("dropped", "messages dropped (total)"),
+    ),
+    element("section", {}, chartBox),
+    element("section", {}, element("h2", { text: "Connections" })),
+    element(
+      "div",
+      { class: "cards" },
+      card("mqtt", "MQTT clients connected"),
+      card("mqttWebSocket", "of those over WebSocket"),
+      card("offlineSessions", "offline persistent sessions"),
+      card("feedClients", "live feed clients"),
+    ),
+    element("section", {}, element("h2", { text: "Store queues and backpressure" })),
+    element(
+      "div",
+      { class: "cards" },
+      card("pressure", "backpressure"),
+      card("pendingWrites", "shadow writes waiting"),
+      card("pendingBytes", "bytes waiting"),
+      card("historyOutboxRows", "history rows waiting"),
+    ),
+  );
+  const chart = new TimeChart(chartBox, "messages per second", ["received", "sent"], CHART_POINTS);
+
+  let previous = null;
+
+  function show(key, text, alert = false) {
+    figures[key].textContent = text;
+    figures[key].parentElement.classList.toggle("alert", alert);
+  }
+
+  async function load() {
+    let status;
+    try {
+      status = await getJson("/api/engine");
+      error.textContent = "";
+    } catch (failure) {
+      error.textContent = `Reading /api/engine failed: ${failure.message}`;
+      return;
+    }
+    const counters = status.counters;
+    if (previous) {
+      const seconds = status.timestamp - previous.timestamp;
+      const rate = (name) => (counters[name] - previous.counters[name]) / seconds;
+      show("received", formatNumber(rate("publishReceived"), 1));
+      show("sent", formatNumber(rate("publishSent"), 1));
+      show("updates", formatNumber(rate("shadowUpdates"), 1));
+      chart.append(status.timestamp, [rate("publishReceived"), rate("publishSent")]);
+    }
+    const dropped = counters.publishDropped + counters.queueDropped;
+    show("dropped", formatNumber(dropped), dropped > 0);
+    for (const [key, value] of Object.entries(status.connections)) show(key, formatNumber(value));
+
+    const store = status.store;
+    if (store) {
+      let state = "normal";
+      if (store.pressure) {
+        state = "PRESSURE: devices slowed";
+      } else if (status.readingPaused) {
+        state = "reading paused";
+      }
+      show("pressure", state, store.pressure || status.readingPaused);
+      show("pendingWrites", formatNumber(store.pendingWrites));
+      show("pendingBytes", formatNumber(store.pendingBytes));
+      show("historyOutboxRows", formatNumber(store.historyOutboxRows));
+    } else {
+      show("pressure", status.readingPaused ? "reading paused" : "normal (memory only)", status.readingPaused);
+      for (const key of ["pendingWrites", "pendingBytes", "historyOutboxRows"]) show(key, "–");
+    }
+    previous = status;
+  }
+
+  load();
+  const timer = setInterval(load, REFRESH_SECONDS * 1000);
+  return () => {
+    clearInterval(timer);
+    chart.destroy();
+  };
+}

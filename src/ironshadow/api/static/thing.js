@@ -1,0 +1,199 @@
+// The thing view. It shows the classic shadow's desired, reported and delta sections side by
+// side, kept current by the /ws feed, and a form that sets desired values through the REST
+// API. Each numeric reported field gets a chart, started from the history API and extended
+// by the feed.
+import { followFeed, getJson, postJson } from "./api.js";
+import { TimeChart } from "./chart.js";
+import { element, flatten, formatValue, isoTime, timeAgo } from "./format.js";
+
+// How far back the charts start, in seconds.
+const HISTORY_WINDOW_SECONDS = 3600;
+const HISTORY_LIMIT = 20000;
+const SUMMARY_REFRESH_SECONDS = 2;
+const SECTIONS = ["desired", "reported", "delta"];
+
+export function mountThing(root, thing) {
+  const path = `/things/${encodeURIComponent(thing)}`;
+  const status = element("span", { class: "status" });
+  const lastSeen = element("span", { class: "muted" });
+  const version = element("span", { class: "muted", id: "shadow-version" });
+  const tables = {};
+  const panels = SECTIONS.map((section) => {
+    tables[section] = element("tbody");
+    return element(
+      "div",
+      { class: "panel" },
+      element("h2", { text: section }),
+      element("table", { id: section }, tables[section]),
+    );
+  });
+
+  const fieldInput = element("input", { id: "desired-field", placeholder: "field, e.g. speed or motor.rpm", required: true });
+  const valueInput = element("input", { id: "desired-value", placeholder: "value (JSON, or text)" });
+  const formMessage = element("span", { class: "message", id: "desired-message", role: "status" });
+  const form = element(
+    "form",
+    { class: "toolbar", id: "desired-form" },
+    element("label", { text: "Set desired" }),
+    fieldInput,
+    valueInput,
+    element("button", { type: "submit", text: "Send" }),
+    formMessage,
+  );
+  const chartNote = element("p", { class: "muted" });
+  const chartGrid = element("div", { class: "charts" });
+
+  root.append(
+    element("h1", {}, `${thing} `, status, " ", lastSeen, " ", version),
+    element("div", { class: "panels" }, ...panels),
+    element("section", {}, form),
+    element("section", {}, element("h2", { text: "Reported numeric fields" }), chartNote, chartGrid),
+  );
+
+  let shadowVersion = -1;
+  const charts = new Map();
+  let historyRequested = false;
+  let historyLoaded = false;
+  const framesBeforeHistory = [];
+
+  function showState(state, newVersion) {
+    if (newVersion < shadowVersion) return;
+    shadowVersion = newVersion;
+    version.textContent = newVersion >= 0 ? `shadow version ${newVersion}` : "no shadow yet";
+    for (const section of SECTIONS) {
+      const pairs = flatten((state && state[section]) || {});
+      const rows = pairs.map(([field, value]) =>
+        element(
+          "tr",
+          { "data-field": field },
+          element("td", { text: field }),
+          element("td", { class: "value", text: formatValue(value) }),
+        ),
+      );
+      if (rows.length === 0) rows.push(element("tr", {}, element("td", { class: "muted", text: "empty" })));
+      tables[section].replaceChildren(...rows);
+    }
+  }
+
+  function chartFor(field) {
+    let chart = charts.get(field);
+    if (!chart) {
+      const box = element("div", { class: "panel", "data-chart": field });
+      chartGrid.append(box);
+      chart = new TimeChart(box, field, [field]);
+      charts.set(field, chart);
+    }
+    return chart;
+  }
+
+  function plotFrame(frame) {
+    const reported = frame.state && frame.state.reported;
+    for (const [field, value] of flatten(reported || {})) {
+      if (typeof value !== "number") continue;
+      const chart = chartFor(field);
+      if (frame.timestamp >= chart.lastTime()) chart.append(frame.timestamp, [value]);
+    }
+  }
+
+  async function loadHistory() {
+    const to = Date.now() / 1000;
+    const params = new URLSearchParams({
+      from: String(to - HISTORY_WINDOW_SECONDS),
+      limit: String(HISTORY_LIMIT),
+    });
+    try {
+      const history = await getJson(`${path}/history?${params}`);
+      const byField = new Map();
+      for (const point of history.points) {
+        if (!byField.has(point.field)) byField.set(point.field, []);
+        byField.get(point.field).push([point.time, point.value]);
+      }
+      for (const [field, rows] of byField) {
+        rows.sort((a, b) => a[0] - b[0]);
+        chartFor(field).load(rows);
+      }
+      chartNote.textContent = `History of the last ${HISTORY_WINDOW_SECONDS / 60} minutes, then live.`;
+    } catch (failure) {
+      chartNote.textContent = `No history (${failure.message}); the charts start now.`;
+    }
+    historyLoaded = true;
+    for (const frame of framesBeforeHistory.splice(0)) plotFrame(frame);
+  }
+
+  async function loadShadow() {
+    try {
+      const document = await getJson(`${path}/shadow`);
+      showState(document.state, document.version);
+    } catch (failure) {
+      if (failure.status === 404) showState({}, -1);
+      else version.textContent = `Reading the shadow failed: ${failure.message}`;
+    }
+  }
+
+  async function loadSummary() {
+    try {
+      const summary = await getJson(path);
+      const state = summary.connected ? "connected" : "offline";
+      status.className = `status ${state}`;
+      status.textContent = state;
+      lastSeen.textContent = `last seen ${timeAgo(summary.lastSeen)}`;
+      lastSeen.title = isoTime(summary.lastSeen);
+    } catch (failure) {
+      status.className = "status offline";
+      status.textContent = failure.status === 404 ? "unknown" : "";
+      lastSeen.textContent = failure.message;
+    }
+  }
+
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const field = fieldInput.value.trim();
+    let value;
+    try {
+      value = JSON.parse(valueInput.value);
+    } catch {
+      value = valueInput.value;
+    }
+    // "motor.rpm" becomes {"motor": {"rpm": value}}, which the shadow service merges.
+    const desired = field
+      .split(".")
+      .reverse()
+      .reduce((inner, key) => ({ [key]: inner }), value);
+    formMessage.className = "message";
+    formMessage.textContent = "sending…";
+    try {
+      const accepted = await postJson(`${path}/shadow`, { state: { desired } });
+      formMessage.className = "message ok";
+      formMessage.textContent = `Accepted: version ${accepted.version}`;
+    } catch (failure) {
+      formMessage.className = "message error";
+      formMessage.textContent = `Rejected (${failure.status}): ${failure.message}`;
+    }
+  });
+
+  const closeFeed = followFeed(
+    [thing],
+    (frame) => {
+      if (frame.thing !== thing || frame.shadow !== null) return;
+      showState(frame.deleted ? {} : frame.state, frame.version);
+      if (historyLoaded) plotFrame(frame);
+      else framesBeforeHistory.push(frame);
+    },
+    () => {
+      // Subscribed: now read the current state, which the feed does not send.
+      loadShadow();
+      if (!historyRequested) {
+        historyRequested = true;
+        loadHistory();
+      }
+    },
+  );
+  loadSummary();
+  const timer = setInterval(loadSummary, SUMMARY_REFRESH_SECONDS * 1000);
+
+  return () => {
+    clearInterval(timer);
+    closeFeed();
+    for (const chart of charts.values()) chart.destroy();
+  };
+}

@@ -1,0 +1,196 @@
+"""The web dashboard: its files and /api/engine over HTTP, and the three views in a browser.
+
+The browser test drives Debian's Chromium (``apt-get install chromium``) with Playwright's
+Python package and downloads no browser. It is skipped when either is missing. With
+``IRONSHADOW_DASHBOARD_SCREENSHOTS=DIR`` set, it saves a PNG of each view into DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from api_harness import EngineApiThread, http_client, running_engine
+
+from conftest import scaled
+from ironshadow.engine import StorageConfig
+from mqtt_client import TestClient
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCREENSHOT_DIR = os.environ.get("IRONSHADOW_DASHBOARD_SCREENSHOTS")
+
+
+def test_dashboard_page_and_files() -> None:
+    with running_engine() as engine, http_client(engine) as client:
+        page = client.get("/")
+        script = client.get("/static/app.js")
+        chart_library = client.get("/static/vendor/uPlot.esm.js")
+        missing = client.get("/static/nothing.js")
+
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert '<script type="module" src="/static/app.js">' in page.text
+    assert script.status_code == 200
+    assert "javascript" in script.headers["content-type"]
+    assert chart_library.status_code == 200
+    assert missing.status_code == 404
+
+
+def test_dashboard_loads_nothing_from_other_hosts() -> None:
+    static = Path(__file__).parents[2] / "src" / "ironshadow" / "api" / "static"
+    own_files = [
+        path for path in static.rglob("*") if path.is_file() and "vendor" not in path.parts
+    ]
+    assert own_files
+    for path in own_files:
+        text = path.read_text()
+        assert "http://" not in text, path
+        assert "https://" not in text, path
+
+
+def test_engine_status_counts_clients_and_updates(tmp_path: Path) -> None:
+    with running_engine(storage=StorageConfig(tmp_path)) as engine, http_client(engine) as client:
+        TestClient(engine.mqtt_port, client_id="mill-1")
+        update = {"state": {"reported": {"rpm": 900}}}
+        assert client.post("/things/mill-1/shadow", json=update).status_code == 200
+        status = client.get("/api/engine").json()
+
+    assert status["connections"]["mqtt"] == 1
+    assert status["connections"]["offlineSessions"] == 0
+    assert status["counters"]["shadowUpdates"] == 1
+    assert status["readingPaused"] is False
+    assert status["store"]["pressure"] is False
+    assert status["store"]["pendingWrites"] >= 0
+
+
+def test_engine_status_memory_only_has_no_store() -> None:
+    with running_engine() as engine, http_client(engine) as client:
+        status = client.get("/api/engine").json()
+        schema = client.get("/openapi.json").json()
+
+    assert status["store"] is None
+    assert schema["paths"]["/api/engine"]["get"]["operationId"] == "GetEngineStatus"
+    assert "/" not in schema["paths"]
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium package")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def report(device: TestClient, thing: str, **values: Any) -> None:
+    payload = json.dumps({"state": {"reported": values}})
+    device.publish(f"$aws/things/{thing}/shadow/update", payload, qos=1)
+
+
+def screenshot(page: Any, name: str) -> None:
+    if SCREENSHOT_DIR:
+        page.screenshot(path=str(Path(SCREENSHOT_DIR) / f"dashboard-{name}.png"), full_page=True)
+
+
+def test_dashboard_views_follow_mqtt_device(browser: Any, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    timeout_ms = scaled(10) * 1000
+    with running_engine(storage=StorageConfig(tmp_path)) as engine:
+        # Neighbours, so that the fleet view has more than one row.
+        for number, temperature in ((1, 61.5), (3, 58.0)):
+            neighbour = TestClient(engine.mqtt_port, client_id=f"press-{number}")
+            report(neighbour, f"press-{number}", temperature=temperature, speed=2)
+        TestClient(engine.mqtt_port, client_id="press-4").disconnect()
+
+        device = TestClient(engine.mqtt_port, client_id="press-2")
+        device.subscribe("$aws/things/press-2/shadow/update/delta", qos=1)
+        report(device, "press-2", temperature=20.5, speed=1)
+
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.set_default_timeout(timeout_ms)
+        page.goto(_url(engine, "/"))
+
+        row = page.locator('#things tr[data-thing="press-2"]')
+        expect(row.locator("td.status")).to_have_text("connected", timeout=timeout_ms)
+        expect(page.locator('#things tr[data-thing="press-4"] td.status')).to_have_text(
+            "offline", timeout=timeout_ms
+        )
+        expect(row.locator("td.delta-marker")).to_have_text("")
+
+        row.locator("a").click()
+        reported = page.locator('#reported tr[data-field="temperature"] td.value')
+        expect(reported).to_have_text("20.5", timeout=timeout_ms)
+        expect(page.locator("#shadow-version")).to_have_text("shadow version 1")
+
+        report(device, "press-2", temperature=23.0)
+        expect(reported).to_have_text("23", timeout=timeout_ms)
+        expect(page.locator('[data-chart="temperature"] canvas')).to_have_count(1)
+
+        page.fill("#desired-field", "speed")
+        page.fill("#desired-value", "3")
+        page.click("#desired-form button[type=submit]")
+        delta = device.expect(10)
+        assert json.loads(delta.payload)["state"] == {"speed": 3}
+        expect(page.locator("#desired-message")).to_have_text("Accepted: version 3")
+        expect(page.locator('#delta tr[data-field="speed"] td.value')).to_have_text(
+            "3", timeout=timeout_ms
+        )
+
+        # An update the shadow service rejects shows its message.
+        page.fill("#desired-field", "a.b.c.d.e.f.g")
+        page.click("#desired-form button[type=submit]")
+        expect(page.locator("#desired-message")).to_contain_text(
+            "Rejected (400)", timeout=timeout_ms
+        )
+        screenshot(page, "thing")
+
+        page.click('header a[data-view="fleet"]')
+        expect(row.locator("td.delta-marker")).to_have_text("● pending", timeout=timeout_ms)
+        page.fill("#prefix", "press-4")
+        expect(page.locator("#things tr[data-thing]")).to_have_count(1, timeout=timeout_ms)
+        page.fill("#prefix", "")
+        page.select_option("#status", "connected")
+        expect(page.locator("#things tr[data-thing]")).to_have_count(3, timeout=timeout_ms)
+        page.select_option("#status", "all")
+        expect(page.locator("#things tr[data-thing]")).to_have_count(4, timeout=timeout_ms)
+        screenshot(page, "fleet")
+
+        page.click('header a[data-view="engine"]')
+        expect(page.locator("#engine-mqtt")).to_have_text("3", timeout=timeout_ms)
+        expect(page.locator("#engine-pressure")).to_have_text("normal", timeout=timeout_ms)
+        # Rates appear from the second reading on; until then the card shows a placeholder.
+        expect(page.locator("#engine-received")).to_have_text(
+            re.compile(r"^[0-9.,]+$"), timeout=timeout_ms
+        )
+        if SCREENSHOT_DIR:
+            # Traffic for the chart of the picture; the test itself needs none.
+            for step in range(20):
+                report(device, "press-2", temperature=23.0 + step / 10)
+                page.wait_for_timeout(250)
+        screenshot(page, "engine")
+        page.close()
+
+
+def _url(engine: EngineApiThread, path: str) -> str:
+    return engine.base_url + path

@@ -1,0 +1,147 @@
+// The fleet view: one page of GET /things at a time, filtered by name prefix and connection
+// state, read again every REFRESH_SECONDS so that connects and updates show up.
+import { getJson } from "./api.js";
+import { element, isoTime, timeAgo } from "./format.js";
+
+const PAGE_SIZE = 50;
+const REFRESH_SECONDS = 2;
+// Wait after the last keystroke in the prefix box before requesting, in milliseconds.
+const TYPING_DELAY_MS = 250;
+
+// The filter outlives the view, so going back from a thing keeps it.
+const filter = { prefix: "", status: "all" };
+
+export function mountFleet(root) {
+  // Tokens of the pages before the current one; the first page has token null.
+  const tokens = [null];
+  let nextToken = null;
+  let typingTimer = null;
+
+  const prefixInput = element("input", {
+    id: "prefix",
+    type: "search",
+    placeholder: "name prefix",
+    value: filter.prefix,
+    "aria-label": "Name prefix",
+  });
+  const statusSelect = element(
+    "select",
+    { id: "status", "aria-label": "Connection state" },
+    element("option", { value: "all", text: "all" }),
+    element("option", { value: "connected", text: "connected" }),
+    element("option", { value: "offline", text: "offline" }),
+  );
+  statusSelect.value = filter.status;
+  const previous = element("button", { type: "button", text: "Previous" });
+  const next = element("button", { type: "button", text: "Next" });
+  const pageLabel = element("span", { class: "muted" });
+  const error = element("span", { class: "message error" });
+  const body = element("tbody");
+  const table = element(
+    "table",
+    { id: "things" },
+    element(
+      "thead",
+      {},
+      element(
+        "tr",
+        {},
+        element("th", { text: "Thing" }),
+        element("th", { text: "Status" }),
+        element("th", { text: "Last seen" }),
+        element("th", { class: "number", text: "Shadow version" }),
+        element("th", { text: "Delta" }),
+      ),
+    ),
+    body,
+  );
+
+  root.append(
+    element(
+      "div",
+      { class: "fleet" },
+      element("h1", { text: "Fleet" }),
+      element("div", { class: "toolbar" }, prefixInput, statusSelect, previous, next, pageLabel, error),
+      table,
+    ),
+  );
+
+  async function load() {
+    const params = new URLSearchParams({ pageSize: String(PAGE_SIZE) });
+    if (filter.prefix) params.set("prefix", filter.prefix);
+    if (filter.status !== "all") params.set("connected", String(filter.status === "connected"));
+    const token = tokens[tokens.length - 1];
+    if (token) params.set("nextToken", token);
+    try {
+      const page = await getJson(`/things?${params}`);
+      error.textContent = "";
+      nextToken = page.nextToken;
+      render(page.things);
+    } catch (failure) {
+      error.textContent = `Loading things failed: ${failure.message}`;
+    }
+    previous.disabled = tokens.length === 1;
+    next.disabled = !nextToken;
+    pageLabel.textContent = `page ${tokens.length}`;
+  }
+
+  function render(things) {
+    const rows = things.map((thing) => {
+      const link = element("a", { href: `#/thing/${encodeURIComponent(thing.name)}`, text: thing.name });
+      const status = thing.connected ? "connected" : "offline";
+      return element(
+        "tr",
+        { "data-thing": thing.name },
+        element("td", {}, link),
+        element("td", { class: `status ${status}`, text: status }),
+        element("td", { title: isoTime(thing.lastSeen), text: timeAgo(thing.lastSeen) }),
+        element("td", { class: "number", text: thing.version ?? "–" }),
+        element("td", {
+          class: "delta-marker",
+          title: thing.pendingDelta ? "desired differs from reported" : "",
+          text: thing.pendingDelta ? "● pending" : "",
+        }),
+      );
+    });
+    if (rows.length === 0) {
+      rows.push(element("tr", {}, element("td", { colspan: "5", class: "muted", text: "No things match." })));
+    }
+    body.replaceChildren(...rows);
+  }
+
+  function restart() {
+    tokens.length = 1;
+    load();
+  }
+
+  prefixInput.addEventListener("input", () => {
+    clearTimeout(typingTimer);
+    typingTimer = setTimeout(() => {
+      filter.prefix = prefixInput.value.trim();
+      restart();
+    }, TYPING_DELAY_MS);
+  });
+  statusSelect.addEventListener("change", () => {
+    filter.status = statusSelect.value;
+    restart();
+  });
+  next.addEventListener("click", () => {
+    if (nextToken) {
+      tokens.push(nextToken);
+      load();
+    }
+  });
+  previous.addEventListener("click", () => {
+    if (tokens.length > 1) {
+      tokens.pop();
+      load();
+    }
+  });
+
+  load();
+  const timer = setInterval(load, REFRESH_SECONDS * 1000);
+  return () => {
+    clearInterval(timer);
+    clearTimeout(typingTimer);
+  };
+}
