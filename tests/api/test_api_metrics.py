@@ -50,6 +50,8 @@ def test_metrics_follow_mqtt_updates(tmp_path):
                     break
                 time.sleep(0.05)
             assert value(after, "ironshadow_clients_connected") == 1
+            # The shadow service's internal session is not an offline client session.
+            assert value(after, "ironshadow_sessions_offline") == 0
         finally:
             device.disconnect()
 

@@ -72,12 +72,18 @@ def collect(engine: Engine) -> Exposition:
     out = Exposition()
     broker = engine.broker
     stats = broker.stats
-    connected = sum(1 for session in broker.sessions.values() if session.connection is not None)
+    connected = 0
+    offline = 0
+    for session in broker.sessions.values():
+        if session.connection is not None:
+            connected += 1
+        elif session.consumer is None:  # the engine's own consumers are not clients
+            offline += 1
 
     out.gauge("ironshadow_clients_connected", connected, "MQTT clients connected now.")
     out.gauge(
         "ironshadow_sessions_offline",
-        len(broker.sessions) - connected,
+        offline,
         "Persistent MQTT sessions whose client is not connected.",
     )
     out.gauge("ironshadow_subscriptions", broker.index.count, "MQTT subscriptions.")
