@@ -62,44 +62,80 @@ def _read_log(path: Path) -> str:
 
 @dataclass
 class RedisServer:
-    """A redis-server with persistence off, listening on 127.0.0.1."""
+    """A redis-server listening on 127.0.0.1.
+
+    Persistence is off unless the server is started ``durable``: then every write is in the
+    append-only file, fsynced before Redis replies (``appendfsync always``), and a server
+    killed with kill() and started again with restart() still has every acknowledged write.
+    """
 
     port: int
     directory: Path
     process: subprocess.Popen[bytes]
+    durable: bool = False
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     @classmethod
-    def start(cls) -> RedisServer:
-        binary = shutil.which("redis-server")
-        if binary is None:
+    def start(cls, durable: bool = False) -> RedisServer:
+        if shutil.which("redis-server") is None:
             pytest.skip("redis-server is not installed (Debian package redis-server)")
         directory = Path(tempfile.mkdtemp(prefix="ironshadow-redis-"))
-        log = directory / "redis.log"
         for _ in range(START_ATTEMPTS):
             port = free_port()
-            command = [
-                binary,
-                "--port", str(port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(directory),
-                "--logfile", str(log),
-            ]  # fmt: skip
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+            process = _spawn_redis(port, directory, durable)
             if _wait_for_redis(port, process):
-                return cls(port, directory, process)
+                return cls(port, directory, process, durable)
             _stop_process(process, signal.SIGTERM)
+        log = _read_log(directory / "redis.log")
         shutil.rmtree(directory, ignore_errors=True)
-        raise RuntimeError(f"redis-server did not start; its log ends with:\n{_read_log(log)}")
+        raise RuntimeError(f"redis-server did not start; its log ends with:\n{log}")
+
+    def kill(self) -> None:
+        """Kill the server with SIGKILL, as a crash would, and keep its directory."""
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def restart(self) -> None:
+        """Start the server again on the same port and directory after kill().
+
+        Raise RuntimeError when it does not accept connections, for example because another
+        process took the port in the meantime.
+        """
+        if self.process.poll() is None:
+            raise RuntimeError(f"redis-server {self.process.pid} is still running; kill() it first")
+        process = _spawn_redis(self.port, self.directory, self.durable)
+        if not _wait_for_redis(self.port, process):
+            _stop_process(process, signal.SIGTERM)
+            log = _read_log(self.directory / "redis.log")
+            raise RuntimeError(f"redis-server did not restart; its log ends with:\n{log}")
+        self.process = process
 
     def stop(self) -> None:
         _stop_process(self.process, signal.SIGTERM)
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _spawn_redis(port: int, directory: Path, durable: bool) -> subprocess.Popen[bytes]:
+    binary = shutil.which("redis-server")
+    assert binary is not None, "redis-server is no longer on PATH"
+    if durable:
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"]
+    else:
+        persistence = ["--appendonly", "no"]
+    command = [
+        binary,
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--save", "",
+        *persistence,
+        "--dir", str(directory),
+        "--logfile", str(directory / "redis.log"),
+    ]  # fmt: skip
+    return subprocess.Popen(command, stdin=subprocess.DEVNULL)
 
 
 def _wait_for_redis(port: int, process: subprocess.Popen[bytes]) -> bool:
@@ -194,25 +230,7 @@ class PostgresServer:
 
         for _ in range(START_ATTEMPTS):
             port = free_port()
-            # Durability is off for speed: the cluster is deleted after the tests.
-            command = [
-                str(bindir / "postgres"),
-                "-D", str(data),
-                "-p", str(port),
-                "-k", str(directory),
-                "-c", "listen_addresses=127.0.0.1",
-                "-c", "fsync=off",
-                "-c", "synchronous_commit=off",
-                "-c", "full_page_writes=off",
-            ]  # fmt: skip
-            with open(log, "ab") as log_file:
-                process = subprocess.Popen(
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    **as_user,
-                )
+            process = _spawn_postgres(bindir, directory, port, as_user)
             if _wait_for_postgres(bindir, port, process):
                 return cls(port, directory, bindir, process)
             # SIGINT is PostgreSQL's fast shutdown.
@@ -220,9 +238,61 @@ class PostgresServer:
         shutil.rmtree(directory, ignore_errors=True)
         raise RuntimeError(f"PostgreSQL did not start; its log ends with:\n{_read_log(log)}")
 
+    def shut_down_fast(self) -> None:
+        """Stop the server with a fast shutdown (SIGINT) and keep its data directory.
+
+        PostgreSQL rolls back the open transactions and closes every client connection.
+        """
+        _stop_process(self.process, signal.SIGINT)
+
+    def restart(self) -> None:
+        """Start the server again on the same port and data directory after shut_down_fast().
+
+        Raise RuntimeError when it does not accept connections, for example because another
+        process took the port in the meantime.
+        """
+        if self.process.poll() is None:
+            raise RuntimeError(
+                f"PostgreSQL {self.process.pid} is still running; call shut_down_fast() first"
+            )
+        as_user = _run_as(_postgres_os_user())
+        process = _spawn_postgres(self.bindir, self.directory, self.port, as_user)
+        if not _wait_for_postgres(self.bindir, self.port, process):
+            _stop_process(process, signal.SIGINT)
+            log = _read_log(self.directory / "postgres.log")
+            raise RuntimeError(f"PostgreSQL did not restart; its log ends with:\n{log}")
+        self.process = process
+
     def stop(self) -> None:
         _stop_process(self.process, signal.SIGINT)
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _spawn_postgres(
+    bindir: Path, directory: Path, port: int, as_user: dict[str, object]
+) -> subprocess.Popen[bytes]:
+    """Start postgres on the cluster in ``directory / "data"``, logging to postgres.log."""
+    # Durability is off for speed: the cluster is deleted after the tests. A fast shutdown
+    # still writes a checkpoint, so a cluster restarted after shut_down_fast() keeps every
+    # committed transaction.
+    command = [
+        str(bindir / "postgres"),
+        "-D", str(directory / "data"),
+        "-p", str(port),
+        "-k", str(directory),
+        "-c", "listen_addresses=127.0.0.1",
+        "-c", "fsync=off",
+        "-c", "synchronous_commit=off",
+        "-c", "full_page_writes=off",
+    ]  # fmt: skip
+    with open(directory / "postgres.log", "ab") as log_file:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            **as_user,
+        )
 
 
 def _postgres_os_user() -> pwd.struct_passwd | None:

@@ -196,6 +196,67 @@ def test_failed_batch_writes_nothing(dsn: str) -> None:
     assert run(scenario()) == (0, 0)
 
 
+def release_then_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make pools raise when a connection goes back to them, as asyncpg 0.32 does when the
+    server closes the connection during the reset (a fast shutdown, for example)."""
+    release = asyncpg.pool.Pool.release
+
+    async def failing(pool: asyncpg.Pool, connection: Any, **options: Any) -> None:
+        await release(pool, connection, **options)
+        raise asyncpg.InternalClientError("cannot switch to state 15; another operation (2)")
+
+    monkeypatch.setattr(asyncpg.pool.Pool, "release", failing)
+
+
+def test_write_ignores_failed_release(dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch that committed is reported written though returning its connection failed,
+    so that the caller does not write it twice."""
+    rows = [row(BASE_TIME + 1, 1, reported={"t": 1}), row(BASE_TIME + 2, 2, reported={"t": 2})]
+
+    async def scenario() -> tuple[int, int]:
+        store = PostgresHistoryStore(dsn)
+        await store.open()
+        try:
+            # The first write creates the day's partitions, so the second only copies rows.
+            await store.write(rows[:1])
+            release_then_fail(monkeypatch)
+            await store.write(rows[1:])
+        finally:
+            monkeypatch.undo()
+            await store.close()
+        updates = await fetch(dsn, "SELECT count(*) FROM shadow_updates")
+        values = await fetch(dsn, "SELECT count(*) FROM shadow_values")
+        return updates[0][0], values[0][0]
+
+    assert run(scenario()) == (2, 2)
+
+
+def test_batch_error_survives_failed_release(dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the batch fails, its error reaches the caller even if the release fails too."""
+    rows = [
+        row(BASE_TIME + 1, 1, reported={"ok": 1}),
+        # jsonb cannot store the NUL character.
+        HistoryRow(BASE_TIME + 2, "oven-1", "", 2, b'{"text": "\\u0000"}', None),
+    ]
+
+    async def scenario() -> int:
+        store = PostgresHistoryStore(dsn)
+        await store.open()
+        try:
+            # The first write creates the day's partitions, so the second only copies rows.
+            await store.write(rows[:1])
+            release_then_fail(monkeypatch)
+            with pytest.raises(asyncpg.PostgresError):
+                await store.write(rows[1:])
+        finally:
+            monkeypatch.undo()
+            await store.close()
+        updates = await fetch(dsn, "SELECT count(*) FROM shadow_updates")
+        return updates[0][0]
+
+    assert run(scenario()) == 1
+
+
 def test_partitions_created_for_rows(dsn: str) -> None:
     rows = [row(BASE_TIME + 0.5 * DAY, 1, reported={"t": 1}), row(BASE_TIME + 3.2 * DAY, 2)]
 

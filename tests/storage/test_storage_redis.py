@@ -333,6 +333,64 @@ def test_outbox_read_back_after_memory_overflow(
     assert plain_client.xlen(f"{prefix}:history") == 0
 
 
+def test_outbox_overflow_during_stream_read(
+    redis_server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows that memory drops while the stream is being read are read from the stream."""
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        store = RedisHotStore(redis_server.url, prefix=prefix)
+        await store.open()
+        store._outbox.memory_rows = 10
+        await store.write([], [history_row("kiln", 1)])
+        read_stream = store.client.xrange
+
+        async def read_then_overflow(*args: Any, **kwargs: Any) -> Any:
+            entries = await read_stream(*args, **kwargs)
+            monkeypatch.undo()
+            # Ten rows written during the read overflow memory, which drops all its rows.
+            await store.write([], [history_row("kiln", version) for version in range(2, 12)])
+            return entries
+
+        monkeypatch.setattr(store.client, "xrange", read_then_overflow)
+        first_pass = await pending(store)
+        await store.history_committed([position for position, _ in first_pass])
+        second_pass = await pending(store)
+        await store.close()
+        return [row.version for _, row in first_pass], [row.version for _, row in second_pass]
+
+    first_pass, second_pass = run(scenario())
+    assert first_pass == list(range(1, 12))
+    assert second_pass == []
+
+
+def test_outbox_overflow_while_batch_in_flight(
+    redis_server: RedisServer, prefix: str, plain_client: redis.Redis
+) -> None:
+    """An entry split over two batches stays in the stream until both are committed, even
+    when memory overflows while the first batch is being moved."""
+
+    async def scenario() -> tuple[int, list[int]]:
+        store = RedisHotStore(redis_server.url, prefix=prefix)
+        await store.open()
+        store._outbox.memory_rows = 1500
+        await store.write([], [history_row("kiln", version) for version in range(1, 1201)])
+        history_pass = store.pending_history()
+        first_batch = await anext(history_pass)  # 1,000 of the entry's 1,200 rows
+        await store.write([], [history_row("kiln", version) for version in range(1201, 1601)])
+        await store.history_committed([position for position, _ in first_batch])
+        in_stream = plain_client.xlen(f"{prefix}:history")
+        # The pass ends early, as it does when moving the next batch fails.
+        await history_pass.aclose()
+        rest = await pending(store)
+        await store.close()
+        return in_stream, [row.version for _, row in rest]
+
+    in_stream, rest = run(scenario())
+    assert in_stream == 2
+    assert rest == list(range(1001, 1601))
+
+
 def test_outbox_partly_committed_entry(
     redis_server: RedisServer, prefix: str, plain_client: redis.Redis
 ) -> None:
@@ -357,6 +415,119 @@ def test_outbox_partly_committed_entry(
     assert after == []
     assert still_in_stream == 1
     assert plain_client.xlen(f"{prefix}:history") == 0
+
+
+def test_outbox_deleted_after_failed_xdel() -> None:
+    """Rows committed while Redis was down leave the stream once it is back, and are not
+    yielded again: neither by this store nor by one opened later, as after an engine restart.
+    """
+    server = RedisServer.start(durable=True)
+    rows = [history_row("press", version) for version in range(1, 4)]
+
+    async def scenario() -> tuple[list[tuple[str, HistoryRow]], list[tuple[str, HistoryRow]]]:
+        store = RedisHotStore(server.url, prefix="xdel")
+        await store.open()
+        await store.write([], rows)
+        positions = [position for position, _ in await pending(store)]
+        server.kill()
+        with pytest.raises(StoreUnavailable):
+            await store.history_committed(positions)
+        server.restart()
+        again = await pending(store)
+        await store.close()
+
+        reopened = RedisHotStore(server.url, prefix="xdel")
+        await reopened.open()
+        after_reopen = await pending(reopened)
+        await reopened.close()
+        return again, after_reopen
+
+    try:
+        again, after_reopen = run(scenario())
+        client = redis.Redis(port=server.port)
+        try:
+            length = client.xlen("xdel:history")
+        finally:
+            client.close()
+    finally:
+        server.stop()
+    assert again == []
+    assert after_reopen == []
+    assert length == 0
+
+
+def lose_reply(store: RedisHotStore, monkeypatch: pytest.MonkeyPatch, applied: bool) -> None:
+    """Make the store's next transactions fail as if the connection broke before the reply,
+    after Redis applied them when ``applied`` is true."""
+    transaction = store._transaction
+
+    async def failing(commands: list[bytes]) -> list[Any]:
+        if applied:
+            await transaction(commands)
+        raise StoreUnavailable("the connection broke before the reply")
+
+    monkeypatch.setattr(store, "_transaction", failing)
+
+
+@pytest.mark.parametrize("applied", [True, False], ids=["applied", "not-applied"])
+def test_write_retried_after_lost_reply(
+    redis_server: RedisServer,
+    prefix: str,
+    plain_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    applied: bool,
+) -> None:
+    """The retry of a write whose reply was lost adds its outbox entry once, whether or not
+    Redis applied the first attempt, and the history waits until the retry."""
+    rows = [history_row("drill", version) for version in range(1, 4)]
+    shadows = [ShadowWrite("drill", document(3, depth=12))]
+
+    async def scenario() -> tuple[list[tuple[str, HistoryRow]], list[tuple[str, HistoryRow]]]:
+        store = RedisHotStore(redis_server.url, prefix=prefix)
+        await store.open()
+        lose_reply(store, monkeypatch, applied)
+        with pytest.raises(StoreUnavailable):
+            await store.write(shadows, rows)
+        while_unknown = await pending(store)
+        monkeypatch.undo()
+        await store.write(shadows, rows)
+        after_retry = await pending(store)
+        await store.close()
+        return while_unknown, after_retry
+
+    while_unknown, after_retry = run(scenario())
+    assert while_unknown == []
+    assert [row for _, row in after_retry] == rows
+    assert plain_client.xlen(f"{prefix}:history") == 1
+    assert plain_client.get(f"{prefix}:shadow:drill") == document(3, depth=12)
+
+
+def test_write_after_abandoned_lost_reply(
+    redis_server: RedisServer,
+    prefix: str,
+    plain_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When the caller writes other rows after a lost reply, the entry that Redis applied
+    is read back from the stream, so its rows still reach the history once."""
+    first = [history_row("lathe", 1)]
+    second = [history_row("lathe", 2)]
+
+    async def scenario() -> list[tuple[str, HistoryRow]]:
+        store = RedisHotStore(redis_server.url, prefix=prefix)
+        await store.open()
+        await pending(store)  # a first pass finds the stream empty and reads memory only
+        lose_reply(store, monkeypatch, applied=True)
+        with pytest.raises(StoreUnavailable):
+            await store.write([], first)
+        monkeypatch.undo()
+        await store.write([], second)
+        entries = await pending(store)
+        await store.close()
+        return entries
+
+    assert [row for _, row in run(scenario())] == first + second
+    assert plain_client.xlen(f"{prefix}:history") == 2
 
 
 def test_commit_rejects_foreign_position(redis_server: RedisServer, prefix: str) -> None:

@@ -432,14 +432,42 @@ class PostgresHistoryStore:
         return days
 
     async def _copy(self, updates: list[tuple[Any, ...]], values: list[tuple[Any, ...]]) -> None:
-        async with self.pool.acquire() as connection, connection.transaction():
-            await connection.copy_records_to_table(
-                "shadow_updates", records=updates, columns=UPDATE_COLUMNS
-            )
-            if values:
+        connection = await self.pool.acquire()
+        try:
+            async with connection.transaction():
                 await connection.copy_records_to_table(
-                    "shadow_values", records=values, columns=VALUE_COLUMNS
+                    "shadow_updates", records=updates, columns=UPDATE_COLUMNS
                 )
+                if values:
+                    await connection.copy_records_to_table(
+                        "shadow_values", records=values, columns=VALUE_COLUMNS
+                    )
+        finally:
+            await self._release(connection)
+
+    async def _release(self, connection: asyncpg.Connection) -> None:
+        """Return a connection to the pool, logging a failure instead of raising it.
+
+        asyncpg 0.32 resets a connection on release and raises when the server closes it
+        meanwhile, as a fast shutdown does. The transaction has ended by then, so raising would
+        report a committed batch as failed and the caller would write it twice. asyncpg has
+        terminated the connection already, and the pool opens a new one when needed.
+        """
+        try:
+            await self.pool.release(connection)
+        except (
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,
+            asyncpg.PostgresError,
+            OSError,
+            TimeoutError,
+        ) as exc:
+            logger.warning(
+                "returning a connection to the PostgreSQL pool at %s failed: %s; the pool "
+                "opens a new one",
+                redact_dsn(self.dsn),
+                exc,
+            )
 
     async def enforce_retention(self, now: float) -> None:
         """Drop history older than the retention period, and create the coming partitions.

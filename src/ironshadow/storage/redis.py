@@ -103,6 +103,9 @@ class RedisHotStore:
         self._outbox = _Outbox(OUTBOX_MEMORY_ROWS)
         self._client: aioredis.Redis | None = None
         self._write_connection: AbstractConnection | None = None
+        # The encoded outbox rows of the last write if it failed, because Redis may have
+        # applied it all the same.
+        self._unconfirmed_rows: bytes | None = None
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailable:
         return StoreUnavailable(
@@ -198,9 +201,33 @@ class RedisHotStore:
 
         The transaction holds at most one ``MSET``, one ``DEL`` and one ``XADD`` whatever the
         batch size: the cost of a batch in the engine grows with the data, not the commands.
+
+        A transaction can fail after Redis applied it, when the connection breaks before the
+        reply arrives. So when a write fails, the next write of the same rows first looks for
+        them in the newest outbox entry and, if they are there, keeps that entry instead of
+        adding a second copy.
         """
         if not shadows and not history:
             return
+        rows = _encode_rows(history) if history else None
+        if self._unconfirmed_rows is not None:
+            if rows == self._unconfirmed_rows:
+                entry_id = await self._newest_entry_holding(rows)
+                if entry_id is not None:
+                    logger.info(
+                        "Redis had applied the failed write of %d history rows; kept its "
+                        "outbox entry %s instead of adding another",
+                        len(history),
+                        entry_id,
+                    )
+                    self._unconfirmed_rows = None
+                    self._outbox.remember(entry_id, list(history))
+                    return
+            else:
+                # The caller moved on from the failed batch. If Redis applied it, its entry
+                # is read back from the stream.
+                self._unconfirmed_rows = None
+                self._outbox.complete = False
         # The last write to a key wins, as it would with one command per write in order.
         latest: dict[str, bytes | None] = {}
         for shadow in shadows:
@@ -215,14 +242,27 @@ class RedisHotStore:
             commands.append(hiredis.pack_command(("MSET", *itertools.chain(*stored.items()))))
         if deleted:
             commands.append(hiredis.pack_command(("DEL", *deleted)))
-        if history:
-            commands.append(
-                hiredis.pack_command(("XADD", self.history_key, "*", "rows", _encode_rows(history)))
-            )
+        if rows is not None:
+            commands.append(hiredis.pack_command(("XADD", self.history_key, "*", "rows", rows)))
         commands.append(_EXEC)
-        results = await self._transaction(commands)
+        try:
+            results = await self._transaction(commands)
+        except BaseException:
+            self._unconfirmed_rows = rows
+            raise
+        self._unconfirmed_rows = None
         if history:
             self._outbox.remember(results[-1].decode(), list(history))
+
+    async def _newest_entry_holding(self, rows: bytes) -> str | None:
+        """Return the id of the newest outbox entry if its rows are ``rows``, else None."""
+        try:
+            entries = await self.client.xrevrange(self.history_key, count=1)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise self._unavailable(exc) from exc
+        if entries and entries[0][1].get(b"rows") == rows:
+            return entries[0][0].decode()
+        return None
 
     async def _transaction(self, commands: list[bytes]) -> list[Any]:
         """Send MULTI, the commands and EXEC in one write; return EXEC's replies."""
@@ -249,9 +289,16 @@ class RedisHotStore:
         A position is ``{stream entry id}/{index of the row in the entry}``. Rows written by
         this store since it opened come from memory; the stream is read only for what an
         earlier run left behind, or after more than OUTBOX_MEMORY_ROWS rows waited at once.
-        Batches hold up to OUTBOX_BATCH_SIZE rows; a large entry spans several.
+        Batches hold up to OUTBOX_BATCH_SIZE rows; a large entry spans several. Nothing is
+        yielded while the outcome of a failed write is unknown: its entry may be in the stream,
+        and only the retry of that write can tell it from a new one.
         """
+        if self._unconfirmed_rows is not None:
+            return
         outbox = self._outbox
+        # Entries whose XDEL failed must go before the stream is read, or their rows would
+        # be yielded again.
+        await self._delete_committed()
         outbox.begin_pass()
         start = "-"
         # Entries hold a write batch each, from one row to thousands: the count of entries
@@ -263,10 +310,14 @@ class RedisHotStore:
                 # Stop short of the rows that memory holds, so none is yielded twice.
                 first_cached = outbox.first_id()
                 end = "+" if first_cached is None else "(" + first_cached
+                overflows = outbox.overflows
                 entries = await self.client.xrange(
                     self.history_key, min=start, max=end, count=count
                 )
                 if not entries:
+                    if outbox.overflows != overflows:
+                        # Memory dropped rows during the read, so read on to the new end.
+                        continue
                     outbox.complete = True
                     break
                 batch: list[tuple[str, HistoryRow]] = []
@@ -300,14 +351,20 @@ class RedisHotStore:
     async def history_committed(self, positions: Sequence[str]) -> None:
         """Drop these rows from the outbox: the history store has committed them.
 
-        An entry is deleted from the stream (``XDEL``) once all its rows are committed.
+        An entry is deleted from the stream (``XDEL``) once all its rows are committed. When
+        the XDEL fails, the entry is deleted by the next call here or to pending_history().
         """
-        finished = self._outbox.commit(positions)
+        self._outbox.undeleted.update(self._outbox.commit(positions))
+        await self._delete_committed()
+
+    async def _delete_committed(self) -> None:
+        undeleted = self._outbox.undeleted
+        entries = list(undeleted)
         try:
-            for first in range(0, len(finished), OUTBOX_BATCH_SIZE):
-                await self.client.xdel(
-                    self.history_key, *finished[first : first + OUTBOX_BATCH_SIZE]
-                )
+            for first in range(0, len(entries), OUTBOX_BATCH_SIZE):
+                chunk = entries[first : first + OUTBOX_BATCH_SIZE]
+                await self.client.xdel(self.history_key, *chunk)
+                undeleted.difference_update(chunk)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise self._unavailable(exc) from exc
 
@@ -338,8 +395,14 @@ class _Outbox:
         self._committed: dict[str, set[int]] = {}  # rows committed of unfinished entries
         self._newest_read: tuple[int, int] = (0, 0)  # newest entry read from the stream
         self._read_uncommitted: set[str] = set()  # entries read from the stream, not finished
+        # Entries whose rows are all committed but that XDEL has not deleted yet.
+        self.undeleted: set[str] = set()
+        # Entries from memory that the current pass has yielded rows of.
+        self._yielded: set[str] = set()
+        self.overflows = 0  # times memory dropped its rows
 
     def begin_pass(self) -> None:
+        self._yielded.clear()
         if self._read_uncommitted:
             self.complete = False
 
@@ -354,12 +417,15 @@ class _Outbox:
         self._cached_rows += len(rows)
         if self._cached_rows > self.memory_rows:
             # The history store is far behind. Memory holds nothing; the stream holds it all.
+            # An entry keeps its size while rows of it are committed or being moved, so that
+            # it is deleted only once all its rows are committed.
             for cached_id in self._cached:
-                if cached_id not in self._committed:
+                if cached_id not in self._committed and cached_id not in self._yielded:
                     del self._sizes[cached_id]
             self._cached.clear()
             self._cached_rows = 0
             self.complete = False
+            self.overflows += 1
 
     def read_from_stream(self, entry_id: str, size: int) -> None:
         self._sizes[entry_id] = size
@@ -376,6 +442,7 @@ class _Outbox:
     def cached_batches(self, size: int) -> Iterator[list[tuple[str, HistoryRow]]]:
         batch: list[tuple[str, HistoryRow]] = []
         for entry_id, rows in list(self._cached.items()):
+            self._yielded.add(entry_id)
             batch.extend(self.positioned(entry_id, rows))
             while len(batch) >= size:
                 yield batch[:size]
@@ -402,6 +469,7 @@ class _Outbox:
                 finished.append(entry_id)
         for entry_id in finished:
             self._read_uncommitted.discard(entry_id)
+            self._yielded.discard(entry_id)
             self._committed.pop(entry_id, None)
             self._sizes.pop(entry_id, None)
             rows = self._cached.pop(entry_id, None)
