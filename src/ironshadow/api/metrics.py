@@ -13,6 +13,7 @@ import os
 import time
 from typing import TYPE_CHECKING
 
+import orjson
 from fastapi import FastAPI
 from starlette.responses import Response
 
@@ -189,8 +190,7 @@ def collect_websockets(out: Exposition, app: FastAPI) -> None:
         out.gauge(
             "ironshadow_mqtt_websocket_connections",
             len(endpoint.transports),
-            "MQTT connections over WebSocket (/mqtt) open now, also counted in the MQTT "
-            "metrics.",
+            "MQTT connections over WebSocket (/mqtt) open now, also counted in the MQTT metrics.",
         )
     feed = getattr(app.state, "feed", None)
     if feed is not None:
@@ -220,6 +220,32 @@ def _process_usage() -> tuple[float, int]:
 
 
 def add_metrics_routes(app: FastAPI, engine: Engine) -> None:
+    @app.get(
+        "/healthz",
+        tags=["operations"],
+        summary="Liveness probe",
+        description="Return 200 while the engine's process serves HTTP.",
+        operation_id="GetHealth",
+    )
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        tags=["operations"],
+        summary="Readiness probe",
+        description="Return 200 when the MQTT listener is open and the stores answer, else 503 "
+        "with the list of problems.",
+        operation_id="GetReadiness",
+        responses={503: {"description": "Not ready: the problems are listed."}},
+    )
+    async def readyz() -> Response:
+        problems = await engine.readiness_problems()
+        if problems:
+            body = {"status": "not ready", "problems": problems}
+            return Response(orjson.dumps(body), 503, media_type="application/json")
+        return Response(orjson.dumps({"status": "ready"}), media_type="application/json")
+
     @app.get(
         "/metrics",
         tags=["operations"],

@@ -186,6 +186,10 @@ class Broker:
             config.connect_rate or "unlimited",
         )
 
+    def listening(self) -> bool:
+        """Return whether the MQTT listener is open and accepting connections."""
+        return bool(self._servers) and all(server.is_serving() for server in self._servers)
+
     @property
     def ports(self) -> list[int]:
         return [sock.getsockname()[1] for server in self._servers for sock in server.sockets]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from ..broker.config import BrokerConfig
 from ..broker.core import Broker
 from ..shadow import ShadowLimits, shadow_key
-from ..storage.base import DEFAULT_RETENTION_DAYS, HistoryStore, HotStore
+from ..storage.base import DEFAULT_RETENTION_DAYS, HistoryStore, HotStore, StoreUnavailable
 from ..storage.pipeline import WriteBehind
 from .mqtt_state import MqttStateSaver
 from .service import ShadowService
@@ -159,6 +159,24 @@ class Engine:
                     "history retention failed: %s; retrying in %.0f s", exc, RETENTION_INTERVAL
                 )
             await asyncio.sleep(RETENTION_INTERVAL)
+
+    async def readiness_problems(self) -> list[str]:
+        """Return what keeps the engine from serving: closed listeners, unreachable stores."""
+        problems = []
+        if not self.broker.listening():
+            problems.append("the MQTT listener is not open")
+        stores: list[tuple[str, HotStore | HistoryStore | None]] = [
+            ("hot store", self._hot),
+            ("history store", self._history),
+        ]
+        for name, store in stores:
+            if store is None:
+                continue
+            try:
+                await store.check()
+            except StoreUnavailable as exc:
+                problems.append(f"{name}: {exc}")
+        return problems
 
     async def shutdown(self) -> None:
         """Stop the broker, write what is pending, and close the stores."""

@@ -83,6 +83,10 @@ class HotStore(Protocol):
         """Drop these outbox rows: the history store has committed them."""
         ...
 
+    async def check(self) -> None:
+        """Raise StoreUnavailable unless the store can take writes now, for readiness probes."""
+        ...
+
 
 class HistoryStore(Protocol):
     async def open(self) -> None: ...
@@ -91,6 +95,10 @@ class HistoryStore(Protocol):
 
     async def write(self, rows: Sequence[HistoryRow]) -> None:
         """Commit the rows and their numeric leaves."""
+        ...
+
+    async def check(self) -> None:
+        """Raise StoreUnavailable unless the store can take writes now, for readiness probes."""
         ...
 
     async def enforce_retention(self, now: float) -> None:

@@ -581,6 +581,11 @@ class EmbeddedHotStore:
             return
         await self._run(self._append_batch, list(shadows), list(history))
 
+    async def check(self) -> None:
+        """Raise StoreUnavailable once a failed write has made the journal untrustworthy."""
+        if self._failure is not None:
+            raise StoreUnavailable(self._failure)
+
     async def history_committed(self, positions: Sequence[str]) -> None:
         """Append a durable COMMIT record for these outbox rows and drop them from memory."""
         sequence_numbers = []

@@ -45,6 +45,8 @@ logger = logging.getLogger("ironshadow.storage")
 # Seconds to wait for a connection to PostgreSQL before the store reports it unreachable.
 CONNECT_TIMEOUT_SECONDS = 10.0
 
+# Seconds a readiness check waits for a connection and for SELECT 1.
+CHECK_TIMEOUT_SECONDS = 2.0
 # Connections in the pool: one writer, plus room for retention and history queries so that a
 # long query never delays a write.
 POOL_MAX_SIZE = 4
@@ -243,6 +245,14 @@ class PostgresHistoryStore:
             raise
         mode = "TimescaleDB hypertables" if self.timescale else "native daily partitions"
         logger.info("opened the PostgreSQL history store at %s (%s)", redact_dsn(self.dsn), mode)
+
+    async def check(self) -> None:
+        """Raise StoreUnavailable unless the server answers a query within two seconds."""
+        try:
+            async with self.pool.acquire(timeout=CHECK_TIMEOUT_SECONDS) as connection:
+                await connection.fetchval("SELECT 1", timeout=CHECK_TIMEOUT_SECONDS)
+        except _CONNECTION_ERRORS as exc:
+            raise self._unavailable(exc, "Check that the server is running.") from exc
 
     async def close(self) -> None:
         if self._pool is not None:

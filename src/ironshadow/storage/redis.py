@@ -22,6 +22,7 @@ write, so a batch costs one round trip and readers never see half of it.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -44,6 +45,8 @@ logger = logging.getLogger("ironshadow.storage")
 
 # Seconds to wait for a TCP connection to Redis before the store reports it unreachable.
 CONNECT_TIMEOUT_SECONDS = 5.0
+# Seconds a readiness check waits for PING.
+CHECK_TIMEOUT_SECONDS = 2.0
 
 # Keys per SCAN call and per MGET during start-up. A thousand keeps each reply to a few
 # hundred kilobytes for typical shadows while a million shadows still need only a thousand
@@ -159,6 +162,13 @@ class RedisHotStore:
         self._write_connection = pool.connection_class(**pool.connection_kwargs)
         self._outbox = _Outbox(OUTBOX_MEMORY_ROWS)
         logger.info("opened the Redis hot store at %s", redact_url(self.url))
+
+    async def check(self) -> None:
+        """Raise StoreUnavailable unless Redis answers a PING within CHECK_TIMEOUT_SECONDS."""
+        try:
+            await asyncio.wait_for(self.client.ping(), CHECK_TIMEOUT_SECONDS)
+        except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
+            raise self._unavailable(exc) from exc
 
     async def close(self) -> None:
         if self._write_connection is not None:

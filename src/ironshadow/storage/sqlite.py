@@ -211,6 +211,9 @@ class SQLiteHistoryStore:
                 "space and that no other process holds a write lock"
             ) from exc
 
+    async def check(self) -> None:
+        """Do nothing: the file is local, and a failing disk shows in the writes."""
+
     async def enforce_retention(self, now: float) -> None:
         """Delete updates and values older than ``retention_days`` before ``now``."""
         await self._run(self._delete_before, now - self.retention_days * _SECONDS_PER_DAY)
