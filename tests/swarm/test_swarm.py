@@ -192,3 +192,9 @@ def test_ceiling_runs_against_the_discard_server():
     assert result["errors"] == 0
     # The discard server is a local process, so its CPU is reported as the engine's.
     assert result["engine_cpu_percent_core"] is not None
+
+
+def test_missing_engine_process_is_a_clear_error():
+    completed = run_swarm("--port", "1", "--engine-pid", "999999999")
+    assert completed.returncode == 2
+    assert "--engine-pid 999999999: no such process" in completed.stderr

@@ -35,7 +35,8 @@ def parse_duration(text: str) -> float:
     match = _DURATION.match(text)
     if match is None:
         raise argparse.ArgumentTypeError(
-            f"invalid duration {text!r}: use a number with ms, s or m, such as 100ms or 2s"
+            f"invalid duration {text!r}: use a number of seconds, or a number with ms, s or m, "
+            "such as 100ms or 2s"
         )
     value = float(match.group(1))
     unit = match.group(2) or "s"
@@ -93,6 +94,11 @@ def check(options: SwarmOptions) -> None:
             f"--fields {options.fields} --field-bytes {options.field_bytes}: give at least one "
             "field and a size of 0 (numbers) or more"
         )
+    if options.engine_pid is not None and not os.path.exists(f"/proc/{options.engine_pid}"):
+        raise SwarmUsageError(
+            f"--engine-pid {options.engine_pid}: no such process on this machine; give the PID "
+            "of the local engine or broker, or leave the option out"
+        )
     processes = options.process_count()
     limit = processes * MAX_RATE_PER_PROCESS
     if options.offered_rate > limit and options.frequency > 0:
@@ -121,8 +127,12 @@ def check(options: SwarmOptions) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = SwarmOptions()
-    parser.add_argument("--host", default=defaults.host, help="engine or broker address")
-    parser.add_argument("--port", type=int, default=defaults.port, help="MQTT port")
+    parser.add_argument(
+        "--host", default=defaults.host, help="engine or broker address (default %(default)s)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=defaults.port, help="MQTT port (default %(default)s)"
+    )
     parser.add_argument(
         "--devices",
         type=int,

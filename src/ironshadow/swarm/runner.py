@@ -351,7 +351,7 @@ class Coordinator:
         except (OSError, TimeoutError, ConnectionError) as exc:
             raise SwarmError(
                 f"cannot connect to the MQTT broker at {options.host}:{options.port}: {exc}. "
-                "Check that the engine runs (ironshadow serve) and --host and --port"
+                "Check that the engine runs (ironshadow serve) and that --host and --port are right"
             ) from exc
         if code != 0:
             raise SwarmError(f"the broker refused the swarm's observer (CONNACK code {code})")
