@@ -10,6 +10,7 @@ routes nothing and checks packets only as far as it must to frame them.
 from __future__ import annotations
 
 import asyncio
+import resource
 import socket
 from multiprocessing.connection import Connection
 
@@ -121,6 +122,8 @@ def run_discard_server(host: str, ready: Connection) -> None:
     """Process entry point: serve on a free port of ``host``; send the port on ``ready``."""
     import uvloop
 
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import resource
 import socket
 import struct
 import time
@@ -475,6 +476,10 @@ async def _serve(
 def run_worker(options: SwarmOptions, first: int, count: int, seed: int, pipe: Connection) -> None:
     """Process entry point: serve the coordinator's commands until ``stop``."""
     import uvloop
+
+    # One socket per device: take the hard file limit, which options.check() compared.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     with contextlib.suppress(KeyboardInterrupt):
         uvloop.run(_serve(options, first, count, seed, pipe))
