@@ -20,6 +20,7 @@ from ironshadow.engine import Engine, StorageConfig
 from ironshadow.storage.base import HistoryRow, ShadowWrite
 from ironshadow.storage.embedded import EmbeddedHotStore
 from ironshadow.storage.pipeline import WriteBehind
+from ironshadow.storage.sqlite import SQLiteHistoryStore
 from mqtt_client import V311, TestClient
 
 PREFIX = "$aws/things/kiln-3/shadow"
@@ -258,6 +259,56 @@ def test_backlog_drains_in_bounded_batches(tmp_path):
     assert pipeline.batch_items.count == 5
     assert pipeline.batch_items.sum == 6300
     assert pipeline.write_seconds.count == 5
+
+
+class GatedHistory(SQLiteHistoryStore):
+    """A SQLite history store whose writes wait until the test opens the gate."""
+
+    def __init__(self, path) -> None:
+        super().__init__(path)
+        self.gate = asyncio.Event()
+
+    async def write(self, rows) -> None:
+        await self.gate.wait()
+        await super().write(rows)
+
+
+def test_history_backlog_raises_pressure(tmp_path):
+    """A stuck history store fills the journal's outbox in memory: past its high mark the
+    devices are slowed down, and once the history store moves the rows they go on."""
+
+    async def scenario() -> tuple[list[object], int]:
+        store = EmbeddedHotStore(tmp_path / "shadows")
+        history = GatedHistory(tmp_path / "history.sqlite3")
+        await store.open()
+        await history.open()
+        events: list[object] = []
+        pipeline = WriteBehind(
+            store, history, events.append, outbox_high_water=50, outbox_low_water=20
+        )
+        pipeline.start()
+        for number in range(60):
+            write = ShadowWrite(f"drill-{number}", b'{"version": 1}')
+            row = HistoryRow(1.0, f"drill-{number}", "", 1, b'{"depth": 1}', None)
+            pipeline.submit([write], [row], lambda: None)
+            await asyncio.sleep(0.005)
+        deadline = time.monotonic() + scaled(10)
+        while store.outbox_rows_in_memory() < 60 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        events.append(("outbox rows before the gate opens", store.outbox_rows_in_memory()))
+        history.gate.set()
+        await pipeline.stop()
+        left = store.outbox_rows_in_memory()
+        await history.close()
+        await store.close()
+        return events, left
+
+    events, left = asyncio.run(scenario())
+    assert events[0] is True
+    assert events[1] == ("outbox rows before the gate opens", 60)
+    assert events[2] is False
+    assert len(events) == 3
+    assert left == 0
 
 
 @pytest.mark.parametrize("rest", [False, True])

@@ -87,6 +87,10 @@ class HotStore(Protocol):
         """Raise StoreUnavailable unless the store can take writes now, for readiness probes."""
         ...
 
+    def outbox_rows_in_memory(self) -> int:
+        """Return how many outbox rows this store keeps in the engine's memory."""
+        ...
+
 
 class HistoryStore(Protocol):
     async def open(self) -> None: ...

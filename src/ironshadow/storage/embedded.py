@@ -581,6 +581,10 @@ class EmbeddedHotStore:
             return
         await self._run(self._append_batch, list(shadows), list(history))
 
+    def outbox_rows_in_memory(self) -> int:
+        """Return the uncommitted outbox rows: this store keeps every one of them in memory."""
+        return len(self._pending)
+
     async def check(self) -> None:
         """Raise StoreUnavailable once a failed write has made the journal untrustworthy."""
         if self._failure is not None:

@@ -36,6 +36,12 @@ DEFAULT_HIGH_WATER = 20_000
 DEFAULT_LOW_WATER = 10_000
 DEFAULT_HIGH_WATER_BYTES = 64 * 1024 * 1024
 DEFAULT_LOW_WATER_BYTES = 32 * 1024 * 1024
+# History rows that a hot store keeps in the engine's memory until the history store commits
+# them (the embedded store does; Redis keeps them in Redis). Above the high mark the devices
+# are slowed down too, so a slow history store cannot exhaust memory. At about 370 bytes per
+# small row (an estimate), the default bounds that memory to roughly 75 MB.
+DEFAULT_OUTBOX_HIGH_WATER = 200_000
+DEFAULT_OUTBOX_LOW_WATER = 100_000
 # Bytes counted per history row on top of its JSON: the time, names and version.
 ROW_OVERHEAD_BYTES = 64
 # Group commit by time: a batch smaller than BATCH_TARGET_ITEMS waits up to BATCH_DELAY
@@ -77,6 +83,8 @@ class WriteBehind:
         low_water: int = DEFAULT_LOW_WATER,
         high_water_bytes: int = DEFAULT_HIGH_WATER_BYTES,
         low_water_bytes: int = DEFAULT_LOW_WATER_BYTES,
+        outbox_high_water: int = DEFAULT_OUTBOX_HIGH_WATER,
+        outbox_low_water: int = DEFAULT_OUTBOX_LOW_WATER,
     ) -> None:
         self.hot = hot
         self.history = history
@@ -85,6 +93,8 @@ class WriteBehind:
         self.low_water = low_water
         self.high_water_bytes = high_water_bytes
         self.low_water_bytes = low_water_bytes
+        self.outbox_high_water = outbox_high_water
+        self.outbox_low_water = outbox_low_water
         self._queue: deque[_Submission] = deque()
         self.pending = 0  # shadow writes submitted and not yet durable
         self.pending_bytes = 0  # their documents and history rows, in bytes
@@ -132,18 +142,35 @@ class WriteBehind:
         self.pending += len(shadows)
         self.pending_bytes += size
         if not self.pressure and (
-            self.pending >= self.high_water or self.pending_bytes >= self.high_water_bytes
+            self.pending >= self.high_water
+            or self.pending_bytes >= self.high_water_bytes
+            or self.hot.outbox_rows_in_memory() >= self.outbox_high_water
         ):
             self.pressure = True
             self._pressure_since = time.monotonic()
             log.warning(
-                "%d shadow writes (%d bytes) wait for the hot store; slowing devices down",
+                "%d shadow writes (%d bytes) wait for the hot store and %d history rows for "
+                "the history store; slowing devices down",
                 self.pending,
                 self.pending_bytes,
+                self.hot.outbox_rows_in_memory(),
             )
             if self.on_pressure is not None:
                 self.on_pressure(True)
         self._wakeup.set()
+
+    def _release_pressure_if_caught_up(self) -> None:
+        if (
+            self.pressure
+            and self.pending <= self.low_water
+            and self.pending_bytes <= self.low_water_bytes
+            and self.hot.outbox_rows_in_memory() <= self.outbox_low_water
+        ):
+            self.pressure = False
+            self.pressure_seconds += time.monotonic() - self._pressure_since
+            log.warning("the stores caught up (%d writes waiting); devices resume", self.pending)
+            if self.on_pressure is not None:
+                self.on_pressure(False)
 
     async def _write_loop(self) -> None:
         while True:
@@ -201,16 +228,7 @@ class WriteBehind:
             except Exception:
                 log.exception("a callback after a durable write failed")
 
-        if (
-            self.pressure
-            and self.pending <= self.low_water
-            and self.pending_bytes <= self.low_water_bytes
-        ):
-            self.pressure = False
-            self.pressure_seconds += time.monotonic() - self._pressure_since
-            log.warning("hot store caught up (%d writes waiting); devices resume", self.pending)
-            if self.on_pressure is not None:
-                self.on_pressure(False)
+        self._release_pressure_if_caught_up()
         if rows:
             self._history_wakeup.set()
 
@@ -227,6 +245,7 @@ class WriteBehind:
                     self.history_write_seconds.observe(time.monotonic() - started)
                     self.history_batch_rows.observe(len(batch))
                     await self.hot.history_committed(positions)
+                    self._release_pressure_if_caught_up()
                     moved += len(batch)
                     self.history_rows_committed += len(batch)
                 delay = RETRY_FIRST_DELAY

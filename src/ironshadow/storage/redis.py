@@ -163,6 +163,11 @@ class RedisHotStore:
         self._outbox = _Outbox(OUTBOX_MEMORY_ROWS)
         logger.info("opened the Redis hot store at %s", redact_url(self.url))
 
+    def outbox_rows_in_memory(self) -> int:
+        """Return the outbox rows kept in memory, at most OUTBOX_MEMORY_ROWS: the rest wait
+        in Redis."""
+        return self._outbox.cached_rows
+
     async def check(self) -> None:
         """Raise StoreUnavailable unless Redis answers a PING within CHECK_TIMEOUT_SECONDS."""
         try:
@@ -415,6 +420,10 @@ class _Outbox:
         self._yielded.clear()
         if self._read_uncommitted:
             self.complete = False
+
+    @property
+    def cached_rows(self) -> int:
+        return self._cached_rows
 
     def first_id(self) -> str | None:
         return next(iter(self._cached), None)
