@@ -277,6 +277,9 @@ class Coordinator:
             self.pipes.append(ours)
             self.stats.append({})
             self.loop.add_reader(ours.fileno(), self._receive, number)
+            # uvloop makes a watched descriptor non-blocking, and then recv() of a message that
+            # has partly arrived raises BlockingIOError. Blocking, it waits for the rest.
+            os.set_blocking(ours.fileno(), True)
             first += share
 
     def _receive(self, number: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import resource
 import socket
@@ -432,6 +433,8 @@ async def _serve(
     loop = asyncio.get_running_loop()
     commands: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
     loop.add_reader(pipe.fileno(), lambda: commands.put_nowait(pipe.recv()))
+    # uvloop made the descriptor non-blocking: a partly arrived command must be waited for.
+    os.set_blocking(pipe.fileno(), True)
 
     async def report() -> None:
         while True:
