@@ -236,7 +236,15 @@ def test_history_stall_keeps_devices_going(engine):
     assert "timed out" not in engine.log_text()
 
     things = {thing_name(device.index): device.acknowledged for device in result.devices}
-    assert found == things
+    missing = {
+        thing: (found.get(thing), count)
+        for thing, count in things.items()
+        if found.get(thing) != count
+    }
+    assert not missing, (
+        f"{len(missing)} things lack history rows (found, acknowledged), for example "
+        f"{list(missing.items())[:5]}; outbox length {outbox_length(engine)}"
+    )
     assert engine.stop() == 0, engine.log_text()
 
 
@@ -286,6 +294,14 @@ def test_hot_store_stall_slows_devices(engine, redis_server):
 
     things = {thing_name(device.index): device.acknowledged for device in result.devices}
     assert hot_versions(engine, list(things)) == things
-    assert found == things
+    missing = {
+        thing: (found.get(thing), count)
+        for thing, count in things.items()
+        if found.get(thing) != count
+    }
+    assert not missing, (
+        f"{len(missing)} things lack history rows (found, acknowledged), for example "
+        f"{list(missing.items())[:5]}; outbox length {outbox_length(engine)}"
+    )
     assert outbox_length(engine) == 0
     assert engine.stop() == 0, log

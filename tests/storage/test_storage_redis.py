@@ -608,3 +608,27 @@ def test_redact_url() -> None:
     assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
     assert redact_url("redis://u:secret@host:1/2") == "redis://u:***@host:1/2"
     assert redact_url("rediss://:secret@host") == "rediss://:***@host"
+
+
+def test_outbox_rows_missing_from_memory_are_found(
+    redis_server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A periodic read of the stream moves rows that memory lost track of."""
+    monkeypatch.setattr("ironshadow.storage.redis.STREAM_RECHECK_SECONDS", 0.0)
+
+    async def scenario() -> list[int]:
+        store = RedisHotStore(redis_server.url, prefix=prefix)
+        await store.open()
+        await pending(store)  # the first pass reads the empty stream
+        await store.write([], [history_row("lathe", 1)])
+        await store.write([], [history_row("lathe", 2)])
+        # Lose the first entry from memory, as a bookkeeping gap would.
+        outbox = store._outbox
+        first_id = outbox.first_id()
+        outbox._cached_rows -= len(outbox._cached.pop(first_id))
+        outbox.complete = True
+        versions = [row.version for _, row in await pending(store)]
+        await store.close()
+        return versions
+
+    assert run(scenario()) == [1, 2]

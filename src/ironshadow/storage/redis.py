@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -60,6 +61,9 @@ OUTBOX_BATCH_SIZE = 1000
 # Outbox rows kept in memory for the history task. Past this, memory drops them and the task
 # reads them back from the stream: a slow history store costs reads, not engine memory.
 OUTBOX_MEMORY_ROWS = 20_000
+
+# Seconds between two reads of the stream below the rows in memory, as a safety net.
+STREAM_RECHECK_SECONDS = 10.0
 
 _MULTI = hiredis.pack_command(("MULTI",))
 _EXEC = hiredis.pack_command(("EXEC",))
@@ -334,6 +338,7 @@ class RedisHotStore:
                         # Memory dropped rows during the read, so read on to the new end.
                         continue
                     outbox.complete = True
+                    outbox.last_stream_pass = time.monotonic()
                     break
                 batch: list[tuple[str, HistoryRow]] = []
                 for raw_id, fields in entries:
@@ -415,10 +420,16 @@ class _Outbox:
         # Entries from memory that the current pass has yielded rows of.
         self._yielded: set[str] = set()
         self.overflows = 0  # times memory dropped its rows
+        self.last_stream_pass = 0.0  # monotonic time the stream was last read to its end
 
     def begin_pass(self) -> None:
         self._yielded.clear()
         if self._read_uncommitted:
+            self.complete = False
+        # Now and then the stream below memory is read again even when memory should hold
+        # every waiting row, so that rows left there by a case this bookkeeping misses are
+        # moved within seconds rather than at the next start.
+        if time.monotonic() - self.last_stream_pass >= STREAM_RECHECK_SECONDS:
             self.complete = False
 
     @property
