@@ -32,10 +32,22 @@ def scaled(seconds: float) -> float:
 open_clients: list[Any] = []
 
 
+_ports_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """Return a loopback TCP port that is free now and that this process has not returned yet.
+
+    The probe socket is closed before the caller binds, so the kernel may offer the same port
+    again; two calls in a row (an MQTT and an HTTP port) must not get the same one.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _ports_given:
+            _ports_given.add(port)
+            return port
 
 
 class BrokerThread:
