@@ -14,7 +14,8 @@ def test_histogram_buckets_and_cumulative_counts():
 
     assert histogram.count == 5
     assert histogram.sum == pytest.approx(7.565)
-    # A value equal to a bound counts in that bound's bucket, as Prometheus's "le" says.
+    # A value equal to a bound counts in that bound's bucket, as Prometheus's "le" (less or
+    # equal) label defines.
     assert histogram.counts == [2, 1, 1, 1]
     assert histogram.cumulative() == [(0.01, 2), (0.1, 3), (1.0, 4), (math.inf, 5)]
 

@@ -301,7 +301,7 @@ def test_outbox_pages_through_batches(redis_server: RedisServer, prefix: str) ->
     assert [v for batch in from_memory for v in batch] == everything
     assert [len(batch) for batch in from_memory] == [1000, 1000, 100]
     assert [v for batch in from_stream for v in batch] == everything
-    # XRANGE asks for one entry, then for as many as make about 1,000 rows.
+    # XRANGE requests one entry, then as many as make about 1,000 rows.
     assert [len(batch) for batch in from_stream] == [300, 900, 900]
 
 

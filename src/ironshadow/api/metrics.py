@@ -234,7 +234,7 @@ def add_metrics_routes(app: FastAPI, engine: Engine) -> None:
         "/readyz",
         tags=["operations"],
         summary="Readiness probe",
-        description="Return 200 when the MQTT listener is open and the stores answer, else 503 "
+        description="Return 200 when the MQTT listener is open and the stores respond, else 503 "
         "with the list of problems.",
         operation_id="GetReadiness",
         responses={503: {"description": "Not ready: the problems are listed."}},

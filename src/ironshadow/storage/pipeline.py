@@ -30,8 +30,9 @@ from .base import HistoryRow, HistoryStore, HotStore, ShadowWrite
 log = logging.getLogger("ironshadow.storage")
 
 # Shadow writes waiting for durability above which the devices are slowed down, and below
-# which they may go on; likewise in bytes of documents and history rows, for large shadows.
-# Either high mark raises the pause; it clears once both are below their low marks.
+# which they may go on. The byte marks do the same for large shadows, counting documents and
+# history rows. Either high mark raises the pause, and it clears once all are below their low
+# marks.
 DEFAULT_HIGH_WATER = 20_000
 DEFAULT_LOW_WATER = 10_000
 DEFAULT_HIGH_WATER_BYTES = 64 * 1024 * 1024

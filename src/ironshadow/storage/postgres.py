@@ -247,7 +247,7 @@ class PostgresHistoryStore:
         logger.info("opened the PostgreSQL history store at %s (%s)", redact_dsn(self.dsn), mode)
 
     async def check(self) -> None:
-        """Raise StoreUnavailable unless the server answers a query within two seconds."""
+        """Raise StoreUnavailable unless the server returns a query's result within two seconds."""
         try:
             async with self.pool.acquire(timeout=CHECK_TIMEOUT_SECONDS) as connection:
                 await connection.fetchval("SELECT 1", timeout=CHECK_TIMEOUT_SECONDS)

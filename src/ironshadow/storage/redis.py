@@ -173,7 +173,7 @@ class RedisHotStore:
         return self._outbox.cached_rows
 
     async def check(self) -> None:
-        """Raise StoreUnavailable unless Redis answers a PING within CHECK_TIMEOUT_SECONDS."""
+        """Raise StoreUnavailable unless Redis replies to PING within CHECK_TIMEOUT_SECONDS."""
         try:
             await asyncio.wait_for(self.client.ping(), CHECK_TIMEOUT_SECONDS)
         except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
@@ -218,7 +218,7 @@ class RedisHotStore:
     async def write(self, shadows: Sequence[ShadowWrite], history: Sequence[HistoryRow]) -> None:
         """Store the shadows and append the rows to the outbox in one MULTI/EXEC transaction.
 
-        The transaction holds at most one ``MSET``, one ``DEL`` and one ``XADD`` whatever the
+        The transaction contains at most one ``MSET``, one ``DEL`` and one ``XADD`` whatever the
         batch size: the cost of a batch in the engine grows with the data, not the commands.
 
         A transaction can fail after Redis applied it, when the connection breaks before the

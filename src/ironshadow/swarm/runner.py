@@ -357,13 +357,16 @@ class Coordinator:
                 "Check that the engine runs (ironshadow serve) and that --host and --port are right"
             ) from exc
         if code != 0:
-            raise SwarmError(f"the broker refused the swarm's observer (CONNACK code {code})")
+            raise SwarmError(
+                f"the broker rejected the swarm's observer connection (CONNACK code {code}); "
+                "check the broker's authentication settings"
+            )
         observer.subscribe(SYS_RECEIVED)
         self.observer = observer
         return observer
 
     async def serves_shadows(self) -> bool:
-        """Return whether the broker answers a shadow get, that is, serves device shadows."""
+        """Return whether the broker replies to a shadow get, that is, serves device shadows."""
         assert self.observer is not None
         thing = f"{self.options.client_prefix}probe"
         self.observer.subscribe(shadow_topic(thing, "get/+"))
@@ -576,7 +579,7 @@ async def run_swarm(options: SwarmOptions) -> SwarmResult:
         shadows = options.scenario in ("storm", "desired") and await coordinator.serves_shadows()
         if options.scenario == "desired" and not shadows:
             raise SwarmError(
-                f"the broker at {options.host}:{options.port} does not answer shadow requests; "
+                f"the broker at {options.host}:{options.port} does not reply to shadow requests; "
                 "the desired scenario needs IronShadow (or another AWS-compatible shadow service)"
             )
         ramp = options.ramp_rate if options.scenario == "ramp" else None

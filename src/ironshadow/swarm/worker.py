@@ -134,7 +134,7 @@ class Device(asyncio.Protocol):
         self.id_offsets = [
             1 + _remaining_length_size(packet) + topic_size for packet in self.variants
         ]
-        self.report_ids: set[int] = set()  # QoS 1 reports that answer a delta
+        self.report_ids: set[int] = set()  # QoS 1 reports sent in reply to a delta
         self.variant = rng.randrange(VARIANTS)
         self.next_packet_id = 1
         self.in_flight: dict[int, float] = {}
@@ -337,7 +337,7 @@ class Worker:
             device.close(abrupt)
         return {"dropped": len(self.devices)}
 
-    # --- desired: devices report the value their delta asks for -------------------------
+    # --- desired: devices report the value their delta requests -------------------------
 
     def follow_desired(self) -> None:
         """Make every device report each delta's ``target`` value at QoS 1, once."""
@@ -371,7 +371,7 @@ class Worker:
             return
         slots = max(1, round(options.frequency / TICK))
         # Jitter of up to a tenth of the interval either way keeps devices from falling into
-        # lock step; the wheel has room for the longest interval.
+        # lock step. The wheel has room for the longest jittered interval.
         self._jitter = slots // 10
         self._interval_slots = slots
         self._wheel = [[] for _ in range(slots + self._jitter + 1)]
