@@ -12,6 +12,12 @@ const vendored = [
   ["uplot/dist/uPlot.esm.js", "uPlot.esm.js"],
   ["uplot/dist/uPlot.min.css", "uPlot.min.css"],
   ["uplot/LICENSE", "uPlot.LICENSE"],
+  // Swagger UI for the OpenAPI page at /docs.
+  ["swagger-ui-dist/swagger-ui-bundle.js", "swagger-ui-bundle.js"],
+  ["swagger-ui-dist/swagger-ui.css", "swagger-ui.css"],
+  ["swagger-ui-dist/favicon-32x32.png", "swagger-ui-favicon.png"],
+  ["swagger-ui-dist/LICENSE", "swagger-ui.LICENSE"],
+  ["swagger-ui-dist/NOTICE", "swagger-ui.NOTICE"],
 ];
 
 rmSync(target, { recursive: true, force: true });

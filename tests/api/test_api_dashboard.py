@@ -121,7 +121,10 @@ def test_dashboard_views_follow_mqtt_device(browser: Any, tmp_path: Path) -> Non
         for number, temperature in ((1, 61.5), (3, 58.0)):
             neighbour = TestClient(engine.mqtt_port, client_id=f"press-{number}")
             report(neighbour, f"press-{number}", temperature=temperature, speed=2)
-        TestClient(engine.mqtt_port, client_id="press-4").disconnect()
+        # An offline device: it reported once, so the engine keeps its shadow.
+        offline = TestClient(engine.mqtt_port, client_id="press-4")
+        report(offline, "press-4", temperature=40.0)
+        offline.disconnect()
 
         device = TestClient(engine.mqtt_port, client_id="press-2")
         device.subscribe("$aws/things/press-2/shadow/update/delta", qos=1)
@@ -194,3 +197,66 @@ def test_dashboard_views_follow_mqtt_device(browser: Any, tmp_path: Path) -> Non
 
 def _url(engine: EngineApiThread, path: str) -> str:
     return engine.base_url + path
+
+
+def test_thing_view_shows_named_shadows(browser: Any) -> None:
+    from playwright.sync_api import expect
+
+    timeout_ms = scaled(10) * 1000
+    with running_engine() as engine:
+        device = TestClient(engine.mqtt_port, client_id="mill-5")
+        named = "$aws/things/mill-5/shadow/name/spindle"
+        device.subscribe(f"{named}/update/delta", qos=1)
+        report(device, "mill-5", temperature=30.0)
+        payload = json.dumps({"state": {"reported": {"rpm": 1200}}})
+        device.publish(f"{named}/update", payload, qos=1)
+
+        page = browser.new_page()
+        page.set_default_timeout(timeout_ms)
+        page.goto(_url(engine, "/#/thing/mill-5"))
+        expect(page.locator('#reported tr[data-field="temperature"] td.value')).to_have_text("30")
+        menu = page.locator("#shadow-name")
+        expect(menu.locator("option")).to_have_text(["classic", "spindle"])
+
+        menu.select_option("spindle")
+        expect(page).to_have_url(re.compile(r"#/thing/mill-5/shadow/spindle$"))
+        rpm = page.locator('#reported tr[data-field="rpm"] td.value')
+        expect(rpm).to_have_text("1200")
+        expect(page.locator('#reported tr[data-field="temperature"]')).to_have_count(0)
+
+        # A change of the named shadow arrives over the feed; one of the classic shadow
+        # does not show here.
+        report(device, "mill-5", temperature=31.0)
+        payload = json.dumps({"state": {"reported": {"rpm": 1500}}})
+        device.publish(f"{named}/update", payload, qos=1)
+        expect(rpm).to_have_text("1500")
+        expect(page.locator("#shadow-version")).to_have_text("shadow version 2")
+
+        # The form sets desired values of the named shadow.
+        page.fill("#desired-field", "rpm")
+        page.fill("#desired-value", "1800")
+        page.click("#desired-form button[type=submit]")
+        delta = device.expect(10)
+        assert delta.topic == f"{named}/update/delta"
+        assert json.loads(delta.payload)["state"] == {"rpm": 1800}
+        page.close()
+
+
+def test_openapi_page_renders_from_vendored_files(browser: Any) -> None:
+    from playwright.sync_api import expect
+
+    with running_engine() as engine:
+        page = browser.new_page()
+        other_hosts = []
+        page.on(
+            "request",
+            lambda request: other_hosts.append(request.url)
+            if not request.url.startswith(engine.base_url)
+            else None,
+        )
+        page.goto(_url(engine, "/docs"))
+        # Swagger UI draws one block per operation once it has read /openapi.json.
+        operation = page.locator(".opblock-summary-path", has_text="/things/{thing}/shadow")
+        expect(operation.first).to_be_visible(timeout=scaled(10) * 1000)
+        page.close()
+    assert other_hosts == []

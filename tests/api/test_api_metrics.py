@@ -80,6 +80,52 @@ def test_metrics_follow_mqtt_updates(tmp_path):
     assert cpu >= value(before, "process_cpu_seconds_total") > 0
 
 
+def packets(families, direction: str, kind: str) -> float:
+    """Return the count of one packet type from ironshadow_packets_{direction}_total."""
+    name = f"ironshadow_packets_{direction}_total"
+    return families[name.removesuffix("_total")][(name, (("type", kind),))]
+
+
+def test_metrics_count_packets_by_type_and_deltas_sent():
+    with running_engine() as engine, http_client(engine) as client:
+        before = scrape(client)
+        device = TestClient(engine.mqtt_port, "lathe-2", V311)
+        try:
+            device.subscribe("$aws/things/lathe-2/shadow/update/delta", 1)
+            desired = orjson.dumps({"state": {"desired": {"rpm": 900}}})
+            response = client.post("/things/lathe-2/shadow", content=desired)
+            assert response.status_code == 200
+            delta = device.expect()
+            assert delta.topic == "$aws/things/lathe-2/shadow/update/delta"
+            reported = orjson.dumps({"state": {"reported": {"rpm": 900}}})
+            device.publish("$aws/things/lathe-2/shadow/update", reported, 1)
+        finally:
+            device.disconnect()
+        # The client's packets arrive in order, so once its DISCONNECT is counted all of
+        # them are.
+        deadline = time.monotonic() + scaled(5)
+        while True:
+            after = scrape(client)
+            if packets(after, "received", "disconnect") or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+
+    assert value(before, "ironshadow_deltas_sent_total") == 0
+    # One delta for the desired value; the matching report clears the delta and sends none.
+    assert value(after, "ironshadow_deltas_sent_total") == 1
+    assert packets(after, "received", "connect") == 1
+    assert packets(after, "received", "subscribe") == 1
+    assert packets(after, "received", "publish") == 1
+    assert packets(after, "received", "disconnect") == 1
+    assert packets(after, "sent", "connack") == 1
+    assert packets(after, "sent", "suback") == 1
+    # The delta and the QoS 1 report's PUBACK went out; the client acknowledged the delta.
+    assert packets(after, "sent", "publish") == 1
+    assert packets(after, "sent", "puback") == 1
+    assert packets(after, "received", "puback") == 1
+    assert packets(after, "sent", "auth") == 0
+
+
 def test_metrics_without_stores_leave_out_the_store_families():
     with running_engine() as engine, http_client(engine) as client:
         families = scrape(client)

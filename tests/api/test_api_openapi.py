@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -114,6 +115,12 @@ def test_docs_page_served(client: httpx.Client) -> None:
     assert response.status_code == 200
     assert "text/html" in response.headers["content-type"]
     assert "/openapi.json" in response.text
+    # Everything the page loads comes from the engine itself, none from a CDN.
+    assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", response.text)
+    assert "/static/vendor/swagger-ui-bundle.js" in assets
+    assert all(asset.startswith("/static/") for asset in assets), assets
+    for asset in assets:
+        assert client.get(asset).status_code == 200, asset
 
 
 def test_unknown_path_is_404_document(client: httpx.Client) -> None:

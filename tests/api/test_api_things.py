@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 from api_harness import EngineApiThread, http_client, running_engine
 
 from conftest import scaled
-from mqtt_client import TestClient
+from mqtt_client import V311, TestClient
 
 NAMED_SHADOW_LIST_PATHS = [
     "/things/{thing}/shadows",
@@ -114,6 +115,7 @@ def test_things_from_shadows_and_clients(engine: EngineApiThread, client: httpx.
 
 
 def test_things_disconnected_client(engine: EngineApiThread, client: httpx.Client) -> None:
+    create_shadow(client, "cnc-4")
     device = TestClient(engine.mqtt_port, client_id="cnc-4")
     device.disconnect()
 
@@ -124,6 +126,33 @@ def test_things_disconnected_client(engine: EngineApiThread, client: httpx.Clien
     thing = list_things(client)["things"][0]
     assert thing["name"] == "cnc-4"
     assert isinstance(thing["lastSeen"], int)
+
+
+def test_things_forget_clients_that_leave_nothing(
+    engine: EngineApiThread, client: httpx.Client
+) -> None:
+    """A client with neither a shadow nor a persistent session leaves the list when it goes."""
+    persistent = TestClient(engine.mqtt_port, "gauge-2", protocol=V311, clean=False)
+    passing = TestClient(engine.mqtt_port, "gauge-1")
+    watcher = TestClient(engine.mqtt_port, "gauge-watcher")
+    watcher.subscribe("$aws/events/presence/disconnected/+", 1)
+    # mosquitto_pub connects without a client id, so the broker assigns one ("auto-...").
+    subprocess.run(
+        ["mosquitto_pub", "-p", str(engine.mqtt_port), "-V", "5", "-t", "plant/noise",
+         "-m", "1"],
+        check=True,
+        timeout=scaled(10),
+    )
+    passing.disconnect()
+    persistent.disconnect()
+    gone = set()
+    while len(gone) < 3:
+        gone.add(watcher.expect().topic.rpartition("/")[2])
+    assert {"gauge-1", "gauge-2"} <= gone
+
+    names = [thing["name"] for thing in list_things(client)["things"]]
+
+    assert names == ["gauge-2", "gauge-watcher"]
 
 
 def test_things_version_follows_updates(client: httpx.Client) -> None:

@@ -210,7 +210,9 @@ def test_presence_events(engine):
     assert lost["disconnectReason"] == "CONNECTION_LOST"
     assert lost["clientInitiatedDisconnect"] is False
     assert lost["versionNumber"] > event["versionNumber"]
-    device = TestClient(engine.port, "press-7", V311)
+    # A clean session without a shadow is forgotten at disconnect; a persistent one is not.
+    assert engine.call(engine.server.shadows.last_seen.get, "press-7") is None
+    device = TestClient(engine.port, "press-7", V311, clean=False)
     watcher.expect()  # connected again
     device.disconnect()
     clean = orjson.loads(watcher.expect().payload)

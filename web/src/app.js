@@ -15,7 +15,13 @@ function route() {
   const hash = location.hash.replace(/^#/, "") || "/";
   let active = "fleet";
   if (hash.startsWith("/thing/")) {
-    unmount = mountThing(root, decodeURIComponent(hash.slice("/thing/".length)));
+    // thingHash() in thing.js writes these: /thing/{thing} or /thing/{thing}/shadow/{name}.
+    const [thing, shadowName] = hash.slice("/thing/".length).split("/shadow/");
+    unmount = mountThing(
+      root,
+      decodeURIComponent(thing),
+      shadowName === undefined ? null : decodeURIComponent(shadowName),
+    );
   } else if (hash === "/engine") {
     active = "engine";
     unmount = mountEngine(root);

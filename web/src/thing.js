@@ -1,7 +1,7 @@
-// The thing view. It shows the classic shadow's desired, reported and delta sections side by
-// side, kept current by the /ws feed, and a form that sets desired values through the REST
-// API. Each numeric reported field gets a chart, started from the history API and extended
-// by the feed.
+// The thing view. It shows one shadow of a thing, the classic one or a named one picked in
+// the menu. Its desired, reported and delta sections stand side by side, kept current by the
+// /ws feed, with a form that sets desired values through the REST API. Each numeric reported
+// field gets a chart, started from the history API and extended by the feed.
 import { followFeed, getJson, postJson } from "./api.js";
 import { TimeChart } from "./chart.js";
 import { element, flatten, formatValue, isoTime, timeAgo } from "./format.js";
@@ -12,11 +12,28 @@ const HISTORY_LIMIT = 20000;
 const SUMMARY_REFRESH_SECONDS = 2;
 const SECTIONS = ["desired", "reported", "delta"];
 
-export function mountThing(root, thing) {
+// The hash of a thing view: #/thing/{thing} for the classic shadow and
+// #/thing/{thing}/shadow/{name} for a named one. Thing names cannot contain "/".
+export function thingHash(thing, shadowName = null) {
+  const base = `#/thing/${encodeURIComponent(thing)}`;
+  return shadowName === null ? base : `${base}/shadow/${encodeURIComponent(shadowName)}`;
+}
+
+export function mountThing(root, thing, shadowName = null) {
   const path = `/things/${encodeURIComponent(thing)}`;
+  // The query that selects the shadow in the shadow and history endpoints.
+  const nameQuery = shadowName === null ? {} : { name: shadowName };
+  const shadowPath = `${path}/shadow${shadowName === null ? "" : `?${new URLSearchParams(nameQuery)}`}`;
   const status = element("span", { class: "status" });
   const lastSeen = element("span", { class: "muted" });
   const version = element("span", { class: "muted", id: "shadow-version" });
+  const shadowMenu = element("select", { id: "shadow-name", "aria-label": "shadow" });
+  shadowMenu.append(shadowOption(null));
+  if (shadowName !== null) shadowMenu.append(shadowOption(shadowName));
+  shadowMenu.value = shadowName ?? "";
+  shadowMenu.addEventListener("change", () => {
+    location.hash = thingHash(thing, shadowMenu.value === "" ? null : shadowMenu.value);
+  });
   const tables = {};
   const panels = SECTIONS.map((section) => {
     tables[section] = element("tbody");
@@ -45,6 +62,7 @@ export function mountThing(root, thing) {
 
   root.append(
     element("h1", {}, `${thing} `, status, " ", lastSeen, " ", version),
+    element("div", { class: "toolbar" }, element("label", { text: "Shadow" }), shadowMenu),
     element("div", { class: "panels" }, ...panels),
     element("section", {}, form),
     element("section", {}, element("h2", { text: "Reported numeric fields" }), chartNote, chartGrid),
@@ -100,6 +118,7 @@ export function mountThing(root, thing) {
     const params = new URLSearchParams({
       from: String(to - HISTORY_WINDOW_SECONDS),
       limit: String(HISTORY_LIMIT),
+      ...nameQuery,
     });
     try {
       const history = await getJson(`${path}/history?${params}`);
@@ -122,7 +141,7 @@ export function mountThing(root, thing) {
 
   async function loadShadow() {
     try {
-      const document = await getJson(`${path}/shadow`);
+      const document = await getJson(shadowPath);
       showState(document.state, document.version);
     } catch (failure) {
       if (failure.status === 404) showState({}, -1);
@@ -138,11 +157,22 @@ export function mountThing(root, thing) {
       status.textContent = state;
       lastSeen.textContent = `last seen ${timeAgo(summary.lastSeen)}`;
       lastSeen.title = isoTime(summary.lastSeen);
+      showShadowNames(summary.namedShadows || []);
     } catch (failure) {
       status.className = "status offline";
       status.textContent = failure.status === 404 ? "unknown" : "";
       lastSeen.textContent = failure.message;
     }
+  }
+
+  // Offer the classic shadow, every named shadow of the thing, and the one shown even if
+  // it does not exist (yet).
+  function showShadowNames(names) {
+    const offered = [...new Set([...names, ...(shadowName === null ? [] : [shadowName])])].sort();
+    const current = [...shadowMenu.options].slice(1).map((option) => option.value);
+    if (offered.join("\n") === current.join("\n")) return;
+    shadowMenu.replaceChildren(shadowOption(null), ...offered.map(shadowOption));
+    shadowMenu.value = shadowName ?? "";
   }
 
   form.addEventListener("submit", async (event) => {
@@ -162,7 +192,7 @@ export function mountThing(root, thing) {
     formMessage.className = "message";
     formMessage.textContent = "sending…";
     try {
-      const accepted = await postJson(`${path}/shadow`, { state: { desired } });
+      const accepted = await postJson(shadowPath, { state: { desired } });
       formMessage.className = "message ok";
       formMessage.textContent = `Accepted: version ${accepted.version}`;
     } catch (failure) {
@@ -174,7 +204,7 @@ export function mountThing(root, thing) {
   const closeFeed = followFeed(
     [thing],
     (frame) => {
-      if (frame.thing !== thing || frame.shadow !== null) return;
+      if (frame.thing !== thing || frame.shadow !== shadowName) return;
       showState(frame.deleted ? {} : frame.state, frame.version);
       if (historyLoaded) plotFrame(frame);
       else framesBeforeHistory.push(frame);
@@ -196,4 +226,8 @@ export function mountThing(root, thing) {
     closeFeed();
     for (const chart of charts.values()) chart.destroy();
   };
+}
+
+function shadowOption(name) {
+  return element("option", { value: name ?? "", text: name ?? "classic" });
 }

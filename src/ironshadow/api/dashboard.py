@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
 from pydantic import BaseModel, Field
-from starlette.responses import FileResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from .errors import JSON_MEDIA_TYPE
@@ -117,7 +118,8 @@ def engine_status(engine: Engine, app: FastAPI) -> dict[str, Any]:
 
 
 def add_dashboard_routes(app: FastAPI, engine: Engine) -> None:
-    """Serve the dashboard at ``/`` and its files under ``/static``, and add ``/api/engine``."""
+    """Serve the dashboard at ``/``, the OpenAPI page at ``/docs`` and their files under
+    ``/static``, and add ``/api/engine``."""
 
     @app.get(
         "/api/engine",
@@ -132,6 +134,18 @@ def add_dashboard_routes(app: FastAPI, engine: Engine) -> None:
     )
     async def get_engine_status() -> Response:
         return Response(orjson.dumps(engine_status(engine, app)), media_type=JSON_MEDIA_TYPE)
+
+    @app.get("/docs", include_in_schema=False)
+    async def openapi_page() -> HTMLResponse:
+        # FastAPI's own page would load Swagger UI from a CDN; these copies come from npm
+        # with the dashboard's other vendored files.
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title}: OpenAPI",
+            swagger_js_url="/static/vendor/swagger-ui-bundle.js",
+            swagger_css_url="/static/vendor/swagger-ui.css",
+            swagger_favicon_url="/static/vendor/swagger-ui-favicon.png",
+        )
 
     @app.get("/", include_in_schema=False)
     async def dashboard_page() -> FileResponse:

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from starlette.responses import Response
 
 from ..metrics import Histogram
+from ..mqtt.constants import PacketType
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -48,6 +49,16 @@ class Exposition:
         # Format 0.0.4 names the family as the sample, _total included.
         self._family(name, "counter", help_text)
         self._lines.append(f"{name} {_number(value)}")
+
+    def labelled_counter(
+        self, name: str, label: str, values: list[tuple[str, float]], help_text: str
+    ) -> None:
+        """One counter family with a sample per ``(label value, count)`` pair."""
+        if not name.endswith("_total"):
+            raise ValueError(f"counter name {name!r} must end in _total")
+        self._family(name, "counter", help_text)
+        for label_value, value in values:
+            self._lines.append(f'{name}{{{label}="{label_value}"}} {_number(value)}')
 
     def histogram(self, name: str, histogram: Histogram, help_text: str) -> None:
         self._family(name, "histogram", help_text)
@@ -93,8 +104,6 @@ def collect(engine: Engine) -> Exposition:
         ("connections_accepted", stats.connections_accepted, "MQTT connections accepted."),
         ("connections_rejected", stats.connections_rejected, "MQTT connections refused."),
         ("protocol_errors", stats.protocol_errors, "Connections closed for a protocol error."),
-        ("packets_received", stats.packets_received, "MQTT packets received."),
-        ("packets_sent", stats.packets_sent, "MQTT packets sent."),
         ("publish_received", stats.publish_received, "PUBLISH packets received."),
         ("publish_sent", stats.publish_sent, "PUBLISH packets sent."),
         (
@@ -108,6 +117,18 @@ def collect(engine: Engine) -> Exposition:
         ("bytes_sent", stats.bytes_sent, "Bytes sent to MQTT clients."),
     ):
         out.counter(f"ironshadow_{name}_total", value, help_text)
+    out.labelled_counter(
+        "ironshadow_packets_received_total",
+        "type",
+        _by_packet_type(stats.received_by_type),
+        "MQTT packets received, by control packet type.",
+    )
+    out.labelled_counter(
+        "ironshadow_packets_sent_total",
+        "type",
+        _by_packet_type(stats.sent_by_type),
+        "MQTT packets sent, by control packet type.",
+    )
     out.gauge(
         "ironshadow_reading_paused",
         int(broker.reading_paused),
@@ -120,6 +141,12 @@ def collect(engine: Engine) -> Exposition:
         "ironshadow_shadow_updates_total",
         shadows.updates_applied,
         "Shadow updates accepted, over MQTT and REST.",
+    )
+    out.counter(
+        "ironshadow_deltas_sent_total",
+        shadows.deltas_sent,
+        "Delta messages published on update/delta topics: after updates that changed a "
+        "delta, and to devices that subscribe while a delta is pending.",
     )
 
     pipeline = engine.pipeline
@@ -205,6 +232,14 @@ def collect_websockets(out: Exposition, app: FastAPI) -> None:
             feed.clients_dropped,
             "Feed clients disconnected because too many frames waited for them.",
         )
+
+
+_PACKET_TYPE_NAMES = {member.value: member.name.lower() for member in PacketType}
+
+
+def _by_packet_type(counts: list[int]) -> list[tuple[str, float]]:
+    """Pair each control packet type's name with its count, every type listed."""
+    return [(name, counts[value]) for value, name in _PACKET_TYPE_NAMES.items()]
 
 
 def _process_usage() -> tuple[float, int]:

@@ -152,6 +152,10 @@ def create_app(
         version=__version__,
         description=API_DESCRIPTION,
         openapi_tags=OPENAPI_TAGS,
+        # /docs is served by the dashboard's routes from vendored files; ReDoc would load
+        # its script from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     install_error_handlers(app)
     _install_openapi_without_422(app)
@@ -289,7 +293,8 @@ def create_app(
         tags=["things"],
         summary="List things",
         description="Return things in name order, one page at a time. A thing is a name "
-        "that has a shadow or has connected as an MQTT client id. Keep requesting with "
+        "that has a shadow, or an MQTT client id that is connected or has a persistent "
+        "session. Keep requesting with "
         "the returned nextToken until it is null: a page can hold fewer than pageSize "
         "things before the end, because one request checks a bounded number of names.",
         operation_id="ListThings",

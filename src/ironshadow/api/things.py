@@ -1,9 +1,10 @@
 """The thing list behind ``GET /things``: a sorted name index and per-thing summaries.
 
-A thing is any name that has a shadow (classic or named, not deleted) or has connected as an
-MQTT client id. The engine keeps no thing registry, so the names come from the shadow
-service's ``shadows`` map (keys ``thing`` and ``thing~name``) and its ``last_seen`` map
-(client ids).
+A thing is any name that has a shadow (classic or named, not deleted), or a client id that is
+connected or holds a persistent session. The engine keeps no thing registry, so the names come
+from the shadow service's ``shadows`` map (keys ``thing`` and ``thing~name``) and its
+``last_seen`` map (client ids; a client that leaves neither a shadow nor a session behind is
+dropped from it when it disconnects).
 
 Paging must stay cheap with a million things, so ``ThingIndex`` keeps every name once in a
 sorted list and merges in only the names added since the previous request, without sorting
@@ -199,7 +200,7 @@ class ThingDirectory:
         self.index = ThingIndex(service)
 
     def exists(self, name: str) -> bool:
-        """Return whether ``name`` has connected as a client id or has a shadow not deleted."""
+        """Return whether ``name`` is a known client id or has a shadow not deleted."""
         service = self._service
         if name in service.last_seen:
             return True

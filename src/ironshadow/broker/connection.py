@@ -98,7 +98,9 @@ class MQTTConnection(asyncio.Protocol):
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.transport: Any = None
-        self.decoder = PacketDecoder(broker.config.max_packet_size)
+        self.decoder = PacketDecoder(
+            broker.config.max_packet_size, counts=broker.stats.received_by_type
+        )
         self.state = CONNECTING
         self.version = 4
         self.client_id = ""
@@ -153,7 +155,6 @@ class MQTTConnection(asyncio.Protocol):
         except MQTTProtocolError as exc:
             self.protocol_error(exc)
             return
-        broker.stats.packets_received += len(packets)
         self.handle_packets(packets)
 
     def handle_packets(self, packets: list[Any]) -> None:
@@ -197,6 +198,8 @@ class MQTTConnection(asyncio.Protocol):
     # --- writing ----------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
+        """Queue one whole packet for the next flush."""
+        self.broker.stats.sent_by_type[data[0] >> 4] += 1
         if not self.out:
             self.broker.schedule_flush(self)
         self.out.append(data)

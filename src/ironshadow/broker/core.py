@@ -538,7 +538,6 @@ class Broker:
                 del session.inflight[packet_id]
                 continue
             connection.send(data)
-            self.stats.packets_sent += 1
             self.stats.publish_sent += 1
 
     # --- subscriptions ----------------------------------------------------------------
@@ -702,7 +701,6 @@ class Broker:
             data = connection.encode_publish(delivery, 0, False)
             if data is not None:
                 connection.send(data)
-                self.stats.packets_sent += 1
                 self.stats.publish_sent += 1
             return
         if session.queue or len(session.inflight) >= connection.send_quota or connection.congested:
@@ -721,7 +719,6 @@ class Broker:
         session.inflight[packet_id] = delivery
         self.session_changed(session)
         connection.send(data)
-        self.stats.packets_sent += 1
         self.stats.publish_sent += 1
 
     def _enqueue(self, session: Session, delivery: Delivery) -> None:
@@ -770,7 +767,6 @@ class Broker:
                 data = connection.encode_publish(delivery, 0, False)
                 if data is not None:
                     connection.send(data)
-                    self.stats.packets_sent += 1
                     self.stats.publish_sent += 1
 
     # --- output batching --------------------------------------------------------------

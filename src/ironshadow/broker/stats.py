@@ -31,21 +31,22 @@ class BrokerStats:
         "bytes_sent",
         "connections_accepted",
         "connections_rejected",
-        "packets_received",
-        "packets_sent",
         "protocol_errors",
         "publish_dropped",
         "publish_received",
         "publish_sent",
         "queue_dropped",
+        "received_by_type",
+        "sent_by_type",
         "started_at",
     )
 
     def __init__(self) -> None:
         self.bytes_received = 0
         self.bytes_sent = 0
-        self.packets_received = 0
-        self.packets_sent = 0
+        # MQTT packets by control packet type (the index, 1 for CONNECT to 15 for AUTH).
+        self.received_by_type = [0] * 16
+        self.sent_by_type = [0] * 16
         self.publish_received = 0
         self.publish_sent = 0
         # QoS 0 messages not sent to a congested client, and messages over a client's
@@ -62,6 +63,14 @@ class BrokerStats:
         self._loads = {
             (topic, window): 0.0 for topic, _ in _LOADED_COUNTERS for window in LOAD_WINDOWS
         }
+
+    @property
+    def packets_received(self) -> int:
+        return sum(self.received_by_type)
+
+    @property
+    def packets_sent(self) -> int:
+        return sum(self.sent_by_type)
 
     def sample_loads(self) -> None:
         """Update the moving averages of the per-minute rates (as Mosquitto computes them)."""

@@ -124,6 +124,8 @@ class ShadowService(BrokerHooks):
         self._replays: deque[tuple[Session, SubscriptionRecord, str, str]] = deque()
         self._replay_scheduled = False
         self._presence_sequence = 0
+        # Delta messages published, after updates and as replays to new subscribers.
+        self.deltas_sent = 0
         # Called with each batch's stored changes, in the order they were applied, once they
         # are durable (at once when shadows live in memory only). While it is None no change
         # is collected: the WebSocket feed sets it only while a client subscribes.
@@ -249,6 +251,7 @@ class ShadowService(BrokerHooks):
         if has_subscribers(topic):
             delta = result.delta_payload()
             if delta is not None:
+                self.deltas_sent += 1
                 self._publish(topic, delta)
         topic = prefix + "/update/documents"
         if has_subscribers(topic):
@@ -413,8 +416,19 @@ class ShadowService(BrokerHooks):
 
     def client_disconnected(self, connection, reason: str) -> None:  # type: ignore[no-untyped-def]
         now = time.time()
-        self.last_seen[connection.client_id] = int(now)
+        client_id = connection.client_id
+        if connection.session.expiry_interval or self._has_shadow(client_id):
+            self.last_seen[client_id] = int(now)
+        else:
+            # A client that leaves neither a session nor a shadow behind (a command-line
+            # tool, a client with a broker-assigned id) is forgotten, so the thing list
+            # and this map hold only things the engine keeps state for.
+            self.last_seen.pop(client_id, None)
         self._publish_presence(connection, "disconnected", now, reason)
+
+    def _has_shadow(self, thing: str) -> bool:
+        classic = self.shadows.get(thing)
+        return (classic is not None and not classic.deleted) or bool(self.named_shadows.get(thing))
 
     def _publish_presence(
         self, connection, event: str, now: float, reason: str | None = None  # type: ignore[no-untyped-def]
@@ -476,6 +490,7 @@ class ShadowService(BrokerHooks):
             message = Message(topic, payload, SERVICE_QOS, False)
             qos = min(SERVICE_QOS, record.qos)
             ids = [record.subscription_id] if record.subscription_id else None
+            self.deltas_sent += 1
             self.broker.deliver(session, Delivery(message, qos, False, ids))
         if replays:
             asyncio.get_running_loop().call_soon(self._send_replays)

@@ -20,14 +20,23 @@ class PacketDecoder:
     ``version`` is the protocol level used to decode packets. A broker-side decoder starts at
     3.1.1 and switches to the level of the CONNECT it decodes, so that the packets following
     CONNECT in the same chunk are decoded with the right version.
+
+    ``counts``, when given, is a list of 16 integers: the decoder adds one at the index of
+    each packet's type, so that many decoders can share one set of counters.
     """
 
-    __slots__ = ("_buffer", "max_packet_size", "version")
+    __slots__ = ("_buffer", "counts", "max_packet_size", "version")
 
-    def __init__(self, max_packet_size: int = MAX_PACKET_SIZE, version: int = MQTT_3_1_1) -> None:
+    def __init__(
+        self,
+        max_packet_size: int = MAX_PACKET_SIZE,
+        version: int = MQTT_3_1_1,
+        counts: list[int] | None = None,
+    ) -> None:
         self._buffer = bytearray()
         self.max_packet_size = max_packet_size
         self.version = version
+        self.counts = counts if counts is not None else [0] * 16
 
     @property
     def buffered(self) -> int:
@@ -50,6 +59,7 @@ class PacketDecoder:
         pos = 0
         packets: list[Packet] = []
         max_size = self.max_packet_size
+        counts = self.counts
         while size - pos >= 2:
             first = buffer[pos]
             # Remaining length: a variable byte integer of at most 4 bytes.
@@ -83,6 +93,7 @@ class PacketDecoder:
             if first >> 4 == PacketType.CONNECT:
                 self._take_connect_version(body)
             packet = decode_packet(first, body, self.version)
+            counts[first >> 4] += 1
             packets.append(packet)
             pos = stop
         if pos:

@@ -2,6 +2,7 @@
 // state, read again every REFRESH_SECONDS so that connects and updates show up.
 import { getJson } from "./api.js";
 import { element, isoTime, timeAgo } from "./format.js";
+import { thingHash } from "./thing.js";
 
 const PAGE_SIZE = 50;
 const REFRESH_SECONDS = 2;
@@ -87,7 +88,7 @@ export function mountFleet(root) {
 
   function render(things) {
     const rows = things.map((thing) => {
-      const link = element("a", { href: `#/thing/${encodeURIComponent(thing.name)}`, text: thing.name });
+      const link = element("a", { href: thingHash(thing.name), text: thing.name });
       const status = thing.connected ? "connected" : "offline";
       return element(
         "tr",
