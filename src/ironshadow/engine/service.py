@@ -45,6 +45,7 @@ from ..shadow import (
     validate_shadow_name,
     validate_thing_name,
 )
+from ..shadow.jsonbytes import dumps_exact
 from ..storage.base import HistoryRow, ShadowWrite
 from ..storage.pipeline import WriteBehind
 from .topics import REQUEST_FILTERS, parse_shadow_topic, shadow_topic_prefix
@@ -451,7 +452,8 @@ class ShadowService(BrokerHooks):
         if reason is not None:
             document["clientInitiatedDisconnect"] = reason == CLIENT_INITIATED_DISCONNECT
             document["disconnectReason"] = reason
-        self.broker.publish(Message(topic, orjson.dumps(document), SERVICE_QOS, False))
+        # dumps_exact: the event may wait in offline sessions' queues.
+        self.broker.publish(Message(topic, dumps_exact(document), SERVICE_QOS, False))
 
     def subscribed(self, session: Session, record: SubscriptionRecord) -> None:
         if record.share_group is not None or session.consumer is not None:
@@ -504,9 +506,11 @@ def document_bytes(shadow: Shadow, now: int) -> bytes:
     Other services read these documents (the Redis key schema is public), so they have the
     shape of a get/accepted reply.
     """
+    # dumps_exact: a write waits in the pipeline, thousands of them when the store is slow,
+    # and orjson's own result would keep about 4 KB each (see dumps_exact).
     if shadow.deleted:
-        return orjson.dumps({"deleted": True, "version": shadow.version, "timestamp": now})
-    return orjson.dumps(shadow.document(now))
+        return dumps_exact({"deleted": True, "version": shadow.version, "timestamp": now})
+    return dumps_exact(shadow.document(now))
 
 
 def restore_shadow(document: bytes) -> Shadow:

@@ -40,6 +40,7 @@ from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ironshadow.shadow.jsonbytes import dumps_exact
 from ironshadow.storage.base import HistoryRow, ShadowWrite, StoreUnavailable
 
 logger = logging.getLogger("ironshadow.storage")
@@ -533,8 +534,8 @@ def _decode_rows(fields: dict[bytes, bytes]) -> list[HistoryRow] | None:
                 thing=thing,
                 shadow_name=shadow_name,
                 version=version,
-                reported=None if reported is None else orjson.dumps(reported),
-                desired=None if desired is None else orjson.dumps(desired),
+                reported=None if reported is None else dumps_exact(reported),
+                desired=None if desired is None else dumps_exact(desired),
             )
             for time, thing, shadow_name, version, reported, desired in orjson.loads(
                 fields[b"rows"]
