@@ -391,6 +391,34 @@ def test_outbox_overflow_while_batch_in_flight(
     assert rest == list(range(1001, 1601))
 
 
+def test_outbox_overflow_before_entry_is_reached(
+    redis_server: RedisServer, prefix: str, plain_client: redis.Redis
+) -> None:
+    """Memory overflows while a pass moves one entry, before it reaches the next one. That
+    next entry, moved in part when the pass ends, stays in the stream with its other rows."""
+
+    async def scenario() -> list[int]:
+        store = RedisHotStore(redis_server.url, prefix=prefix)
+        await store.open()
+        store._outbox.memory_rows = 3000
+        await store.write([], [history_row("oven", version) for version in range(1, 1001)])
+        await store.write([], [history_row("oven", version) for version in range(1001, 2501)])
+        history_pass = store.pending_history()
+        first_batch = await anext(history_pass)  # the first entry, whole
+        # 600 more rows overflow memory while the first batch is being moved.
+        await store.write([], [history_row("oven", version) for version in range(2501, 3101)])
+        await store.history_committed([position for position, _ in first_batch])
+        second_batch = await anext(history_pass)  # 1,000 of the second entry's 1,500 rows
+        await store.history_committed([position for position, _ in second_batch])
+        # The pass ends early, as it does when moving the next batch fails.
+        await history_pass.aclose()
+        rest = await pending(store)
+        await store.close()
+        return [row.version for _, row in rest]
+
+    assert run(scenario()) == list(range(2001, 3101))
+
+
 def test_outbox_partly_committed_entry(
     redis_server: RedisServer, prefix: str, plain_client: redis.Redis
 ) -> None:

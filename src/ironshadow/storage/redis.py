@@ -418,13 +418,10 @@ class _Outbox:
         self._read_uncommitted: set[str] = set()  # entries read from the stream, not finished
         # Entries whose rows are all committed but that XDEL has not deleted yet.
         self.undeleted: set[str] = set()
-        # Entries from memory that the current pass has yielded rows of.
-        self._yielded: set[str] = set()
         self.overflows = 0  # times memory dropped its rows
         self.last_stream_pass = 0.0  # monotonic time the stream was last read to its end
 
     def begin_pass(self) -> None:
-        self._yielded.clear()
         if self._read_uncommitted:
             self.complete = False
         # Now and then the stream below memory is read again even when memory should hold
@@ -448,11 +445,8 @@ class _Outbox:
         self._cached_rows += len(rows)
         if self._cached_rows > self.memory_rows:
             # The history store is far behind. Memory holds nothing; the stream holds it all.
-            # An entry keeps its size while rows of it are committed or being moved, so that
-            # it is deleted only once all its rows are committed.
-            for cached_id in self._cached:
-                if cached_id not in self._committed and cached_id not in self._yielded:
-                    del self._sizes[cached_id]
+            # Every entry keeps its size, so that it is deleted only once all its rows are
+            # committed: a pass under way may still move rows of entries dropped here.
             self._cached.clear()
             self._cached_rows = 0
             self.complete = False
@@ -473,7 +467,6 @@ class _Outbox:
     def cached_batches(self, size: int) -> Iterator[list[tuple[str, HistoryRow]]]:
         batch: list[tuple[str, HistoryRow]] = []
         for entry_id, rows in list(self._cached.items()):
-            self._yielded.add(entry_id)
             batch.extend(self.positioned(entry_id, rows))
             while len(batch) >= size:
                 yield batch[:size]
@@ -496,11 +489,13 @@ class _Outbox:
                 ) from None
             done = self._committed.setdefault(entry_id, set())
             done.add(row_index)
-            if len(done) >= self._sizes.get(entry_id, 0):
+            size = self._sizes.get(entry_id)
+            # An entry of unknown size is never taken as finished: deleting it would lose its
+            # other rows. The stream read sets its size again.
+            if size is not None and len(done) >= size and entry_id not in finished:
                 finished.append(entry_id)
         for entry_id in finished:
             self._read_uncommitted.discard(entry_id)
-            self._yielded.discard(entry_id)
             self._committed.pop(entry_id, None)
             self._sizes.pop(entry_id, None)
             rows = self._cached.pop(entry_id, None)
