@@ -29,13 +29,18 @@ from ironshadow.mqtt import (
 class RawClient:
     """One TCP connection to the broker that sends and receives whole packets."""
 
-    def __init__(self, port: int, version: int = MQTT_5, receive_buffer: int = 0) -> None:
+    def __init__(
+        self, port: int, version: int = MQTT_5, receive_buffer: int = 0, source: str = ""
+    ) -> None:
+        """``source`` is a loopback address to connect from, such as 127.0.0.2."""
         self.version = version
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         open_clients.append(self)
         if receive_buffer:
             # Set before connect() so that the TCP window is small from the first segment.
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        if source:
+            self.sock.bind((source, 0))
         self.sock.connect(("127.0.0.1", port))
         self.decoder = PacketDecoder(version=version)
         self.received: deque[Packet] = deque()

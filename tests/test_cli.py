@@ -253,3 +253,52 @@ def test_settings_memory_only_with_stores():
     values = resolve(parse("--memory-only", "true", "--redis", "redis://127.0.0.1:6400/0"), {})
     with pytest.raises(SettingsError, match="memory_only"):
         check_storage(values)
+
+
+def test_settings_abuse_limits_from_each_source(tmp_path):
+    config = tmp_path / "engine.toml"
+    config.write_text("max_subscriptions = 50\nconnect_rate_per_address = 3\n")
+    environ = {"IRONSHADOW_MAX_PUBLISH_RATE": "2.5", "IRONSHADOW_PUBLISH_BURST": "20"}
+    argv = ("--config", str(config), "--max-topic-levels", "16", "--max-topic-length", "300")
+    broker = broker_config(resolve(parse(*argv), environ))
+    assert broker.max_subscriptions == 50
+    assert broker.connect_rate_per_address == 3.0
+    assert broker.max_publish_rate == 2.5
+    assert broker.publish_burst == 20
+    assert broker.max_topic_levels == 16
+    assert broker.max_topic_length == 300
+    defaults = broker_config(resolve(parse(), {}))
+    assert defaults.max_connections_per_address == 0
+    assert defaults.connect_rate_per_address == 0
+    assert defaults.max_publish_rate == 0
+    assert defaults.max_subscriptions == 10_000
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (("--max-topic-levels", "0"), "must be from 1 to 512"),
+        (("--max-topic-levels", "513"), "must be from 1 to 512"),
+        (("--max-topic-length", "65536"), "must be from 1 to 65,535"),
+        (("--max-publish-rate", "-1"), "must be at least 0"),
+        (("--max-connections-per-address", "-1"), "must be at least 0"),
+        (("--connect-burst-per-address", "2.5"), "expected a whole number"),
+    ],
+)
+def test_settings_abuse_limit_ranges(argv, expected):
+    with pytest.raises(SettingsError, match=expected) as caught:
+        resolve(parse(*argv), {})
+    assert argv[0] in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("burst", "rate"),
+    [
+        ("--publish-burst", "max_publish_rate"),
+        ("--connect-burst-per-address", "connect_rate_per_address"),
+    ],
+)
+def test_settings_burst_needs_its_rate(burst, rate):
+    values = resolve(parse(burst, "10"), {})
+    with pytest.raises(SettingsError, match=f"set {rate} too"):
+        broker_config(values)

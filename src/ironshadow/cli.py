@@ -9,6 +9,7 @@ import logging
 import resource
 import signal
 import socket
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,14 +17,23 @@ from typing import Any
 from . import __version__, swarm
 from .api import ApiServer
 from .api.feed import FeedConfig
+from .api.security import HttpAuth
+from .auth import AclError, AuthPolicy, UserStoreError
+from .auth import command as auth_command
+from .auth.tokens import DEFAULT_TOKEN_LIFETIME
 from .broker.config import BrokerConfig
+from .broker.tls import TLSConfigError, TLSListenerError
 from .engine import Engine, StorageConfig
 from .settings import (
+    SETTINGS,
     SettingsError,
     add_arguments,
+    auth_settings,
     broker_config,
     check_storage,
+    check_tls,
     feed_config,
+    http_ssl_context,
     resolve,
     shadow_limits,
 )
@@ -62,6 +72,9 @@ async def _serve(
     http_port: int,
     storage: StorageConfig | None,
     feed: FeedConfig,
+    http_ssl: ssl.SSLContext | None = None,
+    access: AuthPolicy | None = None,
+    token_lifetime: float = DEFAULT_TOKEN_LIFETIME,
 ) -> None:
     # Signal handlers first, so that a signal during start-up also stops the engine cleanly.
     stop = asyncio.Event()
@@ -69,8 +82,18 @@ async def _serve(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     engine = Engine(config, limits, storage)
+    if access is not None:
+        access.attach(engine.broker)
+        log.info("%s", access.describe_mode())
     try:
         await engine.start()
+    except TLSListenerError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUseError(
+                f"MQTT TLS port {config.tls_port} on {config.host} is already in use; "
+                "choose a free port with --tls-port"
+            ) from exc
+        raise
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise PortInUseError(
@@ -78,7 +101,10 @@ async def _serve(
                 "choose a free port with --mqtt-port"
             ) from exc
         raise
-    api = ApiServer(engine, config.host, http_port, feed=feed)
+    http_auth = HttpAuth(access, token_lifetime) if access is not None else None
+    api = ApiServer(
+        engine, config.host, http_port, feed=feed, ssl_context=http_ssl, auth=http_auth
+    )
     try:
         await api.start()
     except OSError as exc:
@@ -94,6 +120,8 @@ async def _serve(
     log.info("shutting down")
     await api.stop()
     await engine.shutdown()
+    if access is not None:
+        access.close()
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -103,6 +131,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         limits = shadow_limits(values)
         feed = feed_config(values)
         check_storage(values)
+        check_tls(values)
+        http_ssl = http_ssl_context(values)
+        auth = auth_settings(values)
     except SettingsError as exc:
         print(f"ironshadow: error: {exc}", file=sys.stderr)
         return 2
@@ -117,6 +148,18 @@ def _run_serve(args: argparse.Namespace) -> int:
         print(f"ironshadow: error: cannot create data folder {data_dir}: {exc.strerror}; "
               "choose another with --data-dir", file=sys.stderr)
         return 2
+    try:
+        access = AuthPolicy(auth)
+    except (UserStoreError, AclError) as exc:
+        print(f"ironshadow: error: {exc}", file=sys.stderr)
+        return 2
+    if not len(access.users) and not access.anonymous_allowed:
+        print(f"ironshadow: error: no users in {auth.users_file}, and --host {config.host} is "
+              "not a loopback address, so any client could connect without a password; add a "
+              "user with `ironshadow auth add NAME --role device|application|admin --data-dir "
+              f"{data_dir}`, or pass --allow-anonymous to accept anonymous clients",
+              file=sys.stderr)
+        return 2
     storage = None
     if not values["memory_only"]:
         storage = StorageConfig(
@@ -128,9 +171,19 @@ def _run_serve(args: argparse.Namespace) -> int:
     _raise_file_limit()
     _install_event_loop_policy()
     try:
-        asyncio.run(_serve(config, limits, values["http_port"], storage, feed))
-    except (PortInUseError, StoreUnavailable) as exc:
+        asyncio.run(
+            _serve(
+                config, limits, values["http_port"], storage, feed, http_ssl, access,
+                values["token_lifetime"],
+            )
+        )
+    except (PortInUseError, StoreUnavailable, TLSConfigError) as exc:
         print(f"ironshadow: error: {exc}", file=sys.stderr)
+        return 2
+    except TLSListenerError as exc:
+        # Caught before OSError below, whose messages name the plain MQTT and HTTP ports.
+        print(f"ironshadow: error: {exc.strerror}; choose another port with --tls-port",
+              file=sys.stderr)
         return 2
     except socket.gaierror as exc:
         print(f"ironshadow: error: cannot bind to host {config.host!r}: {exc.strerror}; "
@@ -168,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(serve)
     serve.set_defaults(handler=_run_serve)
     swarm.add_command(commands)
+    default_data_dir = next(setting.default for setting in SETTINGS if setting.name == "data_dir")
+    auth_command.add_command(commands, default_data_dir)
     return parser
 
 

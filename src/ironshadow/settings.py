@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -16,7 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from .api.feed import FeedConfig
-from .broker.config import QUEUE_FULL_POLICIES, BrokerConfig
+from .auth import AuthSettings, is_loopback
+from .auth.tokens import DEFAULT_TOKEN_LIFETIME, parse_duration
+from .broker import tls
+from .broker.config import QUEUE_FULL_POLICIES, TLS_NAME_FIELDS, BrokerConfig
+from .broker.limits import MAX_TOPIC_BYTES, MAX_TOPIC_LEVELS_CEILING
 from .mqtt.constants import MAX_PACKET_SIZE
 from .shadow import ShadowLimits
 
@@ -79,6 +84,23 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("http_port", int, 8080,
             "TCP port of the HTTP API: REST, OpenAPI docs, the /ws feed and MQTT over WebSocket "
             "at /mqtt", minimum=1, maximum=MAX_PORT),
+    Setting("tls_port", int, _defaults.tls_port,
+            "TCP port of the MQTT TLS listener, which opens only when tls_cert and tls_key are "
+            "set", minimum=1, maximum=MAX_PORT),
+    Setting("tls_cert", str, _defaults.tls_cert,
+            "PEM file of the server certificate; with tls_key it turns on MQTT over TLS on "
+            "tls_port and HTTPS on http_port"),
+    Setting("tls_key", str, _defaults.tls_key,
+            "PEM file of the server certificate's private key, not encrypted"),
+    Setting("tls_ca", str, _defaults.tls_ca,
+            "PEM file of the CA certificates that sign client certificates; when set, every "
+            "MQTT TLS client must present a certificate signed by one of them"),
+    Setting("tls_name_field", str, _defaults.tls_name_field,
+            "where the thing name of a client certificate comes from: cn is the subject's "
+            "common name, dns and uri the first subject alternative name of that type",
+            TLS_NAME_FIELDS),
+    Setting("tls_handshake_timeout", float, _defaults.tls_handshake_timeout,
+            "seconds a TLS client may take to complete its handshake", minimum=0.001),
     Setting("data_dir", str, "./data", "folder for the engine's local data; created if missing"),
     Setting("log_level", str, "INFO", "logging level", ("DEBUG", "INFO", "WARNING", "ERROR")),
     Setting("max_packet_size", int, _defaults.max_packet_size,
@@ -111,6 +133,30 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds a new connection may take to send CONNECT", minimum=0.001),
     Setting("listen_backlog", int, _defaults.listen_backlog,
             "length of the kernel's accept queue (capped by net.core.somaxconn)", minimum=1),
+    Setting("max_connections_per_address", int, _defaults.max_connections_per_address,
+            "connections open at once from one source address; more are closed when accepted "
+            "(0: no limit)", minimum=0),
+    Setting("connect_rate_per_address", float, _defaults.connect_rate_per_address,
+            "CONNECT packets per second accepted from one source address; more are rejected "
+            "with 'connection rate exceeded' (0: no limit)", minimum=0),
+    Setting("connect_burst_per_address", int, _defaults.connect_burst_per_address,
+            "CONNECT packets one source address may send at once before "
+            "connect_rate_per_address applies (0: one second's worth)", minimum=0),
+    Setting("max_subscriptions", int, _defaults.max_subscriptions,
+            "subscriptions per client; more get 'quota exceeded' in SUBACK (0: no limit)",
+            minimum=0),
+    Setting("max_publish_rate", float, _defaults.max_publish_rate,
+            "PUBLISH packets per second per client; a faster client is slowed down by "
+            "pausing reads from its socket, and nothing is dropped (0: no limit)", minimum=0),
+    Setting("publish_burst", int, _defaults.publish_burst,
+            "PUBLISH packets a client may send at once before max_publish_rate applies "
+            "(0: one second's worth)", minimum=0),
+    Setting("max_topic_levels", int, _defaults.max_topic_levels,
+            "levels in a topic name or topic filter; a PUBLISH over it closes the connection, "
+            "a subscription over it is rejected", minimum=1, maximum=MAX_TOPIC_LEVELS_CEILING),
+    Setting("max_topic_length", int, _defaults.max_topic_length,
+            "UTF-8 bytes in a topic name or topic filter; a PUBLISH over it closes the "
+            "connection, a subscription over it is rejected", minimum=1, maximum=MAX_TOPIC_BYTES),
     Setting("write_high_water", int, _defaults.write_high_water,
             "bytes buffered for one client above which QoS 0 messages to it are dropped",
             minimum=1),
@@ -118,6 +164,17 @@ SETTINGS: tuple[Setting, ...] = (
             "bytes buffered for one client below which sending resumes", minimum=0),
     Setting("deny_subscription", str, (), "topic filter that clients may not subscribe to "
             "(repeat the flag for several)", is_list=True),
+    Setting("allow_anonymous", _bool, False,
+            "admit clients without a password while the data folder has no users, even when "
+            "a listener is not on a loopback address (true or false; the flag alone is true)"),
+    Setting("acl_file", str, "", "TOML file of further topic rules for device and application "
+            "users (see docs/auth.md); reread when it changes"),
+    Setting("device_topic", str, (), "topic pattern that every device user may publish and "
+            "subscribe to, besides $aws/things/{username}/#; {username} and {client_id} are "
+            "filled in (repeat the flag for several)", is_list=True),
+    Setting("application_topic", str, (), "topic pattern that every application user may "
+            "publish and subscribe to, besides every shadow topic; {username} and {client_id} "
+            "are filled in (repeat the flag for several)", is_list=True),
     Setting("sys_interval", float, _defaults.sys_interval,
             "seconds between $SYS/broker statistics updates (0: off)", minimum=0),
     Setting("redis", str, "", "Redis URL for the shadows (redis://host:port/db); empty keeps "
@@ -136,6 +193,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ws_feed_queue", int, _feed_defaults.max_queue,
             "frames that may wait for one /ws feed client, at most one per shadow; a client "
             "with more is disconnected", minimum=1),
+    Setting("token_lifetime", parse_duration, DEFAULT_TOKEN_LIFETIME,
+            "how long a token from POST /auth/token or a dashboard sign-in is valid: seconds, "
+            "or a number with a unit s, m, h or d, such as 90m or 12h", minimum=1),
 )
 
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
@@ -156,8 +216,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 default = "none"
             elif isinstance(default, bool):
                 default = str(default).lower()
+            # A true-or-false flag given alone means true, as in --allow-anonymous.
+            alone = {"nargs": "?", "const": "true"} if setting.kind is _bool else {}
             parser.add_argument(setting.flag, default=None, metavar=metavar,
-                                help=f"{setting.help}{choices} (default: {default})")
+                                help=f"{setting.help}{choices} (default: {default})", **alone)
 
 
 def _convert(setting: Setting, raw: Any, source: str) -> Any:
@@ -259,8 +321,22 @@ def feed_config(values: Mapping[str, Any]) -> FeedConfig:
     return FeedConfig(rate=values["ws_feed_rate"], max_queue=values["ws_feed_queue"])
 
 
+def _check_bursts(values: Mapping[str, Any]) -> None:
+    """Reject a burst whose rate is off, because the broker would ignore it."""
+    for burst, rate in (
+        ("connect_burst_per_address", "connect_rate_per_address"),
+        ("publish_burst", "max_publish_rate"),
+    ):
+        if values[burst] and not values[rate]:
+            raise SettingsError(
+                f"{burst} is {values[burst]} but {rate} is 0 (no limit), so the burst would "
+                f"have no effect; set {rate} too, or remove {burst}"
+            )
+
+
 def broker_config(values: Mapping[str, Any]) -> BrokerConfig:
     """Build the broker's configuration from resolved settings."""
+    _check_bursts(values)
     if values["write_low_water"] > values["write_high_water"]:
         raise SettingsError(
             f"write_low_water ({values['write_low_water']}) must not exceed "
@@ -283,6 +359,65 @@ def broker_config(values: Mapping[str, Any]) -> BrokerConfig:
         max_connections=values["max_connections"],
         connect_rate=values["connect_rate"],
         listen_backlog=values["listen_backlog"],
+        max_connections_per_address=values["max_connections_per_address"],
+        connect_rate_per_address=values["connect_rate_per_address"],
+        connect_burst_per_address=values["connect_burst_per_address"],
+        max_subscriptions=values["max_subscriptions"],
+        max_publish_rate=values["max_publish_rate"],
+        publish_burst=values["publish_burst"],
+        max_topic_levels=values["max_topic_levels"],
+        max_topic_length=values["max_topic_length"],
         deny_subscriptions=values["deny_subscription"],
         sys_interval=values["sys_interval"],
+        tls_port=values["tls_port"],
+        tls_cert=values["tls_cert"],
+        tls_key=values["tls_key"],
+        tls_ca=values["tls_ca"],
+        tls_name_field=values["tls_name_field"],
+        tls_handshake_timeout=values["tls_handshake_timeout"],
+    )
+
+
+def check_tls(values: Mapping[str, Any]) -> None:
+    """Check the TLS files and ports, so that a bad one stops the start-up with a clear error."""
+    if not (values["tls_cert"] or values["tls_key"] or values["tls_ca"]):
+        return
+    try:
+        tls.server_context(values["tls_cert"], values["tls_key"], values["tls_ca"])
+    except tls.TLSConfigError as exc:
+        raise SettingsError(str(exc)) from None
+    for other in ("mqtt_port", "http_port"):
+        if values["tls_port"] == values[other]:
+            raise SettingsError(
+                f"tls_port and {other} are both {values['tls_port']}. Give the TLS listener "
+                "a port of its own with tls_port"
+            )
+
+
+def http_ssl_context(values: Mapping[str, Any]) -> ssl.SSLContext | None:
+    """Build the HTTPS context of the API from tls_cert and tls_key, or return None without them.
+
+    The API does not request client certificates, even with tls_ca set.
+    """
+    if not values["tls_cert"]:
+        return None
+    try:
+        return tls.server_context(values["tls_cert"], values["tls_key"])
+    except tls.TLSConfigError as exc:
+        raise SettingsError(str(exc)) from None
+
+
+def auth_settings(values: Mapping[str, Any]) -> AuthSettings:
+    """Build the MQTT authentication settings from resolved settings.
+
+    Every listener (MQTT, MQTT over TLS and the HTTP API with its MQTT over WebSocket
+    endpoint) binds to ``host``, so that one address decides whether all are on loopback.
+    """
+    return AuthSettings(
+        data_dir=Path(values["data_dir"]),
+        acl_file=Path(values["acl_file"]) if values["acl_file"] else None,
+        allow_anonymous=values["allow_anonymous"],
+        loopback_only=is_loopback(values["host"]),
+        device_topics=values["device_topic"],
+        application_topics=values["application_topic"],
     )

@@ -133,3 +133,35 @@ def test_metrics_without_stores_leave_out_the_store_families():
     assert "ironshadow_clients_connected" in families
     store_families = ("ironshadow_store_", "ironshadow_history_")
     assert not any(name.startswith(store_families) for name in families)
+
+
+def limit_trips(families, limit: str) -> float:
+    return families["ironshadow_limit_trips"][("ironshadow_limit_trips_total", (("limit", limit),))]
+
+
+def test_metrics_count_limit_trips():
+    with (
+        running_engine(max_subscriptions=1, max_topic_levels=9) as engine,
+        http_client(engine) as client,
+    ):
+        before = scrape(client)
+        app = TestClient(engine.mqtt_port, "dashboard")
+        assert [code.value for code in app.subscribe("plant/#", 0)] == [0]
+        assert [code.value for code in app.subscribe("line/#", 0)] == [0x97]
+        app.publish("a/b/c/d/e/f/g/h/i/j", b"ten levels", 0)
+        assert app.disconnected.wait(scaled(5))
+        after = scrape(client)
+
+    limits = (
+        "max_connections_per_address",
+        "connect_rate_per_address",
+        "max_subscriptions",
+        "max_publish_rate",
+        "max_topic_levels",
+        "max_topic_length",
+    )
+    for limit in limits:
+        assert limit_trips(before, limit) == 0
+    assert limit_trips(after, "max_subscriptions") == 1
+    assert limit_trips(after, "max_topic_levels") == 1
+    assert limit_trips(after, "max_topic_length") == 0

@@ -224,6 +224,21 @@ def test_connection_over_limit_is_closed_with_1013() -> None:
     assert rejected == 1
 
 
+def test_per_address_limit_counts_websockets() -> None:
+    with running_engine(max_connections_per_address=1) as thread:
+        # The TCP client and the WebSocket client both come from 127.0.0.1.
+        TestClient(thread.mqtt_port, "takes-the-address-slot")
+        with raw_client(thread) as client:
+            packets, code = client.wait_closed()
+        trips = thread.call(
+            lambda: thread.engine.broker.stats.limit_trips["max_connections_per_address"]
+        )
+
+    assert packets == []
+    assert code == 1013
+    assert trips == 1
+
+
 # --- framing -----------------------------------------------------------------------------
 
 

@@ -36,6 +36,8 @@ BAD_V5_PACKETS = [
     ("invalid utf-8 topic", b"\x30\x05\x00\x02\xc3\x28\x00", ReasonCode.MALFORMED_PACKET),
     ("wildcard topic", b"\x30\x05\x00\x02a#\x00", ReasonCode.TOPIC_NAME_INVALID),
     ("second connect", Connect("again", MQTT_5).encode(), ReasonCode.PROTOCOL_ERROR),
+    # Unsupported Protocol Version is a CONNACK code, not valid in DISCONNECT.
+    ("second connect, level 3", Connect("again", 3).encode(), ReasonCode.PROTOCOL_ERROR),
     ("auth", Auth().encode(), ReasonCode.PROTOCOL_ERROR),
     ("connack from client", Connack().encode(MQTT_5), ReasonCode.PROTOCOL_ERROR),
 ]

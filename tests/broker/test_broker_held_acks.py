@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from ironshadow.mqtt import MQTT_3_1_1, MQTT_5, Disconnect, Puback, Publish, Pubrec, ReasonCode
+from ironshadow.mqtt import (
+    MQTT_3_1_1,
+    MQTT_5,
+    Disconnect,
+    Pingreq,
+    Pingresp,
+    Puback,
+    Publish,
+    Pubrec,
+    ReasonCode,
+)
 from raw_client import RawClient
 
 
@@ -93,3 +103,24 @@ def test_v311_client_paused_until_acks_sent(make_broker):
     release_all(broker, held)
     assert client.receive(Puback).packet_id == 5
     assert client.is_open()
+
+
+def test_retransmissions_pause_reading_while_held(make_broker):
+    # Each retransmission of a held QoS 2 message queues one more PUBREC behind the held
+    # one, so a client that keeps retransmitting must be slowed down like one that sends
+    # new messages, or its queued acknowledgements grow without bound.
+    broker = make_broker(receive_maximum=4)
+    held = holding_consumer(broker, "stored/#")
+    client = RawClient(broker.port, MQTT_3_1_1)
+    client.connect("plc-retry")
+    client.send(Publish("stored/a", b"x", 2, packet_id=1))
+    client.send(*[Publish("stored/a", b"x", 2, dup=True, packet_id=1) for _ in range(4)])
+    client.receive_none(0.3)
+    # Reading is paused: the PINGREQ waits in the socket until the acknowledgements are out.
+    client.send(Pingreq())
+    client.receive_none(0.3)
+    assert broker.call(len, held) == 1
+    release_all(broker, held)
+    acknowledged = [client.receive(Pubrec).packet_id for _ in range(5)]
+    assert acknowledged == [1] * 5
+    assert isinstance(client.receive(), Pingresp)

@@ -8,11 +8,13 @@ import time
 from paho.mqtt.packettypes import PacketTypes
 
 from conftest import scaled
+from ironshadow.broker.access import AccessPolicy
 from ironshadow.mqtt import (
     MQTT_3_1_1,
     ConnackReturnCode,
     Disconnect,
     PropertyId,
+    Puback,
     Publish,
     ReasonCode,
 )
@@ -145,6 +147,49 @@ def test_oversized_message_counted_dropped(broker):
     publisher = TestClient(broker.port, "pub")
     publisher.publish("big/t", b"x" * 500, 1)
     assert broker.call(lambda: broker.broker.stats.publish_dropped) == 1
+
+
+def test_rejecting_connack_fits_max_packet_size(broker):
+    # [MQTT-3.2.2-19] The reason string is left out when it would make CONNACK too large.
+    unlimited = RawClient(broker.port).connect("$internal/x")
+    assert PropertyId.REASON_STRING in unlimited.properties
+    limited = RawClient(broker.port).connect(
+        "$internal/x", properties={PropertyId.MAXIMUM_PACKET_SIZE: 20}
+    )
+    assert limited.reason_code == ReasonCode.CLIENT_IDENTIFIER_NOT_VALID
+    assert limited.properties == {}
+
+
+def test_rate_limit_connack_fits_max_packet_size(make_broker):
+    broker = make_broker(connect_rate_per_address=0.001, connect_burst_per_address=1)
+    RawClient(broker.port).connect("first")
+    unlimited = RawClient(broker.port).connect("second")
+    assert unlimited.reason_code == ReasonCode.CONNECTION_RATE_EXCEEDED
+    assert PropertyId.REASON_STRING in unlimited.properties
+    limited = RawClient(broker.port).connect(
+        "third", properties={PropertyId.MAXIMUM_PACKET_SIZE: 20}
+    )
+    assert limited.reason_code == ReasonCode.CONNECTION_RATE_EXCEEDED
+    assert limited.properties == {}
+
+
+class _NoPublishing(AccessPolicy):
+    def restricts(self, principal):
+        return True
+
+    def may_publish(self, principal, client_id, topic):
+        return False
+
+
+def test_denied_puback_fits_max_packet_size(broker):
+    # [MQTT-3.4.2-2] The reason string is left out when it would make PUBACK too large.
+    broker.call(setattr, broker.broker, "access", _NoPublishing())
+    client = RawClient(broker.port)
+    client.connect("limited", properties={PropertyId.MAXIMUM_PACKET_SIZE: 16})
+    client.send(Publish("a/b", b"x", 1, packet_id=1))
+    puback = client.receive(Puback)
+    assert puback.reason_code == ReasonCode.NOT_AUTHORIZED
+    assert puback.properties == {}
 
 
 def test_broker_announces_max_packet_size(make_broker):

@@ -6,10 +6,16 @@ fails the test. Packets that the decoder does return must encode and decode back
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
-from codec_strategies import FUZZ_SETTINGS, VERSIONS, packets
+from codec_strategies import (
+    FUZZ_SETTINGS,
+    VERSIONS,
+    cut_lists,
+    mutate,
+    mutations,
+    packets,
+    split_chunks,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -18,16 +24,11 @@ from ironshadow.mqtt import Connect, MQTTProtocolError, Packet, PacketDecoder
 _VERSION_PAIRS = [(decoder, stream) for decoder in VERSIONS for stream in VERSIONS]
 
 
-def _chunks(data: bytes, cuts: list[int]) -> list[bytes]:
-    bounds = [0, *sorted({cut % (len(data) + 1) for cut in cuts}), len(data)]
-    return [data[start:stop] for start, stop in itertools.pairwise(bounds)]
-
-
 def feed_until_error(decoder: PacketDecoder, data: bytes, cuts: list[int]) -> list[Packet]:
     """Feed ``data`` in chunks and return the packets decoded before the first protocol error."""
     decoded: list[Packet] = []
     try:
-        for chunk in _chunks(data, cuts):
+        for chunk in split_chunks(data, cuts):
             decoded.extend(decoder.feed(chunk))
     except MQTTProtocolError:
         pass
@@ -41,36 +42,6 @@ def check_re_encodes(decoded: list[Packet], version: int) -> None:
         assert again == [packet]
         if isinstance(packet, Connect):
             version = packet.protocol_level
-
-
-def mutate(data: bytes, mutations: list[tuple[str, int, int]]) -> bytes:
-    """Apply bit flips, truncations, insertions, deletions and byte swaps to ``data``."""
-    buffer = bytearray(data)
-    for kind, position, value in mutations:
-        at = position % (len(buffer) + 1)
-        if kind == "flip" and buffer:
-            buffer[at % len(buffer)] ^= 1 << (value % 8)
-        elif kind == "truncate":
-            del buffer[at:]
-        elif kind == "insert":
-            buffer[at:at] = bytes((value,)) * (1 + value % 4)
-        elif kind == "delete":
-            del buffer[at : at + 1 + value % 4]
-        elif kind == "replace" and buffer:
-            buffer[at % len(buffer)] = value
-    return bytes(buffer)
-
-
-mutations = st.lists(
-    st.tuples(
-        st.sampled_from(["flip", "truncate", "insert", "delete", "replace"]),
-        st.integers(0, 10_000),
-        st.integers(0, 255),
-    ),
-    min_size=1,
-    max_size=4,
-)
-cut_lists = st.lists(st.integers(0, 10_000), max_size=8)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -133,7 +104,7 @@ def test_buffer_below_max_size(version, data):
     stream = mutate(stream + data.draw(st.binary(max_size=80)), data.draw(mutations))
     decoder = PacketDecoder(max_packet_size=max_size, version=version)
     try:
-        for chunk in _chunks(stream, data.draw(cut_lists)):
+        for chunk in split_chunks(stream, data.draw(cut_lists)):
             decoder.feed(chunk)
     except MQTTProtocolError:
         return

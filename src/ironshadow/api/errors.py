@@ -31,10 +31,13 @@ INTERNAL_ERROR_MESSAGE = "Internal service failure"
 class ApiError(Exception):
     """A rejected request: its HTTP status and a message with the fix for the caller."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(
+        self, status: int, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 def error_body(status: int, message: str) -> bytes:
@@ -60,7 +63,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return error_response(exc.status, exc.message)
+    return error_response(exc.status, exc.message, exc.headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -7,7 +7,8 @@ Requests are text messages holding a JSON object with a ``subscribe`` list, an
 ``unsubscribe`` list or both (unsubscribe is applied first). Each entry is a thing name, a
 prefix pattern (the start of a thing name followed by ``*``) or ``*`` alone for every thing.
 A request is applied whole or not at all, and the reply is ``{"subscriptions": [...]}`` with
-the client's subscriptions after it, or ``{"error": "..."}``.
+the client's subscriptions after it, or ``{"error": "..."}``. A client that authenticated
+as a device (api/security.py) may subscribe only to its own thing name.
 
 A change frame is ``{"thing", "shadow", "version", "deleted", "state", "timestamp"}``, with
 ``shadow`` null for the classic shadow, ``state`` the shadow's ``desired``, ``reported`` and
@@ -36,7 +37,7 @@ import asyncio
 import contextlib
 import heapq
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,7 @@ import orjson
 from fastapi import FastAPI, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
+from ..broker.access import ROLE_DEVICE
 from ..engine.service import ShadowChange, ShadowService
 from ..shadow import ShadowError, shadow_key, validate_thing_name
 from ..shadow.delta import compute_delta
@@ -51,6 +53,9 @@ from ..shadow.delta import compute_delta
 log = logging.getLogger("ironshadow.api")
 
 FEED_PATH = "/ws"
+# The key of the ASGI scope's "state" under which api/security.py puts the caller's token
+# claims when authentication is on.
+CLAIMS_STATE_KEY = "token_claims"
 
 # Subscriptions that one client may have at once. It bounds the memory and the matching work
 # that one client can cause. A dashboard that needs more subscribes to prefix patterns.
@@ -140,7 +145,9 @@ class FeedClient:
         "done",
         "frames_sent",
         "held",
+        "identity",
         "last_sent",
+        "only_thing",
         "peer",
         "prefixes",
         "ready",
@@ -150,8 +157,14 @@ class FeedClient:
         "websocket",
     )
 
-    def __init__(self, websocket: WebSocket) -> None:
+    def __init__(
+        self, websocket: WebSocket, identity: Any = None, only_thing: str | None = None
+    ) -> None:
         self.websocket = websocket
+        # Who the client authenticated as (api/security.py), or None when anonymous.
+        self.identity = identity
+        # The one thing the client may subscribe to (a device's own), or None for any.
+        self.only_thing = only_thing
         client = websocket.client
         self.peer = f"{client.host}:{client.port}" if client is not None else "(unknown)"
         self.things: set[str] = set()
@@ -209,6 +222,8 @@ class ShadowFeed:
         self._all_closed.set()
         self.frames_sent = 0
         self.clients_dropped = 0
+        # Called after each client joins ``clients``; api/security.py starts its checks here.
+        self.client_added: Callable[[], None] | None = None
 
     # --- changes from the shadow service ------------------------------------------------
 
@@ -331,6 +346,8 @@ class ShadowFeed:
                 return {"error": f"{action!r} must be a list of strings; {REQUEST_HELP}"}
             for entry in entries:
                 error = check_subscription(entry)
+                if error is None and action == "subscribe":
+                    error = _check_allowed(client, entry)
                 if error is not None:
                     return {"error": error}
             lists[action] = entries
@@ -406,13 +423,32 @@ class ShadowFeed:
         client.close_reason = f"too slow: more than {self.config.max_queue} frames waiting"
         self._forget(client)
 
+    def close_clients(self, reason_for: Callable[[Any], str | None]) -> None:
+        """Close with 1008 every client for whose ``identity`` ``reason_for`` gives a reason."""
+        for client in list(self.clients):
+            reason = reason_for(client.identity)
+            if reason is not None and not client.closed:
+                log.info("feed client %s closed: %s", client.peer, reason)
+                client.close_code = CLOSE_POLICY_VIOLATION
+                # A close frame's reason is at most 123 bytes of UTF-8.
+                client.close_reason = reason.encode()[:123].decode(errors="ignore")
+                self._forget(client)
+
     # --- connections --------------------------------------------------------------------
 
-    async def serve(self, websocket: WebSocket) -> None:
-        """Serve one client from the accepted handshake to the close."""
+    async def serve(
+        self, websocket: WebSocket, identity: Any = None, only_thing: str | None = None
+    ) -> None:
+        """Serve one client from the accepted handshake to the close.
+
+        ``identity`` is kept for ``close_clients()``; with ``only_thing`` the client may
+        subscribe to that thing name only.
+        """
         await websocket.accept()
-        client = FeedClient(websocket)
+        client = FeedClient(websocket, identity, only_thing)
         self.clients.add(client)
+        if self.client_added is not None:
+            self.client_added()
         self._handlers += 1
         self._all_closed.clear()
         loop = asyncio.get_running_loop()
@@ -514,6 +550,17 @@ def check_subscription(entry: str) -> str | None:
     return None
 
 
+def _check_allowed(client: FeedClient, entry: str) -> str | None:
+    """Return why ``client`` may not subscribe to the valid ``entry``, or None if it may."""
+    own = client.only_thing
+    if own is None or entry == own:
+        return None
+    return (
+        f"forbidden subscription {entry!r}: device {own!r} may follow only its own thing; "
+        f"subscribe to {own!r}"
+    )
+
+
 def _discard(index: dict[str, set[FeedClient]], name: str, client: FeedClient) -> None:
     clients = index.get(name)
     if clients is not None:
@@ -525,4 +572,6 @@ def _discard(index: dict[str, set[FeedClient]], name: str, client: FeedClient) -
 def add_feed_route(app: FastAPI, feed: ShadowFeed) -> None:
     @app.websocket(FEED_PATH)
     async def shadow_feed(websocket: WebSocket) -> None:
-        await feed.serve(websocket)
+        claims = (websocket.scope.get("state") or {}).get(CLAIMS_STATE_KEY)
+        device = claims.name if claims is not None and claims.role == ROLE_DEVICE else None
+        await feed.serve(websocket, claims, device)

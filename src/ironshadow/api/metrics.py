@@ -134,6 +134,13 @@ def collect(engine: Engine) -> Exposition:
         int(broker.reading_paused),
         "1 while the engine reads from no MQTT connection to slow the devices down.",
     )
+    out.labelled_counter(
+        "ironshadow_limit_trips_total",
+        "limit",
+        list(stats.limit_trips.items()),
+        "Abuse limit trips, by limit setting: connections closed or rejected, subscriptions "
+        "rejected, and pauses of clients over max_publish_rate.",
+    )
 
     shadows = engine.shadows
     out.gauge("ironshadow_shadows", len(shadows.shadows), "Shadows in memory, tombstones too.")

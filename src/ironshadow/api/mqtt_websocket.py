@@ -61,7 +61,8 @@ DEFAULT_HIGH_WATER = 64 * 1024
 # WebSocket close codes: RFC 6455, section 7.4.1, and the IANA registry for 1013.
 CLOSE_NORMAL = 1000
 CLOSE_UNSUPPORTED_DATA = 1003
-# The broker aborts a connection only when its maximum number of connections is open.
+# The broker aborts a connection only when max_connections connections are open, or
+# max_connections_per_address from the client's address.
 CLOSE_TRY_AGAIN_LATER = 1013
 
 SUBPROTOCOL_MISSING = (
@@ -262,7 +263,7 @@ class WebSocketTransport(asyncio.Transport):
         self._buffered -= sum(len(chunk) for chunk in self._buffer)
         self._buffer.clear()
         self._close_code = CLOSE_TRY_AGAIN_LATER
-        self._close_reason = "the broker is at its maximum number of connections"
+        self._close_reason = "too many connections, to the broker or from this address"
         self.close()
 
     def get_protocol(self) -> Any:

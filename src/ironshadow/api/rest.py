@@ -16,6 +16,10 @@ Endpoints:
   (api/mqtt_websocket.py).
 - ``/docs`` and ``/openapi.json``: the OpenAPI description.
 - ``/``, ``/static/...`` and ``GET /api/engine``: the web dashboard (api/dashboard.py).
+- ``POST /auth/token``, ``POST /auth/login``, ``POST /auth/logout`` and
+  ``GET /auth/session``: tokens and the dashboard's sign-in. With users in the data folder,
+  every other endpoint outside the probes and the documentation needs a token
+  (api/security.py).
 
 Every handler is a coroutine, so it runs on the engine's event loop and reads the shadow
 service and the broker without locks. None of them awaits between reading and writing
@@ -59,6 +63,7 @@ from .paging import (
     decode_token,
     encode_token,
 )
+from .security import AuthMiddleware, HttpAuth, add_auth_routes, install_openapi_security
 from .things import ThingDirectory
 
 if TYPE_CHECKING:
@@ -81,13 +86,20 @@ Device shadows of the IronShadow engine, compatible with the AWS IoT Device Shad
 Shadow requests return the same documents and errors as the MQTT shadow topics. An accepted
 update also publishes `update/delta` and `update/documents` on MQTT. Every error body is
 `{"code": <HTTP status>, "message": "...", "timestamp": <epoch seconds>}`, with
-`clientToken` when the shadow request carried one. No authentication is required.
+`clientToken` when the shadow request carried one.
+
+Once the engine's data folder contains users, every endpoint except the probes, the sign-in
+endpoints and the documentation needs a token from `POST /auth/token` (or
+`ironshadow auth token NAME`), sent as `Authorization: Bearer <token>`: use Authorize
+above. Without a valid token the response is 401, and 403 when the user's role does not
+allow the request: a device may use only its own thing's paths.
 """
 
 OPENAPI_TAGS = [
     {"name": "shadows", "description": "Get, update and delete device shadows."},
     {"name": "things", "description": "Devices known to the engine and their named shadows."},
     {"name": "history", "description": "Numeric history of shadows, raw or aggregated."},
+    {"name": "authentication", "description": "Tokens and dashboard sign-in."},
 ]
 
 Thing = Annotated[str, Path(description=THING_NAME_HELP, examples=["press-17"])]
@@ -133,7 +145,10 @@ INTERNAL = (500, "Internal service failure.")
 
 
 def create_app(
-    engine: Engine, max_body_bytes: int | None = None, feed_config: FeedConfig | None = None
+    engine: Engine,
+    max_body_bytes: int | None = None,
+    feed_config: FeedConfig | None = None,
+    auth: HttpAuth | None = None,
 ) -> FastAPI:
     """Build the HTTP application for ``engine``: the REST API and the WebSocket endpoints.
 
@@ -141,7 +156,8 @@ def create_app(
     packet size, so that a request too large for MQTT is also too large for HTTP.
     ``feed_config`` sets the rate and queue limits of the ``/ws`` feed. ``app.state.feed``
     and ``app.state.mqtt_websockets`` hold the two WebSocket endpoints, which
-    ``ApiServer.stop()`` closes.
+    ``ApiServer.stop()`` closes. ``auth`` turns on tokens and roles (api/security.py);
+    without it every endpoint is open.
     """
     service = engine.shadows
     directory = ThingDirectory(service, engine.broker)
@@ -157,11 +173,20 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
+    if auth is not None:
+        # Added before the error handlers' middleware, so that it runs inside it.
+        app.add_middleware(AuthMiddleware, auth=auth)
     install_error_handlers(app)
     _install_openapi_without_422(app)
+    if auth is not None:
+        install_openapi_security(app)
+    add_auth_routes(app, auth)
     add_history_routes(app, engine)
     add_metrics_routes(app, engine)
     app.state.feed = ShadowFeed(service, feed_config)
+    if auth is not None:
+        auth.feed = app.state.feed
+        app.state.feed.client_added = auth.watch_feed
     add_feed_route(app, app.state.feed)
     app.state.mqtt_websockets = MQTTWebSocketEndpoint(engine.broker)
     add_mqtt_websocket_route(app, app.state.mqtt_websockets)

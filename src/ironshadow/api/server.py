@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -23,6 +24,7 @@ from fastapi import FastAPI
 
 from .feed import FeedConfig
 from .rest import create_app
+from .security import HttpAuth
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -48,6 +50,8 @@ class ApiServer:
 
     ``port`` 0 picks a free port, and ``ports`` returns it after ``start()``. ``feed``
     configures the ``/ws`` feed of the app built here; it is ignored when ``app`` is given.
+    With ``ssl_context`` every endpoint is served over HTTPS, and the WebSocket ones as wss.
+    ``auth`` turns on tokens and roles for the app built here.
     """
 
     def __init__(
@@ -57,10 +61,15 @@ class ApiServer:
         port: int = 8080,
         app: FastAPI | None = None,
         feed: FeedConfig | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        auth: HttpAuth | None = None,
     ) -> None:
         self.host = host
         self.port = port
-        self.app = app if app is not None else create_app(engine, feed_config=feed)
+        self.ssl_context = ssl_context
+        self.app = (
+            app if app is not None else create_app(engine, feed_config=feed, auth=auth)
+        )
         self._websocket_message_limit = max(
             engine.broker.config.max_packet_size, MIN_WEBSOCKET_MESSAGE_BYTES
         )
@@ -81,6 +90,7 @@ class ApiServer:
         if self._server is not None:
             raise RuntimeError("the REST API server is already running")
         sockets = bind_sockets(self.host, self.port)
+        ssl_context = self.ssl_context
         config = uvicorn.Config(
             self.app,
             host=self.host,
@@ -94,6 +104,9 @@ class ApiServer:
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_TIMEOUT,
             ws="websockets-sansio",
             ws_max_size=self._websocket_message_limit,
+            ssl_context_factory=(
+                None if ssl_context is None else lambda _config, _default: ssl_context
+            ),
         )
         config.load()
         server = uvicorn.Server(config)
@@ -112,7 +125,8 @@ class ApiServer:
         self._ticks = asyncio.get_running_loop().create_task(
             server.main_loop(), name="ironshadow-api-ticks"
         )
-        addresses = ", ".join(_format_address(sock) for sock in sockets)
+        scheme = "http" if ssl_context is None else "https"
+        addresses = ", ".join(_format_address(sock, scheme) for sock in sockets)
         log.info(
             "REST API listening on %s, dashboard at /, OpenAPI docs at /docs, shadow feed "
             "at /ws, MQTT over WebSocket at /mqtt",
@@ -176,8 +190,8 @@ def bind_sockets(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
-def _format_address(sock: socket.socket) -> str:
+def _format_address(sock: socket.socket, scheme: str) -> str:
     host, port = sock.getsockname()[:2]
     if sock.family == socket.AF_INET6:
-        return f"http://[{host}]:{port}"
-    return f"http://{host}:{port}"
+        return f"{scheme}://[{host}]:{port}"
+    return f"{scheme}://{host}:{port}"

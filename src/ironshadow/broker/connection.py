@@ -40,10 +40,12 @@ from ..mqtt.packets import (
 from ..mqtt.properties import PropertyId
 from ..mqtt.reason_codes import ReasonCode
 from . import hooks as reasons
+from . import tls
 from .message import Message
 from .session import AWAITING_PUBACK, AWAITING_PUBCOMP, Delivery, Session
 
 if TYPE_CHECKING:
+    from .access import Principal
     from .core import Broker
 
 log = logging.getLogger("ironshadow.broker")
@@ -51,6 +53,10 @@ log = logging.getLogger("ironshadow.broker")
 CONNECTING = 0
 CONNECTED = 1
 CLOSED = 2
+
+# Publish decisions cached per connection: a device uses a handful of topics, and an
+# application that writes to many things' shadows starts a new cache past this many.
+MAX_DECISIONS = 1024
 
 # Seconds a connection closed by the broker with a reason code keeps reading (and
 # discarding) before the socket is closed.
@@ -69,7 +75,9 @@ class MQTTConnection(asyncio.Protocol):
         "aliases_in",
         "aliases_out",
         "broker",
+        "certificate_name",
         "client_id",
+        "decisions_generation",
         "decoder",
         "disconnect_reason",
         "held",
@@ -82,6 +90,10 @@ class MQTTConnection(asyncio.Protocol):
         "out_size",
         "peer",
         "pending_acks",
+        "principal",
+        "publish_allowed_at",
+        "publish_decisions",
+        "publish_timer",
         "reading_paused",
         "request_problem_information",
         "send_quota",
@@ -132,6 +144,19 @@ class MQTTConnection(asyncio.Protocol):
         # A broker-wide pause or a CONNECT waiting for admission puts it on hold, and None
         # means that it is not on hold.
         self.held: list[Any] | None = None
+        # Thing name from a verified client certificate, set by a TLS listener before CONNECT.
+        self.certificate_name: str | None = None
+        # Who the client is, from the broker's access policy once CONNECT is authenticated.
+        self.principal: Principal | None = None
+        # Topic -> whether this client may publish there, for a principal whose topics the
+        # policy checks; None when it may publish anywhere. Valid while
+        # ``decisions_generation`` equals the policy's generation.
+        self.publish_decisions: dict[str, bool] | None = None
+        self.decisions_generation = 0
+        # PUBLISH rate limit (see ``limits``): the earliest time at which the next PUBLISH is
+        # within the rate, and the timer that releases the packets held until then.
+        self.publish_allowed_at = 0.0
+        self.publish_timer: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------
 
@@ -140,9 +165,39 @@ class MQTTConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = f"{peer[0]}:{peer[1]}"
+        # A verified client certificate, present only on a TLS listener with a CA bundle.
+        peercert = transport.get_extra_info("peercert")
+        if peercert and not self._take_certificate_name(peercert):
+            return
         config = self.broker.config
         transport.set_write_buffer_limits(high=config.write_high_water, low=config.write_low_water)
         self.broker.connection_made(self)
+
+    def _take_certificate_name(self, peercert: dict[str, Any]) -> bool:
+        """Set ``certificate_name`` from the client certificate and return True, or close
+        the connection and return False when the certificate lacks the configured field."""
+        broker = self.broker
+        field = broker.config.tls_name_field
+        name = tls.certificate_name(peercert, field)
+        if name:
+            self.certificate_name = name
+            return True
+        broker.stats.connections_rejected += 1
+        subject = tls.describe_subject(peercert)
+        broker._log_rarely(
+            "tls-no-name",
+            subject,
+            "TLS connection from %s rejected: its client certificate (%s) has no %s to take "
+            "the thing name from. Issue certificates with one, or change tls_name_field",
+            self.peer,
+            subject,
+            tls.NAME_FIELD_WORDS[field],
+        )
+        transport = self.transport
+        self.state = CLOSED
+        self.transport = None
+        transport.close()
+        return False
 
     def data_received(self, data: bytes) -> None:
         if self.state == CLOSED:
@@ -221,6 +276,11 @@ class MQTTConnection(asyncio.Protocol):
             if session is not None and session.queue and not self.write_paused:
                 self.broker.drain(session)
 
+    def fits(self, data: bytes) -> bool:
+        """Return whether ``data`` is within the Maximum Packet Size that the client set."""
+        limit = self.max_packet_size_out
+        return not limit or len(data) <= limit
+
     @property
     def congested(self) -> bool:
         return self.write_paused or self.out_size > self.broker.config.write_high_water
@@ -294,13 +354,18 @@ class MQTTConnection(asyncio.Protocol):
         self.disconnect_reason = reasons.CLIENT_ERROR
         log.warning("client %s from %s: %s; closing the connection", client, self.peer, exc)
         self.broker.stats.protocol_errors += 1
+        reason_code = exc.reason_code
         if self.state == CONNECTING:
-            if exc.reason_code == ReasonCode.UNSUPPORTED_PROTOCOL_VERSION:
+            if reason_code == ReasonCode.UNSUPPORTED_PROTOCOL_VERSION:
                 # Sent in the 3.1.1 form, which every client version can read.
                 self.send(b"\x20\x02\x00\x01")
             elif self.decoder.version == MQTT_5:
-                self.send(b"\x20\x03\x00" + bytes((exc.reason_code,)) + b"\x00")
-        self.close(exc.reason_code)
+                self.send(b"\x20\x03\x00" + bytes((reason_code,)) + b"\x00")
+        elif reason_code == ReasonCode.UNSUPPORTED_PROTOCOL_VERSION:
+            # The code exists only in CONNACK. After CONNECT it comes from a second CONNECT,
+            # which is a protocol error whatever protocol it names [MQTT-3.1.0-2].
+            reason_code = ReasonCode.PROTOCOL_ERROR
+        self.close(reason_code)
 
     # --- incoming packets -------------------------------------------------------------
 
@@ -313,6 +378,8 @@ class MQTTConnection(asyncio.Protocol):
         if self.state != CONNECTING:
             raise protocol_error("second CONNECT on one connection")  # [MQTT-3.1.0-2]
         self.version = packet.protocol_level
+        # Set before admission, so that a CONNACK that rejects the client respects it too.
+        self.max_packet_size_out = packet.properties.get(PropertyId.MAXIMUM_PACKET_SIZE, 0)
         self.broker.admit(self, packet)
 
     def _on_publish(self, packet: Publish) -> None:
@@ -321,6 +388,9 @@ class MQTTConnection(asyncio.Protocol):
         session = self.session
         assert session is not None
         broker = self.broker
+        limits = broker.limits
+        if limits.publish_interval and limits.hold_publish(self, packet):
+            return
         broker.stats.publish_received += 1
         topic = packet.topic
         properties = packet.properties
@@ -336,8 +406,18 @@ class MQTTConnection(asyncio.Protocol):
                         ReasonCode.PAYLOAD_FORMAT_INVALID,
                         f"payload on {topic!r} is marked as UTF-8 but is not well-formed UTF-8",
                     ) from None
+        if len(topic) >= limits.topic_check_length and limits.reject_publish_topic(self, topic):
+            return
         if packet.retain and not broker.config.retain_available:
             raise MQTTProtocolError(ReasonCode.RETAIN_NOT_SUPPORTED, "retained messages are off")
+        decisions = self.publish_decisions
+        if decisions is not None:
+            allowed = decisions.get(topic)
+            if allowed is None or self.decisions_generation != broker.access.generation:
+                allowed = self._decide_publish(topic)
+            if not allowed:
+                self._publish_denied(packet, topic)
+                return
         qos = packet.qos
         message = None
         if topic.startswith("$SYS"):
@@ -383,15 +463,57 @@ class MQTTConnection(asyncio.Protocol):
             # A consumer stores the message first: the acknowledgement waits for it, in
             # order behind any earlier one [MQTT-4.6.0-2].
             pending = [ack, False]
-            self.pending_acks.append(pending)
             message.on_released = lambda: self._ack_ready(pending)
-            if len(self.pending_acks) >= self.inbound_qos2_limit and not self.reading_paused:
-                # An MQTT 3.1.1 client has no Receive Maximum to respect, so it is slowed
-                # down by TCP instead until its acknowledgements catch up.
-                self.reading_paused = True
-                self.transport.pause_reading()
+            self._queue_ack(pending)
         else:
             self.send_ack(ack)
+
+    def _decide_publish(self, topic: str) -> bool:
+        """Return whether this client may publish to ``topic``, and cache the decision."""
+        access = self.broker.access
+        decisions = self.publish_decisions
+        assert decisions is not None and self.principal is not None
+        if self.decisions_generation != access.generation or len(decisions) >= MAX_DECISIONS:
+            decisions.clear()
+            self.decisions_generation = access.generation
+        allowed = decisions[topic] = access.may_publish(self.principal, self.client_id, topic)
+        return allowed
+
+    def _publish_denied(self, packet: Publish, topic: str) -> None:
+        """Drop a PUBLISH that the client may not send, and acknowledge it as its MQTT version
+        requires.
+
+        A v5 client gets PUBACK or PUBREC with Not authorized, which ends the QoS 2 flow
+        [MQTT-4.3.3-4]. MQTT 3.1.1 has no way to report the refusal, so a 3.1.1 client gets
+        the usual acknowledgement. Nothing is routed either way.
+        """
+        principal = self.principal
+        assert principal is not None  # set at CONNECT, before any PUBLISH is handled
+        self.broker._log_rarely(
+            "publish-denied",
+            self.client_id,
+            "client %s (%s %r) may not publish to %r; message dropped",
+            self.client_id,
+            principal.role,
+            principal.name,
+            topic,
+        )
+        qos = packet.qos
+        if not qos:
+            return
+        if self.version == MQTT_5:
+            properties = {}
+            if self.request_problem_information:
+                properties[PropertyId.REASON_STRING] = f"not authorized to publish to {topic}"
+            ack_class = Puback if qos == 1 else Pubrec
+            ack = ack_class(packet.packet_id, ReasonCode.NOT_AUTHORIZED, properties).encode(5)
+            if not self.fits(ack):
+                # [MQTT-3.4.2-2] The reason string is left out rather than exceed the limit.
+                ack = ack_class(packet.packet_id, ReasonCode.NOT_AUTHORIZED).encode(5)
+        else:
+            header = _PUBACK_HEADER if qos == 1 else _PUBREC_HEADER
+            ack = header + packet.packet_id.to_bytes(2, "big")
+        self.send_ack(ack)
 
     def unacknowledged(self) -> int:
         """QoS 1 and 2 messages from this client not yet fully acknowledged."""
@@ -402,9 +524,22 @@ class MQTTConnection(asyncio.Protocol):
     def send_ack(self, ack: bytes) -> None:
         """Send an acknowledgement now, or after the held ones before it."""
         if self.pending_acks:
-            self.pending_acks.append([ack, True])
+            self._queue_ack([ack, True])
         else:
             self.send(ack)
+
+    def _queue_ack(self, pending: list[Any]) -> None:
+        """Queue ``pending`` behind the held acknowledgements; pause reading at the limit.
+
+        Retransmitted QoS 2 messages queue acknowledgements too, so the pause applies to them
+        as well. Without it, a client could grow the queue for as long as a hold lasts.
+        """
+        self.pending_acks.append(pending)
+        if len(self.pending_acks) >= self.inbound_qos2_limit and not self.reading_paused:
+            # An MQTT 3.1.1 client has no Receive Maximum to respect, so it is slowed
+            # down by TCP instead until its acknowledgements catch up.
+            self.reading_paused = True
+            self.transport.pause_reading()
 
     def _ack_ready(self, pending: list[Any]) -> None:
         pending[1] = True

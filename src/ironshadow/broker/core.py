@@ -27,6 +27,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 from ..mqtt.constants import MQTT_5
@@ -36,9 +37,17 @@ from ..mqtt.properties import PropertyId
 from ..mqtt.reason_codes import ConnackReturnCode, ReasonCode
 from ..mqtt.topics import parse_shared_subscription, topic_matches, validate_topic_filter
 from . import hooks as reasons
-from .config import FILE_DESCRIPTOR_RESERVE, QUEUE_FULL_DROP_OLDEST, BrokerConfig
+from . import tls
+from .access import AccessPolicy, AuthenticationResult, Principal, Rejection
+from .config import (
+    FILE_DESCRIPTOR_RESERVE,
+    QUEUE_FULL_DROP_OLDEST,
+    TLS_NAME_FIELDS,
+    BrokerConfig,
+)
 from .connection import CLOSED, CONNECTED, CONNECTING, MQTTConnection
 from .hooks import BrokerHooks
+from .limits import AbuseLimits
 from .message import Message
 from .retained import RetainedStore
 from .session import (
@@ -53,6 +62,8 @@ from .stats import BrokerStats
 from .subscriptions import SubscriptionIndex, SubscriptionRecord
 
 if TYPE_CHECKING:
+    import ssl
+
     from .persistence import StateChanges
 
 log = logging.getLogger("ironshadow.broker")
@@ -71,6 +82,9 @@ INTERNAL_CLIENT_PREFIX = "$internal/"
 ADMISSION_TICK = 0.01
 # How often keep-alive and CONNECT timeouts are checked, in seconds.
 SWEEP_INTERVAL = 0.5
+# Clients named one by one in the log when changed access rules disconnect them; past this
+# many, one line gives the total.
+ACCESS_LOG_LINES = 20
 # Repeated warnings about one client (dropped messages, rejected connections) are logged
 # at most once per this many seconds.
 LOG_REPEAT_INTERVAL = 60.0
@@ -78,13 +92,22 @@ _PUBREL_HEADER = b"\x62\x02"
 
 
 class Broker:
-    def __init__(self, config: BrokerConfig | None = None) -> None:
+    def __init__(
+        self, config: BrokerConfig | None = None, access: AccessPolicy | None = None
+    ) -> None:
         self.config = config or BrokerConfig()
+        # Who may connect and which topics they may use; the default allows everything.
+        # Replace it before start() or between connections; see ``access``.
+        self.access = access or AccessPolicy()
+        # Connections whose CONNECT waits for the access policy, on hold meanwhile.
+        self._authenticating: set[MQTTConnection] = set()
         self.sessions: dict[str, Session] = {}
         self.connections: set[MQTTConnection] = set()
         self.index = SubscriptionIndex()
         self.retained = RetainedStore()
         self.stats = BrokerStats()
+        # Per-address and per-client abuse limits; see ``limits``.
+        self.limits = AbuseLimits(self)
         self.reading_paused = False
         self.paused_since: float | None = None
         self._dirty: list[MQTTConnection] = []
@@ -163,8 +186,16 @@ class Broker:
         return self._loop
 
     async def start(self) -> None:
-        """Open the TCP listener and start the periodic work."""
+        """Open the TCP listener, and the TLS listener when configured, then start the
+        periodic work.
+
+        Raises TLSConfigError for an invalid TLS file before any listener opens, and
+        TLSListenerError when the TLS port cannot be bound.
+        """
         config = self.config
+        tls_context = None
+        if config.tls_cert or config.tls_key or config.tls_ca:
+            tls_context = self._tls_context()
         server = await self.loop.create_server(
             lambda: MQTTConnection(self),
             config.host,
@@ -173,6 +204,14 @@ class Broker:
             reuse_address=True,
         )
         self._servers.append(server)
+        if tls_context is not None:
+            try:
+                self._servers.append(await self._open_tls_listener(tls_context))
+            except BaseException:
+                server.close()
+                await server.wait_closed()
+                self._servers.clear()
+                raise
         self._sweep_handle = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
         if config.sys_interval > 0:
             self._sys_handle = self.loop.call_later(config.sys_interval, self._publish_sys)
@@ -184,6 +223,67 @@ class Broker:
             addresses,
             self.max_connections,
             config.connect_rate or "unlimited",
+        )
+        if tls_context is not None:
+            self._log_tls_listener(self._servers[-1])
+
+    def _tls_context(self) -> ssl.SSLContext:
+        config = self.config
+        if config.tls_name_field not in TLS_NAME_FIELDS:
+            raise tls.TLSConfigError(
+                f"invalid tls_name_field {config.tls_name_field!r}: choose one of "
+                + ", ".join(TLS_NAME_FIELDS)
+            )
+        context = tls.server_context(config.tls_cert, config.tls_key, config.tls_ca)
+        tls.report_handshake_failures(context, self._tls_handshake_failed)
+        return context
+
+    async def _open_tls_listener(self, context: ssl.SSLContext) -> asyncio.base_events.Server:
+        config = self.config
+        try:
+            server = await self.loop.create_server(
+                lambda: MQTTConnection(self),
+                config.host,
+                config.tls_port,
+                ssl=context,
+                ssl_handshake_timeout=config.tls_handshake_timeout,
+                backlog=config.listen_backlog,
+                reuse_address=True,
+            )
+        except OSError as exc:
+            raise tls.TLSListenerError(
+                exc.errno,
+                f"cannot open the MQTT TLS listener on {config.host}:{config.tls_port}: "
+                f"{exc.strerror}",
+            ) from exc
+        return server
+
+    def _log_tls_listener(self, server: asyncio.base_events.Server) -> None:
+        config = self.config
+        addresses = ", ".join(
+            f"{sock.getsockname()[0]}:{sock.getsockname()[1]}" for sock in server.sockets
+        )
+        if config.tls_ca:
+            clients = (
+                f"client certificates required (CA file {config.tls_ca}), thing name from "
+                f"{config.tls_name_field}"
+            )
+        else:
+            clients = "no client certificates requested"
+        log.info("MQTT TLS listener open on %s; %s", addresses, clients)
+
+    def _tls_handshake_failed(self, exc: ssl.SSLError) -> None:
+        # The peer's address is not known here: the failing handshake runs inside the
+        # SSL object, which has no reference to its transport.
+        self.stats.connections_rejected += 1
+        reason = tls.handshake_error_text(exc)
+        self._log_rarely(
+            "tls-handshake",
+            reason,
+            "TLS handshake on port %d failed: %s. Repeats of this reason are logged at most "
+            "once a minute",
+            self.config.tls_port,
+            reason,
         )
 
     def listening(self) -> bool:
@@ -201,6 +301,7 @@ class Broker:
         for handle in (self._sweep_handle, self._sys_handle, self._admission_handle):
             if handle is not None:
                 handle.cancel()
+        self.limits.close()
         count = len(self.connections)
         for connection in list(self.connections):
             connection.disconnect_reason = reasons.SERVER_INITIATED_DISCONNECT
@@ -243,12 +344,20 @@ class Broker:
             connection.transport.abort()
             connection.transport = None
             return
+        if not self.limits.connection_opened(connection):
+            self.stats.connections_rejected += 1
+            connection.state = CLOSED
+            connection.transport.abort()
+            connection.transport = None
+            return
         self.stats.connections_accepted += 1
         self.connections.add(connection)
         if self.reading_paused:
             connection.transport.pause_reading()
 
     def connection_lost(self, connection: MQTTConnection) -> None:
+        if connection in self.connections:
+            self.limits.connection_closed(connection)
         self.connections.discard(connection)
         session = connection.session
         if session is None or session.connection is not connection:
@@ -326,6 +435,8 @@ class Broker:
 
     def admit(self, connection: MQTTConnection, connect: Connect) -> None:
         """Process CONNECT now, or queue it when the connect rate is exceeded."""
+        if self.limits.reject_connect(connection, connect):
+            return
         rate = self.config.connect_rate
         if rate <= 0:
             self._accept_connect(connection, connect)
@@ -369,7 +480,8 @@ class Broker:
             if not self.reading_paused:
                 connection.transport.resume_reading()
             self._accept_connect(connection, connect)
-            if not self.reading_paused:
+            # Still CONNECTING means authentication is under way, which releases it later.
+            if not self.reading_paused and connection.state != CONNECTING:
                 connection.release_held()
         if self._admission:
             tick = self._admission_tick()
@@ -380,24 +492,111 @@ class Broker:
         return len(self._admission)
 
     def _accept_connect(self, connection: MQTTConnection, connect: Connect) -> None:
+        result = self.access.authenticate(connection, connect)
+        if isinstance(result, asyncio.Future):
+            self._await_authentication(connection, connect, result)
+            return
+        self._authenticated(connection, connect, result)
+
+    def _await_authentication(
+        self,
+        connection: MQTTConnection,
+        connect: Connect,
+        future: asyncio.Future[AuthenticationResult],
+    ) -> None:
+        """Hold the connection until the access policy's ``future`` is done."""
+        connection.transport.pause_reading()
+        if connection.held is None:
+            # Packets sent right after CONNECT wait for its outcome, as during admission.
+            connection.held = []
+        self._authenticating.add(connection)
+        future.add_done_callback(partial(self._authentication_done, connection, connect))
+
+    def _authentication_done(
+        self,
+        connection: MQTTConnection,
+        connect: Connect,
+        future: asyncio.Future[AuthenticationResult],
+    ) -> None:
+        self._authenticating.discard(connection)
+        if connection.state != CONNECTING or connection.transport is None:
+            return  # the client left while it waited
+        error = None if future.cancelled() else future.exception()
+        if future.cancelled() or error is not None:
+            log.error(
+                "authentication of client %r from %s failed: %r",
+                connect.client_id,
+                connection.peer,
+                error or "cancelled",
+            )
+            result: AuthenticationResult = Rejection(
+                ReasonCode.SERVER_UNAVAILABLE,
+                ConnackReturnCode.SERVER_UNAVAILABLE,
+                "authentication failed inside the server",
+            )
+        else:
+            result = future.result()
+        self._authenticated(connection, connect, result)
+        if connection.state == CLOSED or self.reading_paused:
+            return  # resume_reading() releases the held packets after a broker-wide pause
+        if not connection.reading_paused:
+            connection.transport.resume_reading()
+        connection.release_held()
+
+    def _authenticated(
+        self, connection: MQTTConnection, connect: Connect, result: AuthenticationResult
+    ) -> None:
+        """Continue a CONNECT once the access policy has named the client or rejected it."""
+        if isinstance(result, Rejection):
+            connection.client_id = connect.client_id
+            self._reject_connect(
+                connection, result.v5_code, result.v311_code, result.reason, quiet_repeats=True
+            )
+            return
+        connection.principal = result
+        if self.access.restricts(result):
+            # A dict here, even an empty one, turns on the topic checks of this connection.
+            connection.publish_decisions = {}
+            connection.decisions_generation = self.access.generation
         try:
             self._connect(connection, connect)
         except MQTTProtocolError as exc:
             connection.protocol_error(exc)
 
     def _reject_connect(
-        self, connection: MQTTConnection, v5_code: int, v311_code: int, reason: str
+        self,
+        connection: MQTTConnection,
+        v5_code: int,
+        v311_code: int,
+        reason: str,
+        quiet_repeats: bool = False,
     ) -> None:
+        """Send CONNACK with the failure code and close; ``quiet_repeats`` logs each client's
+        rejections at most once per LOG_REPEAT_INTERVAL, for failures a client may repeat."""
         self.stats.connections_rejected += 1
-        log.warning(
-            "connection of client %r from %s rejected: %s",
-            connection.client_id,
-            connection.peer,
-            reason,
-        )
+        if quiet_repeats:
+            self._log_rarely(
+                "connect-rejected",
+                connection.client_id,
+                "connection of client %r from %s rejected: %s",
+                connection.client_id,
+                connection.peer,
+                reason,
+            )
+        else:
+            log.warning(
+                "connection of client %r from %s rejected: %s",
+                connection.client_id,
+                connection.peer,
+                reason,
+            )
         if connection.version == MQTT_5:
             properties = {PropertyId.REASON_STRING: reason}
-            connection.send(Connack(v5_code, False, properties).encode(MQTT_5))
+            data = Connack(v5_code, False, properties).encode(MQTT_5)
+            if not connection.fits(data):
+                # [MQTT-3.2.2-19] The reason string is left out rather than exceed the limit.
+                data = Connack(v5_code).encode(MQTT_5)
+            connection.send(data)
         else:
             connection.send(Connack(v311_code).encode(4))
         connection.close(publish_will=False)
@@ -442,6 +641,25 @@ class Broker:
             )
             return
 
+        will = connect.will
+        principal = connection.principal
+        assert principal is not None
+        restricted = connection.publish_decisions is not None
+        if (
+            will is not None
+            and restricted
+            and not self.access.may_publish(principal, client_id, will.topic)
+        ):
+            self._reject_connect(
+                connection,
+                ReasonCode.NOT_AUTHORIZED,
+                ConnackReturnCode.NOT_AUTHORIZED,
+                f"{principal.role} {principal.name!r} may not publish its will message to "
+                f"{will.topic!r}",
+                quiet_repeats=True,
+            )
+            return
+
         # Session expiry: 3.1.1 clean session 0 keeps the session for ever.
         if version == MQTT_5:
             expiry = properties.get(PropertyId.SESSION_EXPIRY_INTERVAL, 0)
@@ -472,6 +690,9 @@ class Broker:
             session.will = None
             session.will_at = None
             session.ends_at = None
+            if restricted:
+                # The session may come from another principal or from older rules.
+                self._revoke_subscriptions(session, principal)
         session.expiry_interval = expiry
         session.version = version
         session.connection = connection
@@ -540,6 +761,66 @@ class Broker:
             connection.send(data)
             self.stats.publish_sent += 1
 
+    # --- access rules -----------------------------------------------------------------
+
+    def access_changed(self) -> None:
+        """Apply changed access rules to the connected clients.
+
+        The access policy calls this after it increments its generation. A client that the
+        policy no longer admits is disconnected (v5: Not authorized), and a restricted client
+        loses the subscriptions it may no longer make.
+        """
+        access = self.access
+        closed: list[str] = []
+        for connection in list(self.connections):
+            principal = connection.principal
+            if connection.state != CONNECTED or principal is None:
+                continue
+            reason = access.recheck(principal)
+            if reason is not None:
+                closed.append(connection.client_id)
+                if len(closed) <= ACCESS_LOG_LINES:
+                    log.info("client %s disconnected: %s", connection.client_id, reason)
+                connection.disconnect_reason = reasons.SERVER_INITIATED_DISCONNECT
+                connection.close(ReasonCode.NOT_AUTHORIZED)
+                continue
+            if connection.publish_decisions is not None and connection.session is not None:
+                self._revoke_subscriptions(connection.session, principal)
+        if len(closed) > ACCESS_LOG_LINES:
+            log.info(
+                "%d clients disconnected in all because the access rules no longer admit them",
+                len(closed),
+            )
+
+    def _revoke_subscriptions(self, session: Session, principal: Principal) -> None:
+        """Remove the subscriptions and queued messages that ``principal`` may not read."""
+        access = self.access
+        client_id = session.client_id
+        revoked = []
+        for topic_filter in list(session.subscriptions):
+            group, inner = parse_shared_subscription(topic_filter)
+            if not access.may_subscribe(principal, client_id, inner):
+                del session.subscriptions[topic_filter]
+                self.index.remove(inner, client_id, group)
+                revoked.append(topic_filter)
+        queue = session.queue
+        kept = [d for d in queue if access.may_subscribe(principal, client_id, d.message.topic)]
+        dropped = len(queue) - len(kept)
+        if dropped:
+            queue.clear()
+            queue.extend(kept)
+        if revoked or dropped:
+            log.info(
+                "client %s: removed subscriptions %s and %d queued messages that %s %r may "
+                "not read",
+                client_id,
+                revoked,
+                dropped,
+                principal.role,
+                principal.name,
+            )
+            self._mark_session(client_id)
+
     # --- subscriptions ----------------------------------------------------------------
 
     def subscribe(self, connection: MQTTConnection, packet: Subscribe) -> None:
@@ -569,10 +850,30 @@ class Broker:
                 raise protocol_error(
                     f"shared subscription {topic_filter!r} sets No Local"
                 )  # [MQTT-3.8.3-4]
+            rejected = self.limits.reject_subscription(session, topic_filter)
+            if rejected:
+                codes.append(rejected)
+                continue
             if any(topic_matches(denied, inner) or denied == inner for denied in self._deny):
                 codes.append(ReasonCode.UNSPECIFIED_ERROR)
                 log.info(
                     "client %s: subscription to %r denied by configuration",
+                    session.client_id,
+                    topic_filter,
+                )
+                continue
+            if connection.publish_decisions is not None and not self.access.may_subscribe(
+                connection.principal,  # type: ignore[arg-type]
+                session.client_id,
+                inner,
+            ):
+                codes.append(
+                    ReasonCode.NOT_AUTHORIZED if version == MQTT_5 else ReasonCode.UNSPECIFIED_ERROR
+                )
+                self._log_rarely(
+                    "subscribe-denied",
+                    session.client_id,
+                    "client %s may not subscribe to %r; SUBACK carries the failure code",
                     session.client_id,
                     topic_filter,
                 )
@@ -803,6 +1104,8 @@ class Broker:
         self.paused_since = None
         now = time.monotonic()
         queued = {id(connection) for connection, _ in self._admission}
+        # Connections waiting for authentication are released when it ends.
+        queued.update(id(connection) for connection in self._authenticating)
         # A copy, because packets released from hold can close connections.
         for connection in list(self.connections):
             # The pause does not count against keep alive.
@@ -824,6 +1127,8 @@ class Broker:
         now = time.monotonic()
         connect_timeout = self.config.connect_timeout
         queued = {id(connection) for connection, _ in self._admission}
+        # A client whose CONNECT is being authenticated has sent it in time.
+        queued.update(id(connection) for connection in self._authenticating)
         for connection in list(self.connections):
             if connection.state == CONNECTING:
                 if now - connection.opened_at > connect_timeout and id(connection) not in queued:
@@ -834,6 +1139,8 @@ class Broker:
                     )
                     connection.close()
                 continue
+            if connection.publish_timer is not None:
+                continue  # its packets wait for max_publish_rate, so the client is alive
             keep_alive = connection.keep_alive
             # [MQTT-3.1.2-24] One and a half keep-alive periods without a packet.
             if keep_alive and now - connection.last_received > 1.5 * keep_alive:

@@ -7,6 +7,7 @@ import math
 import time
 
 from .. import __version__
+from .limits import LIMIT_NAMES
 
 # Averaging windows of the $SYS load figures, in minutes.
 LOAD_WINDOWS = (1, 5, 15)
@@ -31,6 +32,7 @@ class BrokerStats:
         "bytes_sent",
         "connections_accepted",
         "connections_rejected",
+        "limit_trips",
         "protocol_errors",
         "publish_dropped",
         "publish_received",
@@ -57,6 +59,8 @@ class BrokerStats:
         self.protocol_errors = 0
         self.connections_accepted = 0
         self.connections_rejected = 0
+        # Trips of each abuse limit, by limit name (see ``limits``).
+        self.limit_trips = dict.fromkeys(LIMIT_NAMES, 0)
         self.started_at = time.monotonic()
         self._last_sample = self.started_at
         self._last_values = {name: 0 for _, name in _LOADED_COUNTERS}

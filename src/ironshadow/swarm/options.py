@@ -66,6 +66,20 @@ class SwarmOptions:
     connect_timeout: float = 60.0
     ceiling: bool = False
     json: bool = False
+    # MQTT credentials of every device and the observer. "{client_id}" in either is replaced
+    # by the client's id, so each device can have its own user.
+    username: str | None = None
+    password: str | None = None
+
+    def credentials(self, client_id: str) -> tuple[str | None, bytes | None]:
+        """Return the user name and password that ``client_id`` sends in CONNECT."""
+        username = self.username
+        if username is not None:
+            username = username.replace("{client_id}", client_id)
+        password = None
+        if self.password is not None:
+            password = self.password.replace("{client_id}", client_id).encode()
+        return username, password
 
     @property
     def offered_rate(self) -> float:
@@ -79,6 +93,10 @@ class SwarmOptions:
 
 def check(options: SwarmOptions) -> None:
     """Raise SwarmUsageError for options that cannot work, with what to change."""
+    if options.password is not None and options.username is None:
+        raise SwarmUsageError(
+            "--password without --username: MQTT 3.1.1 sends a password only with a user name"
+        )
     if options.devices < 1:
         raise SwarmUsageError(f"--devices {options.devices}: give at least 1 device")
     if options.qos not in (0, 1):
@@ -218,6 +236,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="measure the generator's own ceiling: run the same load against a discard server "
         "that this command starts on the loopback interface, instead of --host and --port",
     )
+    parser.add_argument(
+        "--username",
+        help="user name that every device and the observer send in CONNECT; {client_id} is "
+        "replaced by each client's id (default: none)",
+    )
+    parser.add_argument(
+        "--password",
+        help="password sent with --username; {client_id} is replaced as there. Other users of "
+        "this machine can read it in the process list, so use a test user",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
 
 
@@ -242,4 +270,6 @@ def from_arguments(arguments: argparse.Namespace) -> SwarmOptions:
         connect_timeout=arguments.connect_timeout,
         ceiling=arguments.ceiling,
         json=arguments.json,
+        username=arguments.username,
+        password=arguments.password,
     )

@@ -348,7 +348,9 @@ class Coordinator:
             _, observer = await asyncio.wait_for(
                 self.loop.create_connection(Observer, options.host, options.port), 10
             )
-            connect = Connect(f"{options.client_prefix}observer", MQTT_3_1_1, True, 60)
+            client_id = f"{options.client_prefix}observer"
+            username, password = options.credentials(client_id)
+            connect = Connect(client_id, MQTT_3_1_1, True, 60, username, password)
             observer.send(connect.encode())
             code = await asyncio.wait_for(observer.connack, 10)
         except (OSError, TimeoutError, ConnectionError) as exc:

@@ -123,7 +123,10 @@ class Device(asyncio.Protocol):
         self.subscribed = asyncio.Event()
         self.got_delta: asyncio.Future[None] | None = None
         self.on_delta: Callable[[Device, dict[str, Any]], None] | None = None
-        self.connect_packet = Connect(self.thing, MQTT_3_1_1, True, options.keep_alive).encode()
+        username, password = options.credentials(self.thing)
+        self.connect_packet = Connect(
+            self.thing, MQTT_3_1_1, True, options.keep_alive, username, password
+        ).encode()
         topic = shadow_topic(self.thing, "update")
         self.variants = [
             Publish(topic, encode_report(options, rng), self.qos, packet_id=1).encode(MQTT_3_1_1)

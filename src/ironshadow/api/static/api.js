@@ -1,13 +1,26 @@
-// Requests to the engine's REST API and its /ws shadow feed.
+// Requests to the engine's REST API and its /ws shadow feed. Once the engine has users, the
+// browser sends the session cookie that POST /auth/login sets with every request.
 
-export async function getJson(path) {
-  const response = await fetch(path, { headers: { Accept: "application/json" } });
+// Called when a request gets 401: the session expired, was revoked or never existed.
+let unauthorizedHandler = null;
+
+export function onUnauthorized(handler) {
+  unauthorizedHandler = handler;
+}
+
+async function readResponse(response) {
   const body = await response.json().catch(() => null);
   if (!response.ok) {
     const message = body && body.message ? body.message : response.statusText;
+    if (response.status === 401 && unauthorizedHandler) unauthorizedHandler(message);
     throw new ApiError(response.status, message);
   }
   return body;
+}
+
+export async function getJson(path) {
+  const response = await fetch(path, { headers: { Accept: "application/json" } });
+  return readResponse(response);
 }
 
 export async function postJson(path, document) {
@@ -16,12 +29,32 @@ export async function postJson(path, document) {
     headers: { "Content-Type": "application/json" },
     body: JSON.stringify(document),
   });
+  return readResponse(response);
+}
+
+// GET /auth/session: {required: false} while the engine has no users, else the signed-in
+// user. Throws ApiError with status 401 when a sign-in is needed.
+export async function getSession() {
+  return getJson("/auth/session");
+}
+
+// POST /auth/login, which sets the session cookie. A wrong password throws ApiError 401
+// without calling the unauthorized handler.
+export async function signIn(username, password) {
+  const response = await fetch("/auth/login", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ username, password }),
+  });
   const body = await response.json().catch(() => null);
   if (!response.ok) {
-    const message = body && body.message ? body.message : response.statusText;
-    throw new ApiError(response.status, message);
+    throw new ApiError(response.status, body && body.message ? body.message : response.statusText);
   }
   return body;
+}
+
+export async function signOut() {
+  await fetch("/auth/logout", { method: "POST" });
 }
 
 export class ApiError extends Error {
