@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import orjson
 
+from ironshadow.engine import service as service_module
 from ironshadow.engine.service import REPLAYS_PER_ITERATION
 from ironshadow.mqtt import MQTT_5, Connack, Connect, PropertyId, Publish, Subscribe, Subscription
 from ironshadow.shadow import Shadow
@@ -236,3 +237,29 @@ def test_too_many_requests_in_flight(engine):
     assert len(codes) == 1
     assert codes[0]["code"] == 429
     assert codes[0]["clientToken"] == "over"
+
+
+def test_requests_over_iteration_cap_wait_not_lost(engine, monkeypatch):
+    """Past the per-iteration cap the broker keeps the remaining packets and reads them
+    after the batch is applied: every update is applied, in order."""
+    monkeypatch.setattr(service_module, "MAX_REQUESTS_PER_ITERATION", 5)
+    clients = []
+    for number in range(2):
+        prefix = f"$aws/things/cell-{number}/shadow"
+        client = RawClient(engine.port, MQTT_5)
+        client.connect(f"cell-{number}")
+        client.subscribe(prefix + "/update/accepted", 0)
+        clients.append((client, prefix))
+    for client, prefix in clients:
+        updates = [
+            Publish(prefix + "/update", payload({"state": {"reported": {"n": n}}}))
+            for n in range(8)
+        ]
+        client.send(*updates)
+
+    for client, prefix in clients:
+        replies = [client.receive(Publish) for _ in range(8)]
+        assert [packet.topic for packet in replies] == [prefix + "/update/accepted"] * 8
+        versions = [orjson.loads(packet.payload)["version"] for packet in replies]
+        assert versions == list(range(1, 9))
+    assert engine.call(lambda: engine.server.broker.reading_paused) is False

@@ -90,6 +90,7 @@ class MQTTConnection(asyncio.Protocol):
         "out_size",
         "peer",
         "pending_acks",
+        "pending_qos0",
         "principal",
         "publish_allowed_at",
         "publish_decisions",
@@ -126,8 +127,10 @@ class MQTTConnection(asyncio.Protocol):
         self.out: list[bytes] = []
         self.out_size = 0
         # Acknowledgements waiting for consumers to store their messages, in arrival order:
-        # [packet bytes, ready].
+        # [packet bytes, or None for a QoS 0 message; ready].
         self.pending_acks: deque[list[Any]] = deque()
+        # Entries of ``pending_acks`` that stand for QoS 0 messages, with no acknowledgement.
+        self.pending_qos0 = 0
         self.write_paused = False
         self.reading_paused = False
         self.send_quota = broker.config.max_inflight_v311
@@ -216,9 +219,13 @@ class MQTTConnection(asyncio.Protocol):
         """Act on ``packets`` in order, keeping those that arrive while on hold."""
         try:
             for index, packet in enumerate(packets):
-                if self.held is not None or self.broker.reading_paused:
+                if self.held is not None or self.reading_paused or self.broker.reading_paused:
                     # NOTE: uvloop 0.23 starts reading a new connection after connection_made()
                     # even when that paused the transport, so packets can arrive in a pause.
+                    # One read can also bring far more packets than the limit that paused the
+                    # connection: they wait here, decoded, until it resumes.
+                    if self.reading_paused and self.held is None and self.version == MQTT_5:
+                        self._check_receive_maximum(packets, index)
                     self.held = (self.held or []) + packets[index:]
                     self.transport.pause_reading()
                     return
@@ -227,6 +234,20 @@ class MQTTConnection(asyncio.Protocol):
                     return
         except MQTTProtocolError as exc:
             self.protocol_error(exc)
+
+    def _check_receive_maximum(self, packets: list[Any], start: int) -> None:
+        """Raise if the QoS 1 and 2 PUBLISH packets from ``start`` on would take an MQTT 5
+        client over Receive Maximum, as they would when handled now rather than held."""
+        waiting = 0
+        for packet in packets[start:]:
+            if packet.__class__ is Publish and packet.qos and not packet.dup:
+                waiting += 1
+        limit = self.inbound_qos2_limit
+        if waiting and self.unacknowledged() + waiting > limit:
+            raise MQTTProtocolError(
+                ReasonCode.RECEIVE_MAXIMUM_EXCEEDED,
+                f"more than {limit} QoS 1 and 2 messages unacknowledged",
+            )
 
     def release_held(self) -> None:
         """End the hold and act on the packets kept during it."""
@@ -446,6 +467,14 @@ class MQTTConnection(asyncio.Protocol):
             message = Message(topic, packet.payload, qos, packet.retain, properties, self.client_id)
             matched = broker.publish(message)
         if not qos:
+            if message is not None and message.holds:
+                # QoS 0 has no acknowledgement to delay, but the message counts against the
+                # same limit while a consumer stores it, so a client that sends faster than
+                # the engine stores is slowed down by TCP instead of outrunning the store.
+                pending = [None, False]
+                message.on_released = lambda: self._ack_ready(pending)
+                self.pending_qos0 += 1
+                self._queue_ack(pending)
             return
         if qos == 1:
             if matched or self.version != MQTT_5:
@@ -519,7 +548,7 @@ class MQTTConnection(asyncio.Protocol):
         """QoS 1 and 2 messages from this client not yet fully acknowledged."""
         session = self.session
         inbound = len(session.inbound_qos2) if session is not None else 0
-        return inbound + len(self.pending_acks)
+        return inbound + len(self.pending_acks) - self.pending_qos0
 
     def send_ack(self, ack: bytes) -> None:
         """Send an acknowledgement now, or after the held ones before it."""
@@ -546,12 +575,18 @@ class MQTTConnection(asyncio.Protocol):
         acks = self.pending_acks
         while acks and acks[0][1]:
             ack = acks.popleft()[0]
-            if self.state == CONNECTED:
+            if ack is None:  # a QoS 0 message
+                self.pending_qos0 -= 1
+            elif self.state == CONNECTED:
                 self.send(ack)
         if self.reading_paused and len(acks) < self.inbound_qos2_limit // 2:
             self.reading_paused = False
-            if self.transport is not None and self.held is None and not self.broker.reading_paused:
-                self.transport.resume_reading()
+            transport = self.transport
+            if transport is None or self.broker.reading_paused or self.publish_timer is not None:
+                return  # Broker.resume_reading() or the rate limit's timer resumes it
+            transport.resume_reading()
+            if self.held is not None:
+                self.release_held()
 
     def _resolve_topic_alias(self, topic: str, alias: int) -> str:
         if alias > self.broker.config.topic_alias_maximum:

@@ -109,6 +109,8 @@ class Broker:
         # Per-address and per-client abuse limits; see ``limits``.
         self.limits = AbuseLimits(self)
         self.reading_paused = False
+        # Whether the current pause is one of pause_reading(brief=True).
+        self._brief_pause = False
         self.paused_since: float | None = None
         self._dirty: list[MQTTConnection] = []
         self._admission: deque[tuple[MQTTConnection, Connect]] = deque()
@@ -1085,19 +1087,29 @@ class Broker:
 
     # --- broker-wide pause ------------------------------------------------------------
 
-    def pause_reading(self) -> None:
-        """Stop reading from every connection until :meth:`resume_reading`."""
-        if self.reading_paused:
+    def pause_reading(self, brief: bool = False) -> None:
+        """Stop reading from every connection until :meth:`resume_reading`.
+
+        ``brief`` is for a pause of one event-loop iteration: nothing is logged, and each
+        connection pauses itself when it next receives data (``handle_packets`` keeps the
+        packets), which spares a call per connection when most of them send nothing.
+        """
+        if not self.reading_paused:
+            self.reading_paused = True
+            self.paused_since = time.monotonic()
+        elif brief or not self._brief_pause:
             return
-        self.reading_paused = True
-        self.paused_since = time.monotonic()
+        # A full pause may follow a brief one: the store then needs its own resume.
+        self._brief_pause = brief
+        if brief:
+            return
         for connection in self.connections:
             if connection.transport is not None:
                 connection.transport.pause_reading()
         log.warning("reading from all %d connections paused", len(self.connections))
 
-    def resume_reading(self) -> None:
-        if not self.reading_paused:
+    def resume_reading(self, brief: bool = False) -> None:
+        if not self.reading_paused or (brief and not self._brief_pause):
             return
         self.reading_paused = False
         paused_for = time.monotonic() - (self.paused_since or time.monotonic())
@@ -1115,7 +1127,8 @@ class Broker:
                 if not connection.reading_paused:
                     connection.transport.resume_reading()
                 connection.release_held()
-        log.warning("reading resumed after %.1f s", paused_for)
+        if not brief:
+            log.warning("reading resumed after %.1f s", paused_for)
 
     # --- periodic work ----------------------------------------------------------------
 

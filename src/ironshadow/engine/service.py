@@ -4,7 +4,8 @@ Requests arrive through an internal consumer subscribed to the request topics on
 collected during one event-loop iteration and applied together in arrival order at the end
 of it, which later lets the stores commit one batch per iteration. A request is in flight
 from its arrival until it is applied; more than ``MAX_INFLIGHT_REQUESTS`` in flight from one
-client are rejected with 429, as AWS IoT does.
+client are rejected with 429, as AWS IoT does. After ``MAX_REQUESTS_PER_ITERATION`` requests
+in one iteration, accepted or rejected, the broker stops reading until they are applied.
 
 No wasted work: each reply and notification is built only when some subscription (a connected
 client, an offline persistent session or an internal consumer) matches its topic.
@@ -55,6 +56,11 @@ log = logging.getLogger("ironshadow.shadow")
 # Requests from one client that may wait to be applied. AWS IoT rejects the next one with
 # 429 (more than 10 in flight on one connection).
 MAX_INFLIGHT_REQUESTS = 10
+# Requests in one event-loop iteration, accepted or rejected, after which the broker stops
+# reading until they are applied. One iteration reads from every connection with data, and
+# after a stall thousands of connections can bring millions of messages: handled in one go,
+# they kept the loop, the store's backpressure and every client waiting for minutes.
+MAX_REQUESTS_PER_ITERATION = 4_000
 # Delta replays sent per event-loop iteration during a reconnect storm.
 REPLAYS_PER_ITERATION = 200
 # QoS of every message the service publishes, so that replies and deltas reach QoS 1
@@ -121,6 +127,10 @@ class ShadowService(BrokerHooks):
         # Thing (client id) -> epoch seconds of its last connect or disconnect.
         self.last_seen: dict[str, int] = {}
         self._pending: list[Request] = []
+        # Requests that arrived since the last _apply_pending(), and whether the broker's
+        # reading is paused because they reached MAX_REQUESTS_PER_ITERATION.
+        self._arrived = 0
+        self._reading_held = False
         self._inflight: dict[str, int] = {}
         self._replays: deque[tuple[Session, SubscriptionRecord, str, str]] = deque()
         self._replay_scheduled = False
@@ -145,6 +155,10 @@ class ShadowService(BrokerHooks):
             return
         thing, shadow_name, operation = parsed
         client_id = message.origin or ""
+        self._arrived += 1
+        if self._arrived >= MAX_REQUESTS_PER_ITERATION and not self.broker.reading_paused:
+            self._reading_held = True
+            self.broker.pause_reading(brief=True)
         inflight = self._inflight.get(client_id, 0)
         if inflight >= MAX_INFLIGHT_REQUESTS:
             error = ShadowError(
@@ -165,6 +179,7 @@ class ShadowService(BrokerHooks):
 
     def _apply_pending(self) -> None:
         pending, self._pending = self._pending, []
+        self._arrived = 0
         inflight = self._inflight
         now = int(time.time())
         self._begin_batch()
@@ -179,6 +194,10 @@ class ShadowService(BrokerHooks):
         finally:
             messages = [request.message for request in pending]
             self._end_batch(lambda: _release_all(messages))
+            if self._reading_held:
+                # A store pause begun meanwhile outlasts this one: see Broker.resume_reading.
+                self._reading_held = False
+                self.broker.resume_reading(brief=True)
 
     def _begin_batch(self) -> None:
         self._batch_time = time.time()
