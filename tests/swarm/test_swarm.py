@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -198,3 +199,56 @@ def test_missing_engine_process_is_a_clear_error():
     completed = run_swarm("--port", "1", "--engine-pid", "999999999")
     assert completed.returncode == 2
     assert "--engine-pid 999999999: no such process" in completed.stderr
+
+
+def _children(pid: int) -> list[int]:
+    """Return the PIDs of the processes whose parent is ``pid``, read from /proc."""
+    children = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(
+                line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line
+            )
+        except OSError:
+            continue  # the process ended while the loop ran
+        if fields.get("PPid", "").strip() == str(pid):
+            children.append(int(status.parent.name))
+    return children
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL])
+def test_stopped_swarm_leaves_no_workers(make_engine, stop_signal):
+    engine = make_engine()
+    swarm = subprocess.Popen(
+        [*SWARM, "--port", str(engine.port), "--devices", "20", "--frequency", "100ms",
+         "--duration", "10m"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + scaled(30)
+        while engine.call(lambda: len(engine.server.broker.connections)) < 20:
+            assert time.monotonic() < deadline, "the swarm's devices did not connect"
+            time.sleep(0.05)
+        workers = _children(swarm.pid)
+        assert len(workers) >= 2
+
+        swarm.send_signal(stop_signal)
+        swarm.wait(timeout=scaled(30))
+
+        deadline = time.monotonic() + scaled(30)
+        while any(_alive(pid) for pid in workers):
+            assert time.monotonic() < deadline, "swarm workers outlived the swarm"
+            time.sleep(0.05)
+    finally:
+        if swarm.poll() is None:
+            swarm.kill()
+            swarm.wait()

@@ -14,6 +14,7 @@ import dataclasses
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -690,6 +691,8 @@ def main(options: SwarmOptions) -> int:
     """Run the swarm and print its report; return the process exit status."""
     import uvloop
 
+    # SIGTERM ends the run as Ctrl-C does, so that the workers are stopped on the way out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         result = uvloop.run(run_swarm(options))
     except (SwarmUsageError, SwarmError) as exc:

@@ -435,7 +435,16 @@ async def _serve(
     worker = Worker(options, first, count, seed)
     loop = asyncio.get_running_loop()
     commands: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
-    loop.add_reader(pipe.fileno(), lambda: commands.put_nowait(pipe.recv()))
+
+    def read_command() -> None:
+        try:
+            commands.put_nowait(pipe.recv())
+        except EOFError:
+            # The coordinator is gone (killed, or stopped by a signal): a worker left behind
+            # would keep loading the broker.
+            os._exit(1)
+
+    loop.add_reader(pipe.fileno(), read_command)
     # uvloop made the descriptor non-blocking: a partly arrived command must be waited for.
     os.set_blocking(pipe.fileno(), True)
 
