@@ -160,6 +160,24 @@ def test_exceeding_broker_receive_maximum_disconnects(make_broker):
     assert packets == [Disconnect(ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)]
 
 
+@pytest.mark.parametrize("version", [MQTT_3_1_1, MQTT_5])
+def test_sys_publishes_count_against_receive_maximum(make_broker, version):
+    # The broker discards a client's messages to $SYS topics, but a QoS 2 one still waits
+    # for PUBREL, so it takes a slot like any other.
+    broker = make_broker(receive_maximum=2)
+    client = RawClient(broker.port, version)
+    client.connect("raw")
+    for packet_id in (1, 2):
+        client.send(Publish("$SYS/x", b"x", qos=2, packet_id=packet_id))
+        assert client.receive(Pubrec).packet_id == packet_id
+    client.send(Publish("$SYS/x", b"x", qos=2, packet_id=3))
+    packets = client.wait_closed()
+    if version == MQTT_5:
+        assert packets == [Disconnect(ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)]
+    else:
+        assert packets == []
+
+
 def test_pubrel_frees_inbound_qos2_slot(make_broker):
     broker = make_broker(receive_maximum=1)
     client = RawClient(broker.port)

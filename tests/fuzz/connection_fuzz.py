@@ -641,8 +641,14 @@ class FuzzRun:
             f"session {client_id!r} has {len(session.inflight)} messages in flight, "
             f"over the largest Receive Maximum {window}"
         )
-        assert len(session.queue) <= config.max_queued_messages
-        assert len(session.inbound_qos2) <= config.receive_maximum
+        assert len(session.queue) <= config.max_queued_messages, (
+            f"session {client_id!r} queues {len(session.queue)} messages, over "
+            f"max_queued_messages {config.max_queued_messages}"
+        )
+        assert len(session.inbound_qos2) <= config.receive_maximum, (
+            f"session {client_id!r} has {len(session.inbound_qos2)} QoS 2 messages awaiting "
+            f"PUBREL, over receive_maximum {config.receive_maximum}"
+        )
 
     async def settle(self) -> None:
         """Let the loop run the callbacks that the last step scheduled, and theirs."""

@@ -50,12 +50,18 @@ DENIED_PUBACK_TOO_LARGE = _script(
     Send(0, (Publish("a/b", b"x", 1, packet_id=1).encode(5),)),
     access=True,
 )
+SYS_PUBLISHES_OVER_RECEIVE_MAXIMUM = _script(
+    "tight",
+    Open(0, True, Connect("dev-1", 4).encode()),
+    Send(0, tuple(Publish("$SYS/fuzz", b"x", 2, packet_id=n).encode(4) for n in (1, 2, 3))),
+)
 
 REGRESSION_SCRIPTS = (
     SECOND_CONNECT_UNKNOWN_LEVEL,
     RETRANSMISSIONS_WHILE_HELD,
     REJECTING_CONNACK_TOO_LARGE,
     DENIED_PUBACK_TOO_LARGE,
+    SYS_PUBLISHES_OVER_RECEIVE_MAXIMUM,
 )
 
 
@@ -65,6 +71,7 @@ REGRESSION_SCRIPTS = (
 @example(script=RETRANSMISSIONS_WHILE_HELD)
 @example(script=REJECTING_CONNACK_TOO_LARGE)
 @example(script=DENIED_PUBACK_TOO_LARGE)
+@example(script=SYS_PUBLISHES_OVER_RECEIVE_MAXIMUM)
 def test_connection_fuzz(script):
     with checked_broker_logs():
         run_script(script)

@@ -441,29 +441,31 @@ class MQTTConnection(asyncio.Protocol):
                 return
         qos = packet.qos
         message = None
+        if qos == 2 and packet.packet_id in session.inbound_qos2:
+            # Retransmission before PUBREL: acknowledge again, do not route again.
+            # NOTE: after a reconnect this PUBREC does not wait for a consumer that still
+            # holds the first copy, because the hold belongs to the old connection.
+            self.send_ack(_PUBREC_HEADER + packet.packet_id.to_bytes(2, "big"))
+            return
+        # The limits apply to $SYS topics too, because a QoS 2 message there also waits for
+        # PUBREL in inbound_qos2.
+        limit = self.inbound_qos2_limit
+        if self.version == MQTT_5:
+            if qos and self.unacknowledged() >= limit:
+                raise MQTTProtocolError(
+                    ReasonCode.RECEIVE_MAXIMUM_EXCEEDED,
+                    f"more than {limit} QoS 1 and 2 messages unacknowledged",
+                )
+        elif qos == 2 and len(session.inbound_qos2) >= limit:
+            raise MQTTProtocolError(
+                ReasonCode.RECEIVE_MAXIMUM_EXCEEDED,
+                f"more than {limit} QoS 2 messages awaiting PUBREL",
+            )
         if topic.startswith("$SYS"):
             # $SYS topics belong to the broker: a client's message there is acknowledged
             # and discarded.
             matched = 0
         else:
-            if qos == 2 and packet.packet_id in session.inbound_qos2:
-                # Retransmission before PUBREL: acknowledge again, do not route again.
-                # NOTE: after a reconnect this PUBREC does not wait for a consumer that still
-                # holds the first copy, because the hold belongs to the old connection.
-                self.send_ack(_PUBREC_HEADER + packet.packet_id.to_bytes(2, "big"))
-                return
-            limit = self.inbound_qos2_limit
-            if self.version == MQTT_5:
-                if qos and self.unacknowledged() >= limit:
-                    raise MQTTProtocolError(
-                        ReasonCode.RECEIVE_MAXIMUM_EXCEEDED,
-                        f"more than {limit} QoS 1 and 2 messages unacknowledged",
-                    )
-            elif qos == 2 and len(session.inbound_qos2) >= limit:
-                raise MQTTProtocolError(
-                    ReasonCode.RECEIVE_MAXIMUM_EXCEEDED,
-                    f"more than {limit} QoS 2 messages awaiting PUBREL",
-                )
             message = Message(topic, packet.payload, qos, packet.retain, properties, self.client_id)
             matched = broker.publish(message)
         if not qos:
