@@ -394,8 +394,11 @@ class Worker:
         jitter = self._jitter
         randint = self.rng.randint
         now = time.monotonic()
-        # Catch up on the slots whose time has come, so a late timer does not lower the rate.
-        while self._next_tick <= now:
+        # Catch up on the slots whose time has come, so a late timer does not lower the rate,
+        # but for one turn of the wheel at most: a generator that cannot keep up would fall
+        # further behind with each call and stop answering the coordinator's commands.
+        turns = 0
+        while self._next_tick <= now and turns < size:
             due, wheel[self._slot] = wheel[self._slot], []
             for device in due:
                 device.publish()
@@ -403,6 +406,10 @@ class Worker:
                 wheel[(self._slot + delay) % size].append(device)
             self._slot = (self._slot + 1) % size
             self._next_tick += TICK
+            turns += 1
+        if self._next_tick <= now:
+            # Saturated: go on from now, so the rate sent falls below the offered rate.
+            self._next_tick = now
         self._ticker = self.loop.call_at(
             self.loop.time() + max(0.0, self._next_tick - time.monotonic()), self._tick
         )
