@@ -53,7 +53,7 @@ class Exposition:
     def labelled_counter(
         self, name: str, label: str, values: list[tuple[str, float]], help_text: str
     ) -> None:
-        """One counter family with a sample per ``(label value, count)`` pair."""
+        """Add one counter family with a sample per ``(label value, count)`` pair."""
         if not name.endswith("_total"):
             raise ValueError(f"counter name {name!r} must end in _total")
         self._family(name, "counter", help_text)

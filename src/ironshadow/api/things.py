@@ -1,7 +1,7 @@
 """The thing list behind ``GET /things``: a sorted name index and per-thing summaries.
 
 A thing is any name that has a shadow (classic or named, not deleted), or a client id that is
-connected or holds a persistent session. The engine keeps no thing registry, so the names come
+connected or has a persistent session. The engine keeps no thing registry, so the names come
 from the shadow service's ``shadows`` map (keys ``thing`` and ``thing~name``) and its
 ``last_seen`` map (client ids; a client that leaves neither a shadow nor a session behind is
 dropped from it when it disconnects).

@@ -394,9 +394,9 @@ class Worker:
         jitter = self._jitter
         randint = self.rng.randint
         now = time.monotonic()
-        # Catch up on the slots whose time has come, so a late timer does not lower the rate,
-        # but for one turn of the wheel at most: a generator that cannot keep up would fall
-        # further behind with each call and stop answering the coordinator's commands.
+        # Catch up on the slots whose time has come, so a late timer does not lower the rate.
+        # Stop after one turn of the wheel, because a generator that cannot keep up would
+        # otherwise fall further behind with each call and ignore the coordinator's commands.
         turns = 0
         while self._next_tick <= now and turns < size:
             due, wheel[self._slot] = wheel[self._slot], []
