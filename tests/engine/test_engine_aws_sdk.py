@@ -179,10 +179,11 @@ def connect_mqtt3(engine: EngineProcess) -> Iterator[Callable[[str], mqtt.Connec
 @pytest.fixture
 def connect_mqtt5(engine: EngineProcess) -> Iterator[Callable[[str], mqtt5.Client]]:
     """Return a factory of started and connected MQTT 5 clients, stopped after the test."""
-    clients: list[mqtt5.Client] = []
+    clients: list[tuple[mqtt5.Client, threading.Event]] = []
 
     def connect(client_id: str) -> mqtt5.Client:
         connected = threading.Event()
+        stopped = threading.Event()
         options = mqtt5.ClientOptions(
             host_name=HOST,
             port=engine.port,
@@ -190,10 +191,11 @@ def connect_mqtt5(engine: EngineProcess) -> Iterator[Callable[[str], mqtt5.Clien
                 client_id=client_id, keep_alive_interval_sec=KEEP_ALIVE_S
             ),
             on_lifecycle_event_connection_success_fn=lambda _event: connected.set(),
+            on_lifecycle_event_stopped_fn=lambda _event: stopped.set(),
         )
         client = mqtt5.Client(options)
         client.start()
-        clients.append(client)
+        clients.append((client, stopped))
         if not connected.wait(scaled(RESPONSE_TIMEOUT_S)):
             raise AssertionError(
                 f"MQTT 5 client {client_id} did not connect within {RESPONSE_TIMEOUT_S:g} s"
@@ -201,8 +203,12 @@ def connect_mqtt5(engine: EngineProcess) -> Iterator[Callable[[str], mqtt5.Clien
         return client
 
     yield connect
-    for client in clients:
+    # Wait until each client has stopped: a client released while its native side is still
+    # shutting down has crashed the process (see CHILD_VARIABLE above).
+    for client, stopped in clients:
         client.stop()
+        if not stopped.wait(scaled(RESPONSE_TIMEOUT_S)):
+            raise AssertionError(f"MQTT 5 client did not stop within {RESPONSE_TIMEOUT_S:g} s")
 
 
 # --- V1 client: IotShadowClient with callbacks ----------------------------------------
