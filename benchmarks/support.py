@@ -402,6 +402,7 @@ def read_netstat_counters(names: Iterable[str]) -> dict[str, int]:
 
 
 TCP_LISTEN_STATE = "0A"  # st column of /proc/net/tcp, see include/net/tcp_states.h
+TCP_TIME_WAIT_STATE = "06"
 
 
 def port_is_listening(port: int) -> bool:
@@ -420,6 +421,25 @@ def port_is_listening(port: int) -> bool:
             if fields[1] == local_address and fields[3] == TCP_LISTEN_STATE:
                 return True
     return False
+
+
+def sockets_in_time_wait() -> int:
+    """Return the number of IPv4 TCP sockets in TIME-WAIT, from /proc/net/tcp."""
+    with open("/proc/net/tcp") as table:
+        next(table)
+        return sum(1 for line in table if line.split()[3] == TCP_TIME_WAIT_STATE)
+
+
+def wait_for_free_ports(most: int, timeout_s: float = 90.0) -> None:
+    """Wait until at most ``most`` sockets are in TIME-WAIT, or ``timeout_s`` has passed.
+
+    A closed loopback connection keeps its ephemeral port for 60 s, and one source address
+    has about 28,000 of them here, so a 19,000 device case run right after another fails to
+    connect part of its devices.
+    """
+    deadline = time.monotonic() + timeout_s
+    while sockets_in_time_wait() > most and time.monotonic() < deadline:
+        time.sleep(1.0)
 
 
 # --- Brokers -------------------------------------------------------------------------

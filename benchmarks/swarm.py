@@ -6,6 +6,9 @@ and keeps the JSON it prints last. The cases:
 
 * ``ceiling``: the generator alone, against its discard server (``--ceiling``);
 * ``steady``: IronShadow at each ``--devices`` count, at ``--frequency`` and QoS 0;
+* ``steady-memory``: the same with ``--memory-only`` (no stores);
+* ``steady-mosquitto``: the same load against Mosquitto, which only counts and drops the
+  messages (nobody subscribes): the bare cost of a QoS 0 message, for the CPU ratio;
 * ``storm``: a reconnect storm of ``--storm-devices`` devices, abrupt (connections reset),
   against IronShadow (with pending deltas) and Mosquitto (connections only);
 * ``desired``: delta convergence for a share of ``--desired-devices`` devices.
@@ -14,9 +17,13 @@ Usage (from the repository root)::
 
     .venv/bin/python benchmarks/swarm.py --devices 1000,2000,5000 --frequency 100ms
     .venv/bin/python benchmarks/swarm.py --only storm --storm-devices 5000,19000
+    .venv/bin/python benchmarks/swarm.py --only steady,steady-memory,steady-mosquitto \
+        --devices 2000 --frequency 100ms
 
-IronShadow runs with its defaults (journal and SQLite in a temporary data folder) unless
-``--memory-only`` is given. All traffic goes to 127.0.0.1, to servers this script starts.
+IronShadow runs with its defaults (journal and SQLite in a temporary data folder), except in
+``steady-memory``. Before each case the script waits until fewer than 5,000 sockets are in
+TIME-WAIT, so that the case has the loopback's ephemeral ports. All traffic goes to
+127.0.0.1, to servers this script starts.
 """
 
 from __future__ import annotations
@@ -37,11 +44,14 @@ from support import (
     format_table,
     make_ironshadow_spec,
     make_mosquitto_spec,
+    wait_for_free_ports,
 )
 
-CASES = ("ceiling", "steady", "storm", "desired")
+CASES = ("ceiling", "steady", "steady-memory", "steady-mosquitto", "storm", "desired")
 BROKER_START_TIMEOUT_S = 60.0
 BROKER_STOP_TIMEOUT_S = 30.0
+# Sockets in TIME-WAIT allowed before a case starts: 28,000 ephemeral ports less a fleet.
+FREE_PORTS_TIME_WAIT = 5_000
 
 
 def parse_counts(text: str) -> list[int]:
@@ -64,6 +74,7 @@ def run_swarm(arguments: Sequence[str], timeout_s: float) -> dict[str, Any]:
 
 
 def with_broker(spec, swarm_arguments: list[str], timeout_s: float) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    wait_for_free_ports(FREE_PORTS_TIME_WAIT)
     with RunningBroker(
         spec,
         start_timeout_s=BROKER_START_TIMEOUT_S,
@@ -84,7 +95,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", default="20s")
     parser.add_argument("--storm-devices", type=parse_counts, default=[5000])
     parser.add_argument("--desired-devices", type=int, default=2000)
-    parser.add_argument("--memory-only", action="store_true")
     add_ironshadow_cmd_argument(parser)
     add_mosquitto_argument(parser)
     arguments = parser.parse_args(argv)
@@ -94,9 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown cases {unknown}: choose from {','.join(CASES)}")
 
     extra = "--sys-interval 1 --max-connections 19500 --log-level WARNING"
-    if arguments.memory_only:
-        extra += " --memory-only true"
     ironshadow = make_ironshadow_spec(arguments.ironshadow_cmd, extra)
+    ironshadow_memory = make_ironshadow_spec(
+        arguments.ironshadow_cmd, f"{extra} --memory-only true"
+    )
     mosquitto = make_mosquitto_spec(
         arguments.mosquitto, {"sys_interval": "1", "max_connections": "-1"}
     )
@@ -130,14 +141,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "ceiling" in cases:
             result = run_swarm(["--ceiling", "--devices", "1000", "--frequency", "0", *common], 600)
             add_row("ceiling (discard server)", result)
-        if "steady" in cases:
-            for devices in arguments.devices:
-                result = with_broker(
-                    ironshadow,
-                    ["--devices", str(devices), "--frequency", arguments.frequency, *common],
-                    900,
-                )
-                add_row(f"steady {arguments.frequency}", result)
+        steady_brokers = [
+            (f"steady {arguments.frequency}", ironshadow, "steady"),
+            (f"steady {arguments.frequency} memory-only", ironshadow_memory, "steady-memory"),
+            (f"steady {arguments.frequency} Mosquitto", mosquitto, "steady-mosquitto"),
+        ]
+        for devices in arguments.devices:
+            for name, spec, case in steady_brokers:
+                if case in cases:
+                    steady = ["--devices", str(devices), "--frequency", arguments.frequency]
+                    add_row(name, with_broker(spec, [*steady, *common], 900))
         if "storm" in cases:
             for devices in arguments.storm_devices:
                 storm = [
