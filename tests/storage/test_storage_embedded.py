@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from ironshadow.storage.base import HistoryRow, ShadowWrite, StoreUnavailable
-from ironshadow.storage.embedded import LOAD_BATCH_SIZE, EmbeddedHotStore
+from ironshadow.storage.embedded import HISTORY_BATCH_SIZE, LOAD_BATCH_SIZE, EmbeddedHotStore
 
 HERE = Path(__file__).parent
 
@@ -127,6 +127,19 @@ def test_embedded_commit_rejects_bad_position(tmp_path):
     async def body(store: EmbeddedHotStore) -> None:
         with pytest.raises(ValueError, match="'abc'"):
             await store.history_committed(["abc"])
+
+    with_store(tmp_path / "data", body)
+
+
+def test_embedded_history_batches_bounded_and_ordered(tmp_path):
+    count = HISTORY_BATCH_SIZE * 2 + 5
+
+    async def body(store: EmbeddedHotStore) -> None:
+        await store.write([], [row(version) for version in range(count)])
+        batches = [batch async for batch in store.pending_history()]
+        assert [len(batch) for batch in batches] == [HISTORY_BATCH_SIZE, HISTORY_BATCH_SIZE, 5]
+        versions = [entry.version for batch in batches for _, entry in batch]
+        assert versions == list(range(count))
 
     with_store(tmp_path / "data", body)
 
