@@ -263,3 +263,32 @@ def test_requests_over_iteration_cap_wait_not_lost(engine, monkeypatch):
         versions = [orjson.loads(packet.payload)["version"] for packet in replies]
         assert versions == list(range(1, 9))
     assert engine.call(lambda: engine.server.broker.reading_paused) is False
+
+
+def test_many_connections_over_iteration_cap_all_served(engine, monkeypatch):
+    """With far more held packets than one iteration may take, a brief resume releases the
+    holding connections in turn until the cap pauses the broker again, and the next resume
+    starts with those not reached. Every update of every client is applied, in order."""
+    monkeypatch.setattr(service_module, "MAX_REQUESTS_PER_ITERATION", 5)
+    clients = []
+    for number in range(20):
+        prefix = f"$aws/things/line-{number}/shadow"
+        client = RawClient(engine.port, MQTT_5)
+        client.connect(f"line-{number}")
+        client.subscribe(prefix + "/update/accepted", 0)
+        clients.append((client, prefix))
+    for client, prefix in clients:
+        client.send(
+            *[
+                Publish(prefix + "/update", payload({"state": {"reported": {"n": n}}}))
+                for n in range(12)
+            ]
+        )
+
+    for client, prefix in clients:
+        replies = [client.receive(Publish) for _ in range(12)]
+        assert [packet.topic for packet in replies] == [prefix + "/update/accepted"] * 12
+        versions = [orjson.loads(packet.payload)["version"] for packet in replies]
+        assert versions == list(range(1, 13))
+    broker = engine.server.broker
+    assert engine.call(lambda: (broker.reading_paused, len(broker.held_in_pause))) == (False, 0)

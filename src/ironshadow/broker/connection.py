@@ -226,8 +226,13 @@ class MQTTConnection(asyncio.Protocol):
                     # connection: they wait here, decoded, until it resumes.
                     if self.reading_paused and self.held is None and self.version == MQTT_5:
                         self._check_receive_maximum(packets, index)
-                    self.held = (self.held or []) + packets[index:]
+                    if self.held is not None:
+                        self.held.extend(packets[index:])
+                    else:  # ``packets`` is this call's own list: keep it rather than copy it
+                        self.held = packets[index:] if index else packets
                     self.transport.pause_reading()
+                    if self.broker.reading_paused:
+                        self.broker.release_after_pause(self)
                     return
                 _HANDLERS[packet.__class__](self, packet)
                 if self.state == CLOSED:
@@ -584,8 +589,11 @@ class MQTTConnection(asyncio.Protocol):
         if self.reading_paused and len(acks) < self.inbound_qos2_limit // 2:
             self.reading_paused = False
             transport = self.transport
-            if transport is None or self.broker.reading_paused or self.publish_timer is not None:
-                return  # Broker.resume_reading() or the rate limit's timer resumes it
+            if transport is None or self.publish_timer is not None:
+                return  # the rate limit's timer resumes it
+            if self.broker.reading_paused:
+                self.broker.release_after_pause(self)
+                return
             transport.resume_reading()
             if self.held is not None:
                 self.release_held()

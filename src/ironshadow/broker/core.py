@@ -112,6 +112,9 @@ class Broker:
         # Whether the current pause is one of pause_reading(brief=True).
         self._brief_pause = False
         self.paused_since: float | None = None
+        # Connections that held packets because of a broker-wide pause, oldest first (a dict
+        # as an ordered set). A brief resume releases only these.
+        self.held_in_pause: dict[MQTTConnection, None] = {}
         self._dirty: list[MQTTConnection] = []
         self._admission: deque[tuple[MQTTConnection, Connect]] = deque()
         self._admission_tokens = 0.0
@@ -356,11 +359,13 @@ class Broker:
         self.connections.add(connection)
         if self.reading_paused:
             connection.transport.pause_reading()
+            self.release_after_pause(connection)
 
     def connection_lost(self, connection: MQTTConnection) -> None:
         if connection in self.connections:
             self.limits.connection_closed(connection)
         self.connections.discard(connection)
+        self.held_in_pause.pop(connection, None)
         session = connection.session
         if session is None or session.connection is not connection:
             return
@@ -483,8 +488,11 @@ class Broker:
                 connection.transport.resume_reading()
             self._accept_connect(connection, connect)
             # Still CONNECTING means authentication is under way, which releases it later.
-            if not self.reading_paused and connection.state != CONNECTING:
-                connection.release_held()
+            if connection.state != CONNECTING:
+                if self.reading_paused:
+                    self.release_after_pause(connection)
+                else:
+                    connection.release_held()
         if self._admission:
             tick = self._admission_tick()
             self._admission_handle = self.loop.call_later(tick, self._admit_queued)
@@ -539,8 +547,11 @@ class Broker:
         else:
             result = future.result()
         self._authenticated(connection, connect, result)
-        if connection.state == CLOSED or self.reading_paused:
-            return  # resume_reading() releases the held packets after a broker-wide pause
+        if connection.state == CLOSED:
+            return
+        if self.reading_paused:
+            self.release_after_pause(connection)
+            return
         if not connection.reading_paused:
             connection.transport.resume_reading()
         connection.release_held()
@@ -1114,6 +1125,10 @@ class Broker:
         self.reading_paused = False
         paused_for = time.monotonic() - (self.paused_since or time.monotonic())
         self.paused_since = None
+        if brief:
+            self._release_held_in_pause()
+            return
+        self.held_in_pause.clear()  # every connection is released below
         now = time.monotonic()
         queued = {id(connection) for connection, _ in self._admission}
         # Connections waiting for authentication are released when it ends.
@@ -1127,8 +1142,36 @@ class Broker:
                 if not connection.reading_paused:
                     connection.transport.resume_reading()
                 connection.release_held()
-        if not brief:
-            log.warning("reading resumed after %.1f s", paused_for)
+        log.warning("reading resumed after %.1f s", paused_for)
+
+    def release_after_pause(self, connection: MQTTConnection) -> None:
+        """Have the end of the broker-wide pause resume ``connection`` and release its packets.
+
+        Whatever leaves a connection paused or holding packets because the broker is paused
+        calls this, since a brief pause's end visits only these connections.
+        """
+        self.held_in_pause[connection] = None
+
+    def _release_held_in_pause(self) -> None:
+        """End a brief pause: release the connections that held packets during it.
+
+        A brief pause paused no transport itself, so the connections that received nothing
+        need no call. If the released packets pause the broker again, the connections not
+        reached yet keep their place at the front for the next resume, so none waits behind
+        the others twice.
+        """
+        held = self.held_in_pause
+        queued = {id(connection) for connection, _ in self._admission}
+        queued.update(id(connection) for connection in self._authenticating)
+        for connection in list(held):
+            if self.reading_paused:
+                return
+            del held[connection]
+            if connection.transport is None or id(connection) in queued:
+                continue  # closed, or released when its admission or authentication ends
+            if not connection.reading_paused:
+                connection.transport.resume_reading()
+            connection.release_held()
 
     # --- periodic work ----------------------------------------------------------------
 

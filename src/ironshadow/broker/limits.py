@@ -423,7 +423,8 @@ class AbuseLimits:
         if transport is None:
             return
         if self.broker.reading_paused:
-            return  # Broker.resume_reading() releases the held packets
+            self.broker.release_after_pause(connection)
+            return
         # The held packets are the client's latest sign of life, for its keep alive, and the
         # arrival time that hold_publish() compares with.
         connection.last_received = time.monotonic()

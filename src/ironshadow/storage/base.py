@@ -142,6 +142,10 @@ class HistoryBucket(NamedTuple):
     last: float  # the value of the latest point in the bucket
 
 
+# A tuple rather than ``int | float``, which would build a union object on every call.
+_NUMBERS = (int, float)
+
+
 def numeric_leaves(document: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
     """Yield ``(dotted path, value)`` for every number in the objects of a JSON document.
 
@@ -154,7 +158,7 @@ def numeric_leaves(document: Any, prefix: str = "") -> Iterator[tuple[str, float
         path = f"{prefix}.{key}" if prefix else key
         if isinstance(value, bool):
             continue
-        if isinstance(value, int | float):
+        if isinstance(value, _NUMBERS):
             try:
                 yield path, float(value)
             except OverflowError:  # an integer beyond the range of a double
