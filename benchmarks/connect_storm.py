@@ -105,6 +105,7 @@ from support import (
     positive_float,
     positive_int,
     process_cpu_seconds,
+    process_memory_bytes,
     process_tree_cpu_seconds,
     read_netstat_counters,
     receive_message,
@@ -154,7 +155,6 @@ CANARY_INTERVAL_S = 0.01  # pause between two round trips
 PRE_STORM_S = 1.0  # canary round trips before the release give the baseline latency
 
 BYTES_PER_MIB = 1024 * 1024
-BYTES_PER_KIB = 1024
 MILLISECONDS_PER_S = 1000
 
 # Kernel counters read from the TcpExt lines of /proc/net/netstat.
@@ -612,16 +612,6 @@ async def canary_entry(port: int, run_limit_s: float, control: ControlChannel) -
 
 
 # --- Measurements from /proc ---------------------------------------------------------
-
-
-def process_memory_bytes(pid: int, field_name: str) -> int | None:
-    """Return a memory field of /proc/<pid>/status (VmRSS, VmHWM) in bytes, or None."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    match = re.search(rf"^{field_name}:\s+(\d+) kB$", text, re.MULTILINE)
-    return int(match.group(1)) * BYTES_PER_KIB if match else None
 
 
 def open_file_count(pid: int) -> int | None:

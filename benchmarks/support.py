@@ -49,6 +49,7 @@ DEFAULT_IRONSHADOW_CMD = (
 PORT_POLL_INTERVAL_S = 0.1
 
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+BYTES_PER_KIB = 1024  # the unit of the memory fields in /proc/<pid>/status
 
 # MQTT 3.1.1 control packet types (the high nibble of the first byte).
 CONNACK = 2
@@ -372,6 +373,16 @@ def process_tree_cpu_seconds(root_pid: int) -> float:
     """
     tree = [root_pid, *descendant_pids(root_pid)]
     return sum(process_cpu_seconds(pid, include_reaped_children=True) for pid in tree)
+
+
+def process_memory_bytes(pid: int, field_name: str) -> int | None:
+    """Return a memory field of /proc/<pid>/status (VmRSS, VmHWM) in bytes, or None."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    match = re.search(rf"^{field_name}:\s+(\d+) kB$", text, re.MULTILINE)
+    return int(match.group(1)) * BYTES_PER_KIB if match else None
 
 
 def host_cpu_ticks() -> tuple[int, int]:
