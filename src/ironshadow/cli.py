@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import errno
 import logging
+import os
 import resource
 import signal
 import socket
@@ -23,6 +24,15 @@ from .auth import command as auth_command
 from .auth.tokens import DEFAULT_TOKEN_LIFETIME
 from .broker.config import BrokerConfig
 from .broker.tls import TLSConfigError, TLSListenerError
+from .cluster import (
+    ClusterWorker,
+    WorkerCountError,
+    WorkerSpec,
+    check_worker_count,
+    record_worker_count,
+    worker_data_dir,
+)
+from .cluster.supervisor import Supervisor, bind_listener
 from .engine import Engine, StorageConfig
 from .settings import (
     SETTINGS,
@@ -75,6 +85,7 @@ async def _serve(
     http_ssl: ssl.SSLContext | None = None,
     access: AuthPolicy | None = None,
     token_lifetime: float = DEFAULT_TOKEN_LIFETIME,
+    worker: WorkerSpec | None = None,
 ) -> None:
     # Signal handlers first, so that a signal during start-up also stops the engine cleanly.
     stop = asyncio.Event()
@@ -82,11 +93,15 @@ async def _serve(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     engine = Engine(config, limits, storage)
+    cluster = ClusterWorker(engine, worker, stop.set) if worker is not None else None
     if access is not None:
         access.attach(engine.broker)
         log.info("%s", access.describe_mode())
     try:
-        await engine.start()
+        if cluster is not None:
+            await cluster.start()
+        else:
+            await engine.start()
     except TLSListenerError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise PortInUseError(
@@ -101,24 +116,33 @@ async def _serve(
                 "choose a free port with --mqtt-port"
             ) from exc
         raise
-    http_auth = HttpAuth(access, token_lifetime) if access is not None else None
-    api = ApiServer(
-        engine, config.host, http_port, feed=feed, ssl_context=http_ssl, auth=http_auth
-    )
-    try:
-        await api.start()
-    except OSError as exc:
-        await engine.shutdown()
-        if exc.errno == errno.EADDRINUSE:
-            raise PortInUseError(
-                f"HTTP port {http_port} on {config.host} is already in use; "
-                "choose a free port with --http-port"
-            ) from exc
-        raise
+    api = None
+    # NOTE: with several workers only worker 0 serves the HTTP API, and it reads and changes
+    # only the shadows of the things that worker 0 owns.
+    if worker is None or worker.index == 0:
+        http_auth = HttpAuth(access, token_lifetime) if access is not None else None
+        api = ApiServer(
+            engine, config.host, http_port, feed=feed, ssl_context=http_ssl, auth=http_auth
+        )
+        try:
+            await api.start()
+        except OSError as exc:
+            if cluster is not None:
+                await cluster.stop()
+            await engine.shutdown()
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUseError(
+                    f"HTTP port {http_port} on {config.host} is already in use; "
+                    "choose a free port with --http-port"
+                ) from exc
+            raise
     log.info("IronShadow %s running; stop with Ctrl-C or SIGTERM", __version__)
     await stop.wait()
     log.info("shutting down")
-    await api.stop()
+    if api is not None:
+        await api.stop()
+    if cluster is not None:
+        await cluster.stop()
     await engine.shutdown()
     if access is not None:
         access.close()
@@ -137,9 +161,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"ironshadow: error: {exc}", file=sys.stderr)
         return 2
+    worker = WorkerSpec.from_environment()
+    workers = values["workers"]
+    role = f"worker-{worker.index} " if worker is not None else ""
     logging.basicConfig(
         level=values["log_level"],
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {role}%(name)s: %(message)s",
     )
     data_dir = Path(values["data_dir"])
     try:
@@ -160,6 +187,24 @@ def _run_serve(args: argparse.Namespace) -> int:
               f"{data_dir}`, or pass --allow-anonymous to accept anonymous clients",
               file=sys.stderr)
         return 2
+    # With several workers, each keeps its embedded stores and its MQTT state (retained
+    # messages and persistent sessions) in a folder of its own under the data folder.
+    if worker is None and not values["memory_only"]:
+        try:
+            check_worker_count(data_dir, workers)
+            if workers > 1:
+                record_worker_count(data_dir, workers)
+        except (WorkerCountError, OSError) as exc:
+            print(f"ironshadow: error: {exc}", file=sys.stderr)
+            return 2
+    if worker is not None:
+        data_dir = worker_data_dir(data_dir, worker.index)
+        if not values["memory_only"]:
+            data_dir.mkdir(exist_ok=True)
+        if worker.index != 0:
+            # NOTE: only worker 0 opens the TLS listener, because the workers cannot all bind
+            # its port; TLS clients are served by worker 0.
+            config.tls_cert = config.tls_key = config.tls_ca = ""
     storage = None
     if not values["memory_only"]:
         storage = StorageConfig(
@@ -167,14 +212,18 @@ def _run_serve(args: argparse.Namespace) -> int:
             redis_url=values["redis"] or None,
             postgres_dsn=values["postgres"] or None,
             retention_days=values["retention_days"],
+            mqtt_state_in_data_dir=worker is not None,
         )
     _raise_file_limit()
     _install_event_loop_policy()
     try:
+        if worker is None and workers > 1:
+            access.close()
+            return _supervise(args.argv, workers, config)
         asyncio.run(
             _serve(
                 config, limits, values["http_port"], storage, feed, http_ssl, access,
-                values["token_lifetime"],
+                values["token_lifetime"], worker,
             )
         )
     except (PortInUseError, StoreUnavailable, TLSConfigError) as exc:
@@ -203,6 +252,27 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _supervise(argv: list[str], workers: int, config: BrokerConfig) -> int:
+    """Bind the MQTT port and run ``workers`` copies of this command under a supervisor."""
+    try:
+        listener = bind_listener(config.host, config.port, config.listen_backlog)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUseError(
+                f"MQTT port {config.port} on {config.host} is already in use; "
+                "choose a free port with --mqtt-port"
+            ) from exc
+        raise
+    log.info(
+        "supervisor (pid %d) listening on %s:%d; starting %d workers",
+        os.getpid(),
+        config.host,
+        listener.getsockname()[1],
+        workers,
+    )
+    return Supervisor([sys.executable, "-m", "ironshadow", *argv], workers, listener).run()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ironshadow", description="IronShadow: device shadows over MQTT for factories."
@@ -227,7 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> Any:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    # The supervisor of several workers starts each of them with the same arguments.
+    args.argv = list(argv)
     return args.handler(args)
 
 

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import resource
 import secrets
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -132,6 +133,13 @@ class Broker:
         # Retained topics and sessions changed since the last save, when the engine persists
         # MQTT state (see ``persistence``); None when nothing is persisted.
         self.state_changes: StateChanges | None = None
+        # Set by a cluster worker before start(). ``listen_socket`` is the TCP listening
+        # socket that the supervisor bound, used instead of binding one, and
+        # ``tcp_connection_class`` the protocol of its connections. ``connect_router`` may
+        # pass a connection to another worker at CONNECT, and returns True when it did.
+        self.listen_socket: socket.socket | None = None
+        self.tcp_connection_class: type[MQTTConnection] = MQTTConnection
+        self.connect_router: Callable[[MQTTConnection, Connect], bool] | None = None
 
     # --- extension points -------------------------------------------------------------
 
@@ -201,13 +209,21 @@ class Broker:
         tls_context = None
         if config.tls_cert or config.tls_key or config.tls_ca:
             tls_context = self._tls_context()
-        server = await self.loop.create_server(
-            lambda: MQTTConnection(self),
-            config.host,
-            config.port,
-            backlog=config.listen_backlog,
-            reuse_address=True,
-        )
+        connection_class = self.tcp_connection_class
+        if self.listen_socket is not None:
+            server = await self.loop.create_server(
+                lambda: connection_class(self),
+                sock=self.listen_socket,
+                backlog=config.listen_backlog,
+            )
+        else:
+            server = await self.loop.create_server(
+                lambda: connection_class(self),
+                config.host,
+                config.port,
+                backlog=config.listen_backlog,
+                reuse_address=True,
+            )
         self._servers.append(server)
         if tls_context is not None:
             try:
@@ -442,6 +458,9 @@ class Broker:
 
     def admit(self, connection: MQTTConnection, connect: Connect) -> None:
         """Process CONNECT now, or queue it when the connect rate is exceeded."""
+        router = self.connect_router
+        if router is not None and router(connection, connect):
+            return
         if self.limits.reject_connect(connection, connect):
             return
         rate = self.config.connect_rate

@@ -43,6 +43,9 @@ class StorageConfig:
     redis_url: str | None = None
     postgres_dsn: str | None = None
     retention_days: float = DEFAULT_RETENTION_DAYS
+    # Keep retained messages and persistent sessions in ``data_dir`` even with ``redis_url``:
+    # each worker of several keeps its own, because each would restore every saved one.
+    mqtt_state_in_data_dir: bool = False
 
 
 def open_hot_store(config: StorageConfig) -> HotStore:
@@ -63,7 +66,7 @@ def open_mqtt_state_store(config: StorageConfig) -> MqttStateStore:
         SQLiteMqttStateStore,
     )
 
-    if config.redis_url:
+    if config.redis_url and not config.mqtt_state_in_data_dir:
         return RedisMqttStateStore(config.redis_url)
     return SQLiteMqttStateStore(config.data_dir / SQLITE_FILE_NAME)
 

@@ -144,6 +144,13 @@ class ShadowService(BrokerHooks):
         self._changes: list[ShadowChange] = []
         self.updates_applied = 0
         self.messages_published = 0
+        # Set by a cluster worker and called with the thing name of each MQTT request. It
+        # returns True when another worker's shadow service handles the request (it was sent
+        # there, or it is a copy of one sent there), so that this service ignores it.
+        self.route_request: Callable[[str, Message], bool] | None = None
+        # Set by a cluster worker: returns the reason why this service does not own a
+        # thing's shadows, or None when it owns them.
+        self.foreign_owner: Callable[[str], str | None] | None = None
         broker.add_consumer("shadow", REQUEST_FILTERS, self._on_request)
         broker.add_hooks(self)
 
@@ -154,6 +161,9 @@ class ShadowService(BrokerHooks):
         if parsed is None:
             return
         thing, shadow_name, operation = parsed
+        route = self.route_request
+        if route is not None and route(thing, message):
+            return
         client_id = message.origin or ""
         self._arrived += 1
         if self._arrived >= MAX_REQUESTS_PER_ITERATION and not self.broker.reading_paused:
@@ -353,6 +363,11 @@ class ShadowService(BrokerHooks):
         publishes ``update/delta`` and ``update/documents``.
         """
         now = int(time.time())
+        foreign_owner = self.foreign_owner
+        if foreign_owner is not None:
+            reason = foreign_owner(thing)
+            if reason is not None:
+                return Reply(503, ShadowError(503, reason).payload(now))
         durable = asyncio.get_running_loop().create_future()
         self._begin_batch()
         try:

@@ -1,0 +1,224 @@
+"""The bus between the workers of one engine: Unix stream sockets carrying length-prefixed frames.
+
+Each worker listens on ``bus-{index}.sock`` in the cluster folder and keeps one outgoing link
+to every peer, so a frame always travels on the sender's own link and a peer's frames arrive
+in the order it sent them. The receiving side is :class:`InboundLink`; it learns the sender's
+index from the first frame.
+
+A frame is a 4-byte big-endian body length, then the body. The body starts with one kind
+byte:
+
+======== =========== ===========================================================================
+kind     name        rest of the body
+======== =========== ===========================================================================
+0        HELLO       the sender's worker index, 2 bytes big-endian; the first frame on a link
+1        RESET       nothing: forget every topic filter that the sender announced before
+2        SUBSCRIBE   a topic filter (UTF-8) that the sender's clients now subscribe to
+3        UNSUBSCRIBE a topic filter that none of the sender's clients subscribes to any more
+4        PUBLISH     a message for the receiver's subscribers (see :func:`encode_message`)
+5        REQUEST     a 4-byte request number, then a shadow request for a thing that the
+                     receiver owns, encoded as in PUBLISH. A number other than 0 asks for
+                     RELEASED once the request is stored
+6        RELEASED    the 4-byte number of a REQUEST that the sender has stored
+======== =========== ===========================================================================
+
+Writes are batched: frames queued during one event-loop iteration go out in one
+``writelines`` call per link at the end of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..broker.message import Message
+from ..mqtt.constants import PacketType
+from ..mqtt.encoding import decode_string, encode_string
+from ..mqtt.properties import PropertyId, decode_properties, encode_properties
+
+log = logging.getLogger("ironshadow.cluster")
+
+HELLO = 0
+RESET = 1
+SUBSCRIBE = 2
+UNSUBSCRIBE = 3
+PUBLISH = 4
+REQUEST = 5
+RELEASED = 6
+
+# Largest frame body accepted from a peer, in bytes: an MQTT packet is at most 256 MiB, and a
+# frame adds a few bytes of header to the message it carries.
+MAX_FRAME_BYTES = 256 * 1024 * 1024 + 1024
+# Bytes buffered on one link above which further PUBLISH frames to that peer are dropped
+# (and counted), so that a stalled peer cannot grow this worker's memory without bound.
+MAX_LINK_BUFFER = 64 * 1024 * 1024
+
+_RETAIN = 0x04
+_HAS_ORIGIN = 0x08
+_EXPIRY = PropertyId.MESSAGE_EXPIRY_INTERVAL
+
+
+def frame(kind: int, body: bytes = b"") -> bytes:
+    """Return one whole frame: length prefix, kind byte and ``body``."""
+    return (len(body) + 1).to_bytes(4, "big") + bytes((kind,)) + body
+
+
+def encode_message(message: Message, now: float) -> bytes:
+    """Encode ``message`` for a PUBLISH or REQUEST frame, without the kind byte.
+
+    Layout: one flags byte (QoS in bits 0-1, retain in bit 2, origin present in bit 3), then
+    the topic as an MQTT string and the origin client id as an MQTT string when present. The
+    MQTT 5 properties with their length follow, then the payload up to the end of the frame.
+    A message expiry interval is sent as the time left, rounded up, as a broker forwards it.
+    """
+    flags = message.qos | (_RETAIN if message.retain else 0)
+    origin = message.origin
+    if origin is not None:
+        flags |= _HAS_ORIGIN
+    properties = message.properties
+    if message.expires_at is not None:
+        properties = dict(properties or {})
+        properties[_EXPIRY] = max(0, int(message.expires_at - now + 0.999))
+    parts = [bytes((flags,)), message.topic_bytes()]
+    if origin is not None:
+        parts.append(encode_string(origin))
+    parts.append(encode_properties(properties))
+    parts.append(message.payload)
+    return b"".join(parts)
+
+
+def decode_message(body: bytes | bytearray, pos: int, end: int) -> Message:
+    """Decode what :func:`encode_message` wrote in ``body[pos:end]``."""
+    flags = body[pos]
+    pos += 1
+    topic, pos = decode_string(body, pos, end)
+    origin = None
+    if flags & _HAS_ORIGIN:
+        origin, pos = decode_string(body, pos, end)
+    properties, pos = decode_properties(body, pos, end, PacketType.PUBLISH)
+    payload = bytes(body[pos:end])
+    return Message(topic, payload, flags & 0x03, bool(flags & _RETAIN), properties, origin)
+
+
+class OutboundLink(asyncio.Protocol):
+    """This worker's link to one peer: frames queued now are written at the loop's next turn."""
+
+    def __init__(self, peer: int, schedule_flush: Callable[[OutboundLink], None]) -> None:
+        self.peer = peer
+        self.transport: asyncio.Transport | None = None
+        self.out: list[bytes] = []
+        self._schedule_flush = schedule_flush
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.out = []
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        """Ignore data: peers never write on a link that they accepted."""
+
+    def send(self, data: bytes) -> bool:
+        """Queue one whole frame; return False when the link is closed."""
+        if self.transport is None:
+            return False
+        if not self.out:
+            self._schedule_flush(self)
+        self.out.append(data)
+        return True
+
+    def congested(self) -> bool:
+        transport = self.transport
+        return transport is None or transport.get_write_buffer_size() > MAX_LINK_BUFFER
+
+    def flush(self) -> None:
+        out, self.out = self.out, []
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.flush()
+            self.transport.close()
+
+
+class InboundLink(asyncio.Protocol):
+    """One peer's link to this worker; passes each decoded frame to ``on_frame``.
+
+    ``on_frame(link, kind, body, pos, end)`` gets the kind and the rest of the body as
+    ``body[pos:end]``. ``on_lost(link)`` runs when the link closes.
+    """
+
+    def __init__(
+        self,
+        on_frame: Callable[[InboundLink, int, bytearray, int, int], None],
+        on_lost: Callable[[InboundLink], None],
+    ) -> None:
+        # The sender's worker index, from its HELLO frame; None until then.
+        self.peer: int | None = None
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._on_frame = on_frame
+        self._on_lost = on_lost
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._on_lost(self)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        pos = 0
+        size = len(buffer)
+        try:
+            while size - pos >= 4:
+                length = int.from_bytes(buffer[pos : pos + 4], "big")
+                if not 1 <= length <= MAX_FRAME_BYTES:
+                    raise ValueError(f"frame length {length} is out of range")
+                end = pos + 4 + length
+                if end > size:
+                    break
+                kind = buffer[pos + 4]
+                if kind == HELLO:
+                    self.peer = int.from_bytes(buffer[pos + 5 : end], "big")
+                elif self.peer is None:
+                    raise ValueError(f"frame of kind {kind} before HELLO")
+                else:
+                    self._on_frame(self, kind, buffer, pos + 5, end)
+                pos = end
+        except Exception as exc:  # a bug in a peer, or in a frame handler: drop the link
+            log.error("bus link from worker %s: %r; closing the link", self.peer, exc)
+            if self.transport is not None:
+                self.transport.close()
+            self._buffer = bytearray()
+            return
+        del buffer[:pos]
+
+
+class DropCounter:
+    """Counts PUBLISH frames that could not be sent, and logs them at most once a minute."""
+
+    INTERVAL = 60.0
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._logged_at = 0.0
+
+    def dropped(self, peer: int, reason: str) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self._logged_at >= self.INTERVAL:
+            self._logged_at = now
+            log.warning(
+                "message for worker %d dropped: %s (%d dropped in all)", peer, reason, self.count
+            )

@@ -1,0 +1,252 @@
+"""Passing a plain TCP connection to the worker that owns its client id.
+
+Every worker accepts from the same listening socket, so a device lands on any of them. The
+worker that reads its CONNECT sends the socket's file descriptor (SCM_RIGHTS) and every byte
+read from it so far to the owner over ``handoff-{index}.sock``, then closes its own copy of
+the descriptor without writing anything. The owner wraps the socket in a transport, feeds it
+the saved bytes before anything else, and the client sees one ordinary connection.
+
+Wire format on a hand-off socket: per connection, a 4-byte big-endian length and that many
+saved bytes, sent in one ``sendmsg`` call that carries exactly one descriptor. Linux delivers
+descriptors with the first bytes of the message that carried them and ends a ``recvmsg`` read
+there, so the receiver pairs the n-th complete record with the n-th descriptor.
+
+A hand-off never waits: when the owner's socket is missing, refuses, or its buffer is full,
+the connection stays where it landed and is served there, with its traffic forwarded over
+the bus like any other.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..broker.connection import MQTTConnection
+
+if TYPE_CHECKING:
+    from ..broker.core import Broker
+
+log = logging.getLogger("ironshadow.cluster")
+
+# Bytes read per recvmsg call on a hand-off socket.
+RECEIVE_BYTES = 65_536
+# Descriptors that fit in the ancillary buffer of one recvmsg call. The kernel ends a read at
+# the first message that carries descriptors, and each message carries one.
+RECEIVE_FDS = 16
+
+
+class ClusterConnection(MQTTConnection):
+    """A plain TCP connection that keeps the bytes it read until its CONNECT is routed.
+
+    ``early`` is the list of chunks read before the router decided where the connection
+    lives, and None once decided. ``adopted`` contains the bytes that another worker read
+    before it passed the connection here, fed to the codec as soon as the transport exists.
+    """
+
+    __slots__ = ("adopted", "early")
+
+    def __init__(self, broker: Broker, adopted: bytes | None = None) -> None:
+        super().__init__(broker)
+        self.early: list[bytes] | None = [] if adopted is None else None
+        self.adopted = adopted
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        adopted, self.adopted = self.adopted, None
+        if adopted:
+            self.data_received(adopted)
+
+    def data_received(self, data: bytes) -> None:
+        early = self.early
+        if early is not None:
+            early.append(data)
+        MQTTConnection.data_received(self, data)
+
+
+class HandoffSender:
+    """Sends connections to one peer's hand-off socket."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._sock: socket.socket | None = None
+        # Bytes of a record that sendmsg accepted only in part. No other record may be sent
+        # until they are, because the peer pairs records with descriptors in order.
+        self._pending = bytearray()
+
+    def send(self, fd: int, data: bytes) -> bool:
+        """Send descriptor ``fd`` with ``data``; return False when it was not sent."""
+        if self._pending:
+            return False
+        record = len(data).to_bytes(4, "big") + data
+        for attempt in range(2):
+            sock = self._sock or self._connect()
+            if sock is None:
+                return False
+            try:
+                sent = sock.sendmsg(
+                    [record], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+                )
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                # The peer restarted since this socket was connected: connect again, once.
+                self.close()
+                if attempt:
+                    log.warning("hand-off to %s failed: %s", self.path, exc)
+                continue
+            if sent < len(record):
+                self._pending += record[sent:]
+                asyncio.get_running_loop().add_writer(sock.fileno(), self._write_pending)
+            return True
+        return False
+
+    def _connect(self) -> socket.socket | None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            return None
+        self._sock = sock
+        return sock
+
+    def _write_pending(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            sent = sock.send(self._pending)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.warning("hand-off to %s failed: %s", self.path, exc)
+            self.close()
+            return
+        del self._pending[:sent]
+        if not self._pending:
+            asyncio.get_running_loop().remove_writer(sock.fileno())
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            if self._pending:
+                asyncio.get_running_loop().remove_writer(sock.fileno())
+            sock.close()
+        self._pending.clear()
+
+
+class HandoffListener:
+    """Accepts hand-off sockets from peers and calls ``on_connection(fd, data)`` per record.
+
+    ``on_connection`` owns the descriptor from then on.
+    """
+
+    def __init__(self, path: str, on_connection: Callable[[int, bytes], None]) -> None:
+        self.path = path
+        self._on_connection = on_connection
+        self._sock: socket.socket | None = None
+        self._readers: set[_HandoffReader] = set()
+
+    def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(self.path)
+        sock.listen(64)
+        sock.setblocking(False)
+        self._sock = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                conn, _address = self._sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.warning("accepting a hand-off socket on %s failed: %s", self.path, exc)
+                return
+            conn.setblocking(False)
+            reader = _HandoffReader(conn, self._on_connection, self._readers.discard)
+            self._readers.add(reader)
+            asyncio.get_running_loop().add_reader(conn.fileno(), reader.read)
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        for reader in list(self._readers):
+            reader.close()
+
+
+class _HandoffReader:
+    """Reads records and descriptors from one peer's hand-off socket."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        on_connection: Callable[[int, bytes], None],
+        on_closed: Callable[[_HandoffReader], None],
+    ) -> None:
+        self._sock: socket.socket | None = sock
+        self._on_connection = on_connection
+        self._on_closed = on_closed
+        self._buffer = bytearray()
+        self._fds: deque[int] = deque()
+
+    def read(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            data, ancillary, _flags, _address = sock.recvmsg(
+                RECEIVE_BYTES, socket.CMSG_SPACE(RECEIVE_FDS * array.array("i").itemsize)
+            )
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.warning("reading a hand-off socket failed: %s", exc)
+            self.close()
+            return
+        for level, kind, cdata in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+                self._fds.extend(fds)
+        if not data:
+            self.close()
+            return
+        buffer = self._buffer
+        buffer += data
+        while len(buffer) >= 4:
+            length = int.from_bytes(buffer[:4], "big")
+            if len(buffer) < 4 + length:
+                break
+            saved = bytes(buffer[4 : 4 + length])
+            del buffer[: 4 + length]
+            if not self._fds:
+                log.error("hand-off record of %d bytes came without a socket; closing", length)
+                self.close()
+                return
+            self._on_connection(self._fds.popleft(), saved)
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
+        while self._fds:
+            os.close(self._fds.popleft())
+        self._on_closed(self)

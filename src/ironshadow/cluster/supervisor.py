@@ -1,0 +1,200 @@
+"""The supervisor of ``ironshadow serve --workers N``: it binds, starts, restarts and stops.
+
+The supervisor binds the MQTT TCP listening socket once and starts N worker processes that
+inherit it, so every worker accepts from the same kernel queue. Each worker runs the same
+``ironshadow serve`` command with :data:`~.worker.WORKER_ENVIRONMENT` set. The workers run in
+their own session, so a Ctrl-C in a terminal reaches the supervisor only, and the supervisor
+stops them in order.
+
+A worker that exits while the supervisor is not stopping is restarted after a backoff that
+doubles with each exit in a row, from ``RESTART_DELAY`` to ``MAX_RESTART_DELAY``, and starts
+again from ``RESTART_DELAY`` once a worker has run for ``STABLE_SECONDS``. A worker that exits
+with status 2, the engine's status for an invalid setting, would fail again the same way, so
+the supervisor stops every worker and exits with 2 as well.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from types import FrameType
+
+from .worker import WORKER_ENVIRONMENT, WorkerSpec
+
+log = logging.getLogger("ironshadow.cluster")
+
+# Seconds before the first restart of a worker that exited, doubled for each exit in a row.
+RESTART_DELAY = 0.5
+MAX_RESTART_DELAY = 10.0
+# Seconds a worker must run before its next exit counts as the first in a row again.
+STABLE_SECONDS = 30.0
+# Seconds between two checks of the workers' state.
+POLL_INTERVAL = 0.1
+# Seconds the workers get to stop after SIGTERM before they are killed.
+STOP_TIMEOUT = 30.0
+# Maximum length in bytes of the temporary folder for the workers' Unix sockets. With the
+# supervisor's own folder (28 bytes) and a socket name such as handoff-1023.sock (18 bytes),
+# a path stays within the 107 bytes that Linux allows.
+MAX_SOCKET_FOLDER_LENGTH = 56
+# Exit status with which the engine reports an invalid setting.
+SETTINGS_ERROR_STATUS = 2
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    exits_in_a_row: int = 0
+    restart_at: float | None = None
+
+
+def bind_listener(host: str, port: int, backlog: int) -> socket.socket:
+    """Bind and listen on the MQTT TCP port; raise OSError or socket.gaierror as bind does."""
+    family, kind, protocol, _name, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, protocol)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+class Supervisor:
+    """Runs ``command`` as ``workers`` worker processes until SIGINT or SIGTERM."""
+
+    def __init__(self, command: list[str], workers: int, listener: socket.socket) -> None:
+        self.command = command
+        self.listener = listener
+        self.workers = [_Worker(index) for index in range(workers)]
+        self.directory = ""
+        self._stopping = False
+        self.status = 0
+
+    def _request_stop(self, signum: int, _frame: FrameType | None) -> None:
+        if not self._stopping:
+            log.info("%s received; stopping the workers", signal.Signals(signum).name)
+        self._stopping = True
+
+    def run(self) -> int:
+        """Start the workers and supervise them; return the exit status for the command."""
+        previous = {
+            signum: signal.signal(signum, self._request_stop)
+            for signum in (signal.SIGINT, signal.SIGTERM)
+        }
+        # A Unix socket path may have at most 107 bytes on Linux, so a long TMPDIR is skipped.
+        parent = None if len(tempfile.gettempdir()) <= MAX_SOCKET_FOLDER_LENGTH else "/tmp"
+        self.directory = tempfile.mkdtemp(prefix="ironshadow-workers-", dir=parent)
+        try:
+            for worker in self.workers:
+                self._start(worker)
+            while not self._stopping:
+                time.sleep(POLL_INTERVAL)
+                self._check_workers()
+            self._stop_all()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.listener.close()
+        return self.status
+
+    def _start(self, worker: _Worker) -> None:
+        spec = WorkerSpec(
+            worker.index,
+            len(self.workers),
+            self.listener.fileno(),
+            self.directory,
+            os.getpid(),
+        )
+        environment = {**os.environ, WORKER_ENVIRONMENT: spec.to_environment()}
+        worker.process = subprocess.Popen(
+            self.command,
+            env=environment,
+            pass_fds=(self.listener.fileno(),),
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        worker.started_at = time.monotonic()
+        worker.restart_at = None
+        log.info("worker %d started (pid %d)", worker.index, worker.process.pid)
+
+    def _check_workers(self) -> None:
+        now = time.monotonic()
+        for worker in self.workers:
+            process = worker.process
+            if process is not None:
+                status = process.poll()
+                if status is None:
+                    continue
+                worker.process = None
+                self._worker_exited(worker, process.pid, status, now)
+                if self._stopping:
+                    return
+            elif worker.restart_at is not None and now >= worker.restart_at:
+                self._start(worker)
+
+    def _worker_exited(self, worker: _Worker, pid: int, status: int, now: float) -> None:
+        if status == SETTINGS_ERROR_STATUS:
+            log.error(
+                "worker %d (pid %d) exited with status 2 because of its settings; stopping "
+                "every worker",
+                worker.index,
+                pid,
+            )
+            self.status = SETTINGS_ERROR_STATUS
+            self._stopping = True
+            return
+        if now - worker.started_at >= STABLE_SECONDS:
+            worker.exits_in_a_row = 0
+        delay = min(RESTART_DELAY * 2**worker.exits_in_a_row, MAX_RESTART_DELAY)
+        worker.exits_in_a_row += 1
+        worker.restart_at = now + delay
+        if status < 0:
+            cause = f"was killed by {signal.Signals(-status).name}"
+        else:
+            cause = f"exited with status {status}"
+        log.warning(
+            "worker %d (pid %d) %s; restarting it in %.1f s", worker.index, pid, cause, delay
+        )
+
+    def _stop_all(self) -> None:
+        running = [worker for worker in self.workers if worker.process is not None]
+        for worker in running:
+            assert worker.process is not None
+            worker.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for worker in running:
+            process = worker.process
+            assert process is not None
+            try:
+                status = process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error(
+                    "worker %d (pid %d) did not stop within %.0f s of SIGTERM; killing it",
+                    worker.index,
+                    process.pid,
+                    STOP_TIMEOUT,
+                )
+                process.kill()
+                status = process.wait()
+            if status != 0:
+                log.error(
+                    "worker %d (pid %d) stopped with status %d", worker.index, process.pid, status
+                )
+                if not self.status:
+                    self.status = 1
+        log.info("all %d workers stopped", len(self.workers))

@@ -1,0 +1,637 @@
+"""One worker of ``ironshadow serve --workers N``: the ordinary engine plus its cluster links.
+
+A :class:`ClusterWorker` attaches to an :class:`~ironshadow.engine.Engine` before it starts
+and changes four things:
+
+- TCP listener. The broker accepts from the socket that the supervisor bound, with
+  :class:`~.handoff.ClusterConnection` as the protocol. At CONNECT, a client whose id another
+  worker owns (see :func:`~.ownership.owner_of`) is passed to that worker. Empty client ids,
+  TLS and WebSocket connections stay where they are.
+- Subscriptions. The broker's index is a :class:`ClusterIndex`, which counts the clients'
+  subscriptions per topic filter and tells every peer over the bus when a filter gains its
+  first subscriber or loses its last one. A peer that connects gets the whole set.
+- Routing. Each peer is an internal consumer session of the broker, ``$internal/peer-{n}``,
+  subscribed to the filters that the peer announced. The broker routes a message to it as to
+  any subscriber, at most once per message, and the consumer sends it to the peer, which
+  routes it to its own subscribers. Messages that came from the bus are never sent on.
+- Shadow requests. A request for a thing that another worker owns is sent to the owner as a
+  REQUEST frame, and this worker's shadow service ignores it. The publisher's acknowledgement
+  of a QoS 1 or 2 request waits for the owner's RELEASED frame. The owner's replies reach the
+  requester through the requester's worker's subscriptions, like any message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
+
+from ..broker.connection import CLOSED, CONNECTED, MQTTConnection
+from ..broker.core import INTERNAL_CLIENT_PREFIX
+from ..broker.message import Message
+from ..broker.retained import RetainedStore
+from ..broker.session import Session
+from ..broker.subscriptions import SubscriptionIndex, SubscriptionRecord
+from ..engine.topics import REQUEST_OPERATIONS, parse_shadow_topic
+from ..mqtt.packets import Connect
+from ..mqtt.reason_codes import ReasonCode
+from ..mqtt.topics import parse_shared_subscription
+from ..shadow.names import NAMED_SHADOW_SEPARATOR
+from . import bus
+from .handoff import ClusterConnection, HandoffListener, HandoffSender
+from .ownership import owner_of
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+
+log = logging.getLogger("ironshadow.cluster")
+
+# Environment variable through which the supervisor describes a worker to its process.
+WORKER_ENVIRONMENT = "IRONSHADOW_CLUSTER_WORKER"
+# Seconds between two attempts to open the bus link to a peer that is not listening yet.
+RECONNECT_INTERVAL = 0.2
+# Seconds between two checks that the supervisor is still alive.
+PARENT_CHECK_INTERVAL = 1.0
+# Request number of a REQUEST frame whose sender waits for no RELEASED frame (QoS 0), and
+# the highest number before the numbers start again at 1.
+NO_RELEASE = bytes(4)
+MAX_REQUEST_NUMBER = 2**32 - 1
+# Prefix of the per-worker $SYS topics. Unlike the rest of $SYS, they are sent to the peers,
+# so a client on any worker receives every worker's figures.
+WORKER_SYS_PREFIX = "$SYS/broker/workers/"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """A worker's identity and the location of its peers, passed by the supervisor."""
+
+    index: int
+    workers: int
+    # Descriptor of the MQTT listening socket, inherited from the supervisor.
+    listen_fd: int
+    # Folder of the bus and hand-off Unix sockets.
+    directory: str
+    supervisor_pid: int
+
+    def to_environment(self) -> str:
+        return json.dumps(
+            {
+                "index": self.index,
+                "workers": self.workers,
+                "listen_fd": self.listen_fd,
+                "directory": self.directory,
+                "supervisor_pid": self.supervisor_pid,
+            }
+        )
+
+    @classmethod
+    def from_environment(cls) -> WorkerSpec | None:
+        """Return the spec the supervisor set, or None in a process that is no worker."""
+        raw = os.environ.get(WORKER_ENVIRONMENT)
+        if not raw:
+            return None
+        fields = json.loads(raw)
+        return cls(
+            int(fields["index"]),
+            int(fields["workers"]),
+            int(fields["listen_fd"]),
+            str(fields["directory"]),
+            int(fields["supervisor_pid"]),
+        )
+
+    def bus_path(self, index: int) -> str:
+        return os.path.join(self.directory, f"bus-{index}.sock")
+
+    def handoff_path(self, index: int) -> str:
+        return os.path.join(self.directory, f"handoff-{index}.sock")
+
+
+class ClusterIndex(SubscriptionIndex):
+    """A subscription index that counts client subscriptions per inner topic filter.
+
+    ``on_change(topic_filter, present)`` runs when a filter gets its first subscription from
+    a client (True) or loses its last one (False). Internal sessions (the shadow service and
+    the peers) are not counted, so only filters of real clients are announced.
+    """
+
+    __slots__ = ("filters", "on_change")
+
+    def __init__(self, on_change: Callable[[str, bool], None]) -> None:
+        super().__init__()
+        # Inner topic filter -> client subscriptions on it, shared ones included.
+        self.filters: dict[str, int] = {}
+        self.on_change = on_change
+
+    def add(self, inner_filter: str, record: SubscriptionRecord) -> bool:
+        replaced = SubscriptionIndex.add(self, inner_filter, record)
+        if not replaced and not record.session.client_id.startswith(INTERNAL_CLIENT_PREFIX):
+            count = self.filters.get(inner_filter, 0)
+            self.filters[inner_filter] = count + 1
+            if not count:
+                self.on_change(inner_filter, True)
+        return replaced
+
+    def remove(self, inner_filter: str, client_id: str, share_group: str | None) -> bool:
+        removed = SubscriptionIndex.remove(self, inner_filter, client_id, share_group)
+        if removed and not client_id.startswith(INTERNAL_CLIENT_PREFIX):
+            count = self.filters[inner_filter] - 1
+            if count:
+                self.filters[inner_filter] = count
+            else:
+                del self.filters[inner_filter]
+                self.on_change(inner_filter, False)
+        return removed
+
+
+class ClusterRetainedStore(RetainedStore):
+    """A retained message store that reports each message it stores to ``on_store``."""
+
+    __slots__ = ("on_store",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_store: Callable[[Message], None] | None = None
+
+    def store(self, message: Message) -> None:
+        RetainedStore.store(self, message)
+        if self.on_store is not None:
+            self.on_store(message)
+
+
+class ClusterWorker:
+    """Joins an engine to its peers; :meth:`start` starts the engine too."""
+
+    def __init__(self, engine: Engine, spec: WorkerSpec, stop: Callable[[], None]) -> None:
+        self.engine = engine
+        self.spec = spec
+        self.index = spec.index
+        self.workers = spec.workers
+        self._stop = stop
+        broker = self.broker = engine.broker
+        self._retained = ClusterRetainedStore()
+        self._attach()
+
+        peers = [peer for peer in range(self.workers) if peer != self.index]
+        self._links: dict[int, bus.OutboundLink | None] = dict.fromkeys(peers)
+        self._peer_sessions: dict[int, Session] = {
+            peer: broker.add_consumer(f"peer-{peer}", [], self._peer_consumer(peer))
+            for peer in peers
+        }
+        self._senders = {peer: HandoffSender(spec.handoff_path(peer)) for peer in peers}
+        self._handoff = HandoffListener(spec.handoff_path(self.index), self._adopt)
+        self._dirty: list[bus.OutboundLink] = []
+        # Each peer's current link to this worker, set by the RESET frame that starts it.
+        self._inbound_links: dict[int, bus.InboundLink] = {}
+        # While a message from the bus is routed: whether it is one (so it is not sent on),
+        # and whether it is a shadow request for this worker's shadow service.
+        self._inbound = False
+        self._inbound_request = False
+        # Shadow requests sent to each peer whose publishers' acknowledgements wait for the
+        # peer's RELEASED frame, by request number.
+        self._held: dict[int, dict[int, Message]] = {peer: {} for peer in peers}
+        self._next_request = 0
+        # The last message encoded for the bus, reused when it goes to several peers.
+        self._encoded_message: Message | None = None
+        self._encoded = b""
+        self._drops = bus.DropCounter()
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._parent_timer: asyncio.TimerHandle | None = None
+        self._sys_timer: asyncio.TimerHandle | None = None
+        # Connections passed to a peer, taken from a peer, and kept here because the hand-off
+        # failed; published under $SYS/broker/workers/{index}/connections/.
+        self.handed_off = 0
+        self.adopted = 0
+        self.handoff_failed = 0
+
+    def _attach(self) -> None:
+        """Set the broker's and the shadow service's cluster hooks, before the engine starts.
+
+        The broker's index becomes a ClusterIndex that contains the same records, and its
+        retained store a ClusterRetainedStore, still empty at this point.
+        """
+        broker = self.broker
+        index = ClusterIndex(self._filter_changed)
+        for session in broker.sessions.values():
+            for topic_filter, record in session.subscriptions.items():
+                _group, inner = parse_shared_subscription(topic_filter)
+                index.add(inner, record)
+        broker.index = index
+        assert not broker.retained.count
+        broker.retained = self._retained
+        broker.listen_socket = socket.socket(fileno=self.spec.listen_fd)
+        broker.tcp_connection_class = ClusterConnection
+        broker.connect_router = self._route_connect
+        shadows = self.engine.shadows
+        shadows.route_request = self._route_request
+        shadows.foreign_owner = self._foreign_owner
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open this worker's bus and hand-off sockets, start linking to the peers, then
+        start the engine."""
+        loop = asyncio.get_running_loop()
+        path = self.spec.bus_path(self.index)
+        if os.path.exists(path):
+            os.unlink(path)
+        self._server = await loop.create_unix_server(
+            lambda: bus.InboundLink(self._on_frame, self._inbound_lost), path
+        )
+        self._handoff.start()
+        for peer in self._links:
+            task = loop.create_task(self._keep_linked(peer))
+            self._tasks.add(task)
+        await self.engine.start()
+        foreign = self._forget_foreign_shadows()
+        if foreign:
+            log.info(
+                "worker %d: forgot %d loaded shadows that other workers own", self.index, foreign
+            )
+        # From here on, and not for the retained messages restored at start, every retained
+        # message set on this worker goes to every peer.
+        self._retained.on_store = self._retained_stored
+        self._parent_timer = loop.call_later(PARENT_CHECK_INTERVAL, self._check_parent)
+        interval = self.broker.config.sys_interval
+        if interval > 0:
+            self._sys_timer = loop.call_later(interval, self._publish_sys)
+        log.info(
+            "worker %d of %d (pid %d) started; owns the client ids and things whose CRC-32 "
+            "modulo %d is %d",
+            self.index,
+            self.workers,
+            os.getpid(),
+            self.workers,
+            self.index,
+        )
+
+    async def stop(self) -> None:
+        """Close the hand-off socket, the bus links and the timers."""
+        for timer in (self._parent_timer, self._sys_timer):
+            if timer is not None:
+                timer.cancel()
+        self._parent_timer = self._sys_timer = None
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
+        self._handoff.close()
+        for sender in self._senders.values():
+            sender.close()
+        for link in self._links.values():
+            if link is not None:
+                link.close()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+            path = self.spec.bus_path(self.index)
+            if os.path.exists(path):
+                os.unlink(path)
+
+    def _forget_foreign_shadows(self) -> int:
+        """Drop the shadows loaded at start that another worker owns, and return how many.
+
+        With a shared hot store (Redis) every worker loads every shadow, but only the owner
+        serves and writes it, so a copy here would go stale.
+        """
+        # NOTE: each worker still reads every shadow from the shared store at start.
+        service = self.engine.shadows
+        foreign = [
+            key
+            for key in service.shadows
+            if owner_of(key.split(NAMED_SHADOW_SEPARATOR, 1)[0], self.workers) != self.index
+        ]
+        for key in foreign:
+            del service.shadows[key]
+            service.tombstones.pop(key, None)
+        for thing in list(service.named_shadows):
+            if owner_of(thing, self.workers) != self.index:
+                del service.named_shadows[thing]
+        return len(foreign)
+
+    def _check_parent(self) -> None:
+        if os.getppid() != self.spec.supervisor_pid:
+            log.error(
+                "worker %d: the supervisor (pid %d) is gone; stopping",
+                self.index,
+                self.spec.supervisor_pid,
+            )
+            self._stop()
+            return
+        loop = asyncio.get_running_loop()
+        self._parent_timer = loop.call_later(PARENT_CHECK_INTERVAL, self._check_parent)
+
+    # --- connections ------------------------------------------------------------------
+
+    def _route_connect(self, connection: MQTTConnection, connect: Connect) -> bool:
+        """Pass ``connection`` to the owner of its client id; return True when it was passed."""
+        if type(connection) is not ClusterConnection or connection.early is None:
+            return False
+        early, connection.early = connection.early, None
+        client_id = connect.client_id
+        if not client_id:
+            return False
+        owner = owner_of(client_id, self.workers)
+        if owner == self.index:
+            return False
+        transport = connection.transport
+        sock = transport.get_extra_info("socket")
+        if sock is None or not self._senders[owner].send(sock.fileno(), b"".join(early)):
+            self.handoff_failed += 1
+            return False
+        self.handed_off += 1
+        log.debug("client %s from %s passed to worker %d", client_id, connection.peer, owner)
+        # Forget the connection without writing to it: the owner has the socket now.
+        connection.state = CLOSED
+        connection.transport = None
+        self.broker.connection_lost(connection)
+        transport.abort()
+        return True
+
+    def _adopt(self, fd: int, data: bytes) -> None:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            os.close(fd)
+            log.warning("a socket passed by a peer is not usable: %s", exc)
+            return
+        task = asyncio.get_running_loop().create_task(self._adopt_socket(sock, data))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _adopt_socket(self, sock: socket.socket, data: bytes) -> None:
+        broker = self.broker
+        try:
+            await broker.loop.connect_accepted_socket(
+                lambda: ClusterConnection(broker, adopted=data), sock
+            )
+        except OSError as exc:
+            log.warning("adopting a connection passed by a peer failed: %s", exc)
+            sock.close()
+            return
+        self.adopted += 1
+
+    # --- subscriptions ----------------------------------------------------------------
+
+    def _filter_changed(self, topic_filter: str, present: bool) -> None:
+        data = bus.frame(bus.SUBSCRIBE if present else bus.UNSUBSCRIBE, topic_filter.encode())
+        for link in self._links.values():
+            if link is not None:
+                link.send(data)
+
+    def _announce_all(self, link: bus.OutboundLink) -> None:
+        assert isinstance(self.broker.index, ClusterIndex)
+        link.send(bus.frame(bus.HELLO, self.index.to_bytes(2, "big")))
+        link.send(bus.frame(bus.RESET))
+        for topic_filter in self.broker.index.filters:
+            link.send(bus.frame(bus.SUBSCRIBE, topic_filter.encode()))
+
+    def _forget_peer_filters(self, peer: int) -> None:
+        session = self._peer_sessions[peer]
+        for topic_filter in session.subscriptions:
+            self.broker.index.remove(topic_filter, session.client_id, None)
+        session.subscriptions.clear()
+
+    # --- bus links --------------------------------------------------------------------
+
+    async def _keep_linked(self, peer: int) -> None:
+        """Keep the outgoing link to ``peer`` open, reconnecting whenever it closes."""
+        loop = asyncio.get_running_loop()
+        path = self.spec.bus_path(peer)
+        while True:
+            try:
+                _transport, link = await loop.create_unix_connection(
+                    lambda: bus.OutboundLink(peer, self._schedule_flush), path
+                )
+            except OSError:
+                await asyncio.sleep(RECONNECT_INTERVAL)
+                continue
+            self._links[peer] = link
+            self._announce_all(link)
+            log.info("worker %d: bus link to worker %d open", self.index, peer)
+            await link.closed
+            self._links[peer] = None
+            # The supervisor logs why the peer stopped, if it did.
+            log.info("worker %d: bus link to worker %d closed; reconnecting", self.index, peer)
+            await asyncio.sleep(RECONNECT_INTERVAL)
+
+    def _schedule_flush(self, link: bus.OutboundLink) -> None:
+        if not self._dirty:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._dirty.append(link)
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for link in dirty:
+            link.flush()
+
+    def _on_frame(
+        self, link: bus.InboundLink, kind: int, body: bytearray, pos: int, end: int
+    ) -> None:
+        peer = link.peer
+        assert peer is not None
+        if kind == bus.PUBLISH:
+            message = bus.decode_message(body, pos, end)
+            self._inbound = True
+            try:
+                self.broker.publish(message)
+            finally:
+                self._inbound = False
+            return
+        if kind == bus.REQUEST:
+            self._request_arrived(peer, body, pos, end)
+            return
+        if kind == bus.RELEASED:
+            self._release_held(peer, int.from_bytes(body[pos:end], "big"))
+            return
+        if kind == bus.RESET:
+            self._inbound_links[peer] = link
+            self._forget_peer_filters(peer)
+            return
+        topic_filter = bytes(body[pos:end]).decode()
+        session = self._peer_sessions[peer]
+        if kind == bus.SUBSCRIBE:
+            record = SubscriptionRecord(session, topic_filter, 2)
+            session.subscriptions[topic_filter] = record
+            self.broker.index.add(topic_filter, record)
+        elif kind == bus.UNSUBSCRIBE:
+            if session.subscriptions.pop(topic_filter, None) is not None:
+                self.broker.index.remove(topic_filter, session.client_id, None)
+        else:
+            raise ValueError(f"unknown frame kind {kind}")
+
+    def _inbound_lost(self, link: bus.InboundLink) -> None:
+        # A link replaced by a newer one from the same peer leaves that one's filters alone.
+        if link.peer is not None and self._inbound_links.get(link.peer) is link:
+            del self._inbound_links[link.peer]
+            self._forget_peer_filters(link.peer)
+            # The peer may have stopped before storing the requests it had not confirmed.
+            held = self._held[link.peer]
+            messages = list(held.values())
+            held.clear()
+            self._disconnect_publishers(messages, f"worker {link.peer} went away")
+
+    # --- routing ----------------------------------------------------------------------
+
+    def _peer_consumer(self, peer: int) -> Callable[[Message], None]:
+        def consume(message: Message) -> None:
+            if self._inbound:
+                return  # it came from the bus, and every worker got its own copy
+            topic = message.topic
+            if message.retain:
+                return  # _retained_stored sends it to every peer
+            topic = message.topic
+            if topic.startswith("$"):
+                if topic.startswith("$SYS/") and not topic.startswith(WORKER_SYS_PREFIX):
+                    return  # every worker publishes its own $SYS figures
+                if self._request_owner(topic) == peer:
+                    return  # _route_request sends it to the owner as a REQUEST
+            self._send_message(peer, bus.PUBLISH, message)
+
+        return consume
+
+    def _retained_stored(self, message: Message) -> None:
+        """Send a retained message set on this worker to every peer, subscribed or not, so
+        that a later subscriber on any worker receives it."""
+        if self._inbound:
+            return
+        topic = message.topic
+        if topic.startswith("$SYS/") and not topic.startswith(WORKER_SYS_PREFIX):
+            return
+        for peer in self._links:
+            self._send_message(peer, bus.PUBLISH, message)
+
+    def _request_owner(self, topic: str) -> int | None:
+        """Return the owner of the thing of shadow request ``topic``, or None for other topics."""
+        parsed = parse_shadow_topic(topic)
+        if parsed is None or parsed[2] not in REQUEST_OPERATIONS:
+            return None
+        return owner_of(parsed[0], self.workers)
+
+    def _send_message(self, peer: int, kind: int, message: Message, prefix: bytes = b"") -> bool:
+        """Queue ``message`` for ``peer`` after ``prefix``; return False when it was dropped."""
+        link = self._links[peer]
+        if link is None:
+            self._drops.dropped(peer, "no bus link to that worker")
+            return False
+        if link.congested():
+            self._drops.dropped(peer, "its bus link is congested")
+            return False
+        if self._encoded_message is not message:
+            self._encoded = bus.encode_message(message, time.monotonic())
+            self._encoded_message = message
+        link.send(bus.frame(kind, prefix + self._encoded))
+        return True
+
+    def _route_request(self, thing: str, message: Message) -> bool:
+        """Send a request to the owner of ``thing``; return True when this worker must ignore it."""
+        if self._inbound:
+            # A REQUEST frame is for this worker; a PUBLISH copy is the owner's to handle.
+            return not self._inbound_request
+        owner = owner_of(thing, self.workers)
+        if owner == self.index:
+            return False
+        if not message.qos:
+            self._send_message(owner, bus.REQUEST, message, NO_RELEASE)
+            return True
+        # The publisher's PUBACK or PUBREC waits until the owner has stored the update and
+        # sends RELEASED with this number, as it waits for a local shadow service.
+        number = self._next_request = self._next_request % MAX_REQUEST_NUMBER + 1
+        if self._send_message(owner, bus.REQUEST, message, number.to_bytes(4, "big")):
+            message.hold()
+            self._held[owner][number] = message
+        else:
+            # Hold the message, never to release it: the publisher gets no acknowledgement.
+            message.hold()
+            self._disconnect_publishers([message], f"worker {owner} cannot be reached")
+        return True
+
+    def _request_arrived(self, peer: int, body: bytearray, pos: int, end: int) -> None:
+        """Route a REQUEST frame, and send RELEASED back once its message is released."""
+        number = int.from_bytes(body[pos : pos + 4], "big")
+        message = bus.decode_message(body, pos + 4, end)
+        self._inbound = True
+        self._inbound_request = True
+        try:
+            self.broker.publish(message)
+        finally:
+            self._inbound = False
+            self._inbound_request = False
+        if not number:
+            return
+        data = bus.frame(bus.RELEASED, number.to_bytes(4, "big"))
+        if message.holds:
+            message.on_released = partial(self._send_released, peer, data)
+        else:
+            self._send_released(peer, data)
+
+    def _send_released(self, peer: int, data: bytes) -> None:
+        link = self._links[peer]
+        if link is not None:
+            link.send(data)
+
+    def _release_held(self, peer: int, number: int) -> None:
+        """Release the request ``number`` held for ``peer``: its publisher is acknowledged."""
+        message = self._held[peer].pop(number, None)
+        if message is not None:
+            message.release()
+
+    def _disconnect_publishers(self, messages: list[Message], why: str) -> None:
+        """Close the connections that published ``messages``, which stay unacknowledged.
+
+        Each message is a QoS 1 or 2 shadow request that its owner may not have stored. The
+        client sends it again after it reconnects (with a persistent session), or knows that
+        it was not delivered; acknowledging it would promise what nobody kept.
+        """
+        closed = 0
+        loop = self.broker.loop
+        for message in messages:
+            session = self.broker.sessions.get(message.origin or "")
+            connection = session.connection if session is not None else None
+            if connection is not None and connection.state != CLOSED:
+                # Soon rather than now: this may run inside the connection's own PUBLISH.
+                loop.call_soon(connection.close, ReasonCode.SERVER_BUSY)
+                closed += 1
+        if messages:
+            log.warning(
+                "worker %d: %s before confirming %d shadow request(s); closed %d publishing "
+                "connection(s) without acknowledging them, so that the clients send them again",
+                self.index,
+                why,
+                len(messages),
+                closed,
+            )
+
+    def _foreign_owner(self, thing: str) -> str | None:
+        owner = owner_of(thing, self.workers)
+        if owner == self.index:
+            return None
+        return (
+            f"thing {thing!r} belongs to worker {owner}, and the HTTP API of this engine "
+            f"serves only the things of worker {self.index}; use the MQTT shadow topics"
+        )
+
+    # --- $SYS -------------------------------------------------------------------------
+
+    def _publish_sys(self) -> None:
+        broker = self.broker
+        interval = broker.config.sys_interval
+        self._sys_timer = broker.loop.call_later(interval, self._publish_sys)
+        connected = sum(1 for connection in broker.connections if connection.state == CONNECTED)
+        prefix = f"{WORKER_SYS_PREFIX}{self.index}/"
+        figures = (
+            ("pid", os.getpid()),
+            ("clients/connected", connected),
+            ("connections/handed-off", self.handed_off),
+            ("connections/adopted", self.adopted),
+            ("connections/hand-off-failed", self.handoff_failed),
+            ("bus/dropped", self._drops.count),
+        )
+        for name, value in figures:
+            broker.publish(Message(prefix + name, str(value).encode(), 0, True))

@@ -1,0 +1,569 @@
+"""``ironshadow serve --workers 3`` as a subprocess, driven by real paho-mqtt clients.
+
+Client ids are chosen with ``owner_of``, so each test decides which worker serves which
+client. The per-worker figures under ``$SYS/broker/workers/`` show where the connections
+really are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import free_port, open_clients, scaled
+from ironshadow.cluster import owner_of
+from ironshadow.mqtt.packets import Disconnect, Puback, Publish
+from ironshadow.mqtt.reason_codes import ReasonCode
+from mqtt_client import V311, TestClient
+from raw_client import RawClient
+
+HOST = "127.0.0.1"
+WORKERS = 3
+START_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 20.0
+RESPONSE_TIMEOUT_S = 10.0
+# Seconds between two publications of the per-worker $SYS figures, and how long a monitor
+# reads them.
+SYS_INTERVAL_S = 0.5
+FIGURES_WINDOW_S = 1.5
+
+# Runs `python -m ironshadow` after asking Linux to send the supervisor SIGTERM when the test
+# process dies (prctl PR_SET_PDEATHSIG, option 1), so a killed pytest leaves no engine behind.
+# The workers stop by themselves when their supervisor is gone.
+# servers.py, beside the storage tests, starts a private redis-server.
+STORAGE_TESTS = Path(__file__).resolve().parents[1] / "storage"
+
+LAUNCHER = (
+    "import ctypes, runpy, signal;"
+    " ctypes.CDLL(None).prctl(1, signal.SIGTERM);"
+    " runpy.run_module('ironshadow', run_name='__main__', alter_sys=True)"
+)
+
+
+class Cluster:
+    """``ironshadow serve --workers N`` in a subprocess, with its log in a file."""
+
+    def __init__(self, data_dir: Path, workers: int = WORKERS, *flags: str) -> None:
+        self.port = free_port()
+        self.http_port = free_port()
+        self.workers = workers
+        self.data_dir = data_dir
+        self.log_path = data_dir.parent / f"cluster-{uuid.uuid4().hex[:6]}.log"
+        command = [
+            sys.executable, "-c", LAUNCHER, "serve",
+            "--workers", str(workers),
+            "--host", HOST,
+            "--mqtt-port", str(self.port),
+            "--http-port", str(self.http_port),
+            "--data-dir", str(data_dir),
+            "--sys-interval", str(SYS_INTERVAL_S),
+            *flags,
+        ]  # fmt: skip
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:]) or "(no output)"
+
+    def wait_until_running(self) -> None:
+        """Wait until every worker logged that it runs and every bus link is open."""
+        deadline = time.monotonic() + scaled(START_TIMEOUT_S)
+        links = self.workers * (self.workers - 1)
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"the supervisor exited with code {self.process.returncode} at start:\n"
+                    f"{self.log_tail()}"
+                )
+            text = self.log_text()
+            if text.count("running; stop with") >= self.workers and (
+                text.count("bus link to worker") >= links
+            ):
+                return
+            time.sleep(0.05)
+        raise AssertionError(
+            f"the workers did not start within {START_TIMEOUT_S:g} s:\n{self.log_tail()}"
+        )
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(scaled(STOP_TIMEOUT_S))
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def client_owned_by(worker: int, prefix: str) -> str:
+    """Return a new client id that ``worker`` owns among WORKERS workers."""
+    while True:
+        client_id = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        if owner_of(client_id, WORKERS) == worker:
+            return client_id
+
+
+def worker_figures(port: int, name: str) -> dict[int, str]:
+    """Return the latest ``$SYS/broker/workers/{n}/{name}`` of every worker.
+
+    The figures are retained, so a worker that was killed leaves its last ones behind. The
+    monitor reads for FIGURES_WINDOW_S, several publication intervals, and keeps the latest.
+    """
+    monitor = TestClient(port, client_owned_by(0, "monitor"))
+    try:
+        monitor.subscribe(f"$SYS/broker/workers/+/{name}")
+        figures: dict[int, str] = {}
+        deadline = time.monotonic() + scaled(FIGURES_WINDOW_S)
+        while time.monotonic() < deadline:
+            try:
+                message = monitor.messages.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            figures[int(message.topic.split("/")[3])] = message.payload.decode()
+        return figures
+    finally:
+        monitor.close()
+
+
+def wait_for_figure(port: int, worker: int, name: str, expected: str) -> None:
+    deadline = time.monotonic() + scaled(RESPONSE_TIMEOUT_S)
+    figures: dict[int, str] = {}
+    while time.monotonic() < deadline:
+        figures = worker_figures(port, name)
+        if figures.get(worker) == expected:
+            return
+    raise AssertionError(f"{name} of worker {worker} is not {expected}: {figures}")
+
+
+@pytest.fixture(autouse=True)
+def close_clients() -> Iterator[None]:
+    """Close the test's clients after it, before a module-scoped cluster stops."""
+    yield
+    while open_clients:
+        open_clients.pop().close()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    data_dir = tmp_path_factory.mktemp("cluster") / "data"
+    process = Cluster(data_dir)
+    try:
+        process.wait_until_running()
+        yield process
+    finally:
+        status = process.stop()
+    assert status == 0, f"the supervisor exited with code {status}:\n{process.log_tail()}"
+
+
+def test_wildcard_subscriber_hears_every_worker(cluster: Cluster) -> None:
+    subscriber = TestClient(cluster.port, client_owned_by(0, "listener"))
+    subscriber.subscribe("plant/#", qos=1)
+    publishers = [
+        TestClient(cluster.port, client_owned_by(worker, f"sensor{worker}"))
+        for worker in range(WORKERS)
+        for _ in range(3)
+    ]
+    # A broker-assigned id stays on whichever worker accepted the connection.
+    publishers.append(TestClient(cluster.port, ""))
+    for number, publisher in enumerate(publishers):
+        publisher.publish(f"plant/line{number}/temperature", f"{number}".encode(), qos=1)
+    received = {}
+    for _ in publishers:
+        message = subscriber.expect(timeout=RESPONSE_TIMEOUT_S)
+        received[message.topic] = message.payload
+    assert received == {
+        f"plant/line{number}/temperature": f"{number}".encode() for number in range(len(publishers))
+    }
+    subscriber.expect_none(wait=0.3)
+
+
+def test_unsubscribed_filter_stops_forwarding(cluster: Cluster) -> None:
+    subscriber = TestClient(cluster.port, client_owned_by(1, "listener"))
+    subscriber.subscribe("hall/+/door", qos=0)
+    publisher = TestClient(cluster.port, client_owned_by(2, "door"))
+    publisher.publish("hall/a/door", b"open", qos=1)
+    assert subscriber.expect(timeout=RESPONSE_TIMEOUT_S).payload == b"open"
+    subscriber.unsubscribe("hall/+/door")
+    publisher.publish("hall/a/door", b"closed", qos=1)
+    subscriber.expect_none(wait=0.5)
+
+
+def test_qos_and_retain_survive_the_bus(cluster: Cluster) -> None:
+    subscriber = TestClient(cluster.port, client_owned_by(2, "qos"))
+    subscriber.subscribe("qos/#", qos=2, retainAsPublished=True)
+    publisher = TestClient(cluster.port, client_owned_by(0, "qos-pub"))
+    publisher.publish("qos/two", b"exactly once", qos=2, retain=True)
+    message = subscriber.expect(timeout=RESPONSE_TIMEOUT_S)
+    assert message.payload == b"exactly once"
+    assert message.qos == 2
+    assert message.retain
+    publisher.publish("qos/two", b"", qos=1, retain=True)  # clear the retained message
+
+
+def test_retained_message_reaches_later_subscriber(cluster: Cluster) -> None:
+    publisher = TestClient(cluster.port, client_owned_by(0, "retainer"))
+    # Frames from one worker to another arrive in order, so once a marker published after
+    # the retained message reaches workers 1 and 2, they have stored the retained message.
+    barriers = [TestClient(cluster.port, client_owned_by(worker, "barrier")) for worker in (1, 2)]
+    for barrier in barriers:
+        barrier.subscribe("barrier/+", qos=1)
+
+    def wait_for_peers(marker: str) -> None:
+        publisher.publish(f"barrier/{marker}", b"", qos=1)
+        for barrier in barriers:
+            assert barrier.expect(timeout=RESPONSE_TIMEOUT_S).topic == f"barrier/{marker}"
+
+    # No client subscribes to config/+ yet, so no worker has a matching filter.
+    publisher.publish("config/line7", b"speed=3", qos=1, retain=True)
+    wait_for_peers("set")
+    for worker in (1, 2):
+        subscriber = TestClient(cluster.port, client_owned_by(worker, "late"))
+        subscriber.subscribe("config/+", qos=1)
+        message = subscriber.expect(timeout=RESPONSE_TIMEOUT_S)
+        assert (message.topic, message.payload, message.retain) == (
+            "config/line7",
+            b"speed=3",
+            True,
+        )
+        subscriber.close()
+    publisher.publish("config/line7", b"", qos=1, retain=True)
+    wait_for_peers("cleared")
+    cleared = TestClient(cluster.port, client_owned_by(2, "cleared"))
+    cleared.subscribe("config/+", qos=1)
+    cleared.expect_none(wait=0.5)
+
+
+def test_connections_are_handed_to_their_owner(cluster: Cluster) -> None:
+    clients = [
+        TestClient(cluster.port, client_owned_by(1, "owned"), protocol=V311) for _ in range(12)
+    ]
+    # The monitor that reads the figures is owned by worker 0, so it counts there.
+    wait_for_figure(cluster.port, 1, "clients/connected", str(len(clients)))
+    connected = worker_figures(cluster.port, "clients/connected")
+    assert connected[2] == "0", connected
+    handed_off = worker_figures(cluster.port, "connections/handed-off")
+    adopted = worker_figures(cluster.port, "connections/adopted")
+    # With one kernel accept queue for three workers, some of the 12 land elsewhere first.
+    assert int(adopted[1]) > 0, adopted
+    assert sum(int(count) for count in handed_off.values()) >= int(adopted[1]), handed_off
+    for client in clients:
+        client.close()
+
+
+def test_takeover_finds_first_connection(cluster: Cluster) -> None:
+    # Whichever workers accept the two connections, both end up on the owner of the id,
+    # which closes the first one.
+    for attempt in range(4):
+        client_id = client_owned_by(attempt % WORKERS, "twin")
+        first = TestClient(cluster.port, client_id, protocol=V311, clean=False)
+        first.subscribe("twin/topic", qos=1)
+        second = TestClient(cluster.port, client_id, protocol=V311, clean=False)
+        first.disconnected.wait(scaled(RESPONSE_TIMEOUT_S))
+        assert first.disconnected.is_set(), f"{client_id}: the first connection stayed open"
+        assert second.connack is not None
+        publisher = TestClient(cluster.port, client_owned_by((attempt + 1) % WORKERS, "pub"))
+        publisher.publish("twin/topic", b"to the session", qos=1)
+        assert second.expect(timeout=RESPONSE_TIMEOUT_S).payload == b"to the session"
+        for client in (first, second, publisher):
+            client.close()
+
+
+def test_delta_reaches_device_on_owner(cluster: Cluster) -> None:
+    thing = client_owned_by(1, "boiler")
+    device = TestClient(cluster.port, thing)
+    device.subscribe(f"$aws/things/{thing}/shadow/update/delta", qos=1)
+    device.subscribe(f"$aws/things/{thing}/shadow/update/accepted", qos=1)
+    device.publish(
+        f"$aws/things/{thing}/shadow/update",
+        json.dumps({"state": {"reported": {"setpoint": 60}}}).encode(),
+        qos=1,
+    )
+    accepted = json.loads(device.expect(timeout=RESPONSE_TIMEOUT_S).payload)
+    assert accepted["state"]["reported"] == {"setpoint": 60}
+    assert accepted["version"] == 1
+    application = TestClient(cluster.port, client_owned_by(2, "app"))
+    application.subscribe(f"$aws/things/{thing}/shadow/update/accepted", qos=1)
+    application.publish(
+        f"$aws/things/{thing}/shadow/update",
+        json.dumps({"state": {"desired": {"setpoint": 70}}, "clientToken": "t1"}).encode(),
+        qos=1,
+    )
+    reply = json.loads(application.expect(timeout=RESPONSE_TIMEOUT_S).payload)
+    assert reply["clientToken"] == "t1"
+    assert reply["version"] == 2
+    messages = {}
+    for _ in range(2):
+        message = device.expect(timeout=RESPONSE_TIMEOUT_S)
+        messages[message.topic.rsplit("/", 1)[1]] = json.loads(message.payload)
+    assert messages["delta"]["state"] == {"setpoint": 70}
+    assert messages["delta"]["version"] == 2
+
+
+def test_get_from_another_worker(cluster: Cluster) -> None:
+    thing = client_owned_by(0, "valve")
+    device = TestClient(cluster.port, thing)
+    device.subscribe(f"$aws/things/{thing}/shadow/update/accepted", qos=1)
+    device.publish(
+        f"$aws/things/{thing}/shadow/update",
+        json.dumps({"state": {"reported": {"open": True}}}).encode(),
+        qos=1,
+    )
+    device.expect(timeout=RESPONSE_TIMEOUT_S)
+    reader = TestClient(cluster.port, client_owned_by(2, "reader"))
+    reader.subscribe(f"$aws/things/{thing}/shadow/get/+", qos=1)
+    reader.publish(f"$aws/things/{thing}/shadow/get", b"{}", qos=1)
+    message = reader.expect(timeout=RESPONSE_TIMEOUT_S)
+    assert message.topic.endswith("/get/accepted"), message.payload
+    assert json.loads(message.payload)["state"]["reported"] == {"open": True}
+    reader.expect_none(wait=0.3)
+
+
+def test_http_api_serves_worker_zero_things(cluster: Cluster) -> None:
+    base = f"http://{HOST}:{cluster.http_port}"
+    own = client_owned_by(0, "rest")
+    other = client_owned_by(1, "rest")
+    document = {"state": {"desired": {"level": 3}}}
+    response = httpx.post(f"{base}/things/{own}/shadow", json=document, timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.json()["version"] == 1
+    response = httpx.post(f"{base}/things/{other}/shadow", json=document, timeout=10)
+    assert response.status_code == 503, response.text
+    assert "belongs to worker 1" in response.json()["message"]
+
+
+def test_puback_waits_for_owner_store(cluster: Cluster) -> None:
+    base = f"http://{HOST}:{cluster.http_port}"
+    for number in range(5):
+        # The thing belongs to worker 0, which serves HTTP; the publisher's id to worker 2.
+        thing = client_owned_by(0, "tank")
+        publisher = TestClient(cluster.port, client_owned_by(2, "filler"))
+        document = {"state": {"reported": {"level": number}}}
+        publisher.publish(
+            f"$aws/things/{thing}/shadow/update", json.dumps(document).encode(), qos=1
+        )
+        # PUBACK came back, so worker 0 has applied and stored the update.
+        response = httpx.get(f"{base}/things/{thing}/shadow", timeout=10)
+        assert response.status_code == 200, response.text
+        assert response.json()["state"]["reported"] == {"level": number}
+        publisher.close()
+
+
+def test_request_lost_with_owner_is_not_acknowledged(tmp_path: Path) -> None:
+    """A QoS 1 shadow request whose owner dies before confirming it gets no PUBACK: its
+    publisher is disconnected instead, so that the client sends it again."""
+    cluster = Cluster(tmp_path / "data")
+    try:
+        cluster.wait_until_running()
+        pids = worker_figures(cluster.port, "pid")
+        thing = client_owned_by(1, "valve")
+        publisher = RawClient(cluster.port)
+        publisher.connect(client_owned_by(2, "panel"))
+        os.kill(int(pids[1]), signal.SIGSTOP)  # the owner takes the request and never answers
+        try:
+            document = json.dumps({"state": {"desired": {"open": True}}}).encode()
+            publisher.send(Publish(f"$aws/things/{thing}/shadow/update", document, 1, packet_id=7))
+            publisher.receive_none(wait=scaled(0.5))
+        finally:
+            os.kill(int(pids[1]), signal.SIGKILL)
+        packets = publisher.wait_closed(timeout=scaled(RESPONSE_TIMEOUT_S))
+        assert not [packet for packet in packets if isinstance(packet, Puback)], packets
+        assert [packet.reason_code for packet in packets if isinstance(packet, Disconnect)] == [
+            ReasonCode.SERVER_BUSY
+        ]
+        assert "closed 1 publishing connection(s) without acknowledging" in cluster.log_text()
+    finally:
+        status = cluster.stop()
+    assert status == 0, cluster.log_tail()
+
+
+def serve_once(data_dir: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """Run ``ironshadow serve`` on ``data_dir`` with ``flags``, expecting it to exit."""
+    command = [
+        sys.executable, "-m", "ironshadow", "serve", *flags,
+        "--host", HOST,
+        "--mqtt-port", str(free_port()),
+        "--http-port", str(free_port()),
+        "--data-dir", str(data_dir),
+    ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=scaled(STOP_TIMEOUT_S))
+
+
+def test_other_worker_count_is_rejected(cluster: Cluster) -> None:
+    result = serve_once(cluster.data_dir, "--workers", "2")
+    assert result.returncode == 2, result.stderr
+    assert "was used with --workers 3" in result.stderr
+    assert "--workers is 2" in result.stderr
+    single = serve_once(cluster.data_dir)
+    assert single.returncode == 2, single.stderr
+    assert "--workers is 1" in single.stderr
+
+
+def test_single_process_data_is_kept_from_workers(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    (data_dir / "shadows").mkdir(parents=True)
+    result = serve_once(data_dir, "--workers", "3")
+    assert result.returncode == 2, result.stderr
+    assert "single-process engine" in result.stderr
+    assert not (data_dir / "workers.json").exists()
+
+
+def test_killed_worker_restarts(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path / "data")
+    try:
+        cluster.wait_until_running()
+        thing = client_owned_by(2, "pump")
+        device = TestClient(cluster.port, thing)
+        device.subscribe(f"$aws/things/{thing}/shadow/update/accepted", qos=1)
+        device.publish(
+            f"$aws/things/{thing}/shadow/update",
+            json.dumps({"state": {"reported": {"rpm": 1200}}}).encode(),
+            qos=1,
+        )
+        assert json.loads(device.expect(timeout=RESPONSE_TIMEOUT_S).payload)["version"] == 1
+        pids = worker_figures(cluster.port, "pid")
+        watcher = TestClient(cluster.port, client_owned_by(0, "watcher"))
+        watcher.subscribe("after/#", qos=1)
+        # Under load: a publisher on worker 0 keeps sending while worker 2 dies.
+        publisher = TestClient(cluster.port, client_owned_by(0, "load"))
+        for number in range(200):
+            publisher.publish(f"load/{number}", b"x", qos=0)
+        os.kill(int(pids[2]), signal.SIGKILL)
+        device.disconnected.wait(scaled(RESPONSE_TIMEOUT_S))
+        assert device.disconnected.is_set(), "the device stayed connected to a killed worker"
+        deadline = time.monotonic() + scaled(START_TIMEOUT_S)
+        new_pids = pids
+        while time.monotonic() < deadline:
+            new_pids = worker_figures(cluster.port, "pid")
+            if new_pids.get(2) not in (None, pids[2]):
+                break
+        assert new_pids.get(2) not in (None, pids[2]), new_pids
+        assert new_pids[0] == pids[0]
+        assert new_pids[1] == pids[1]
+        assert "worker 2 (pid" in cluster.log_text()
+        assert "was killed by SIGKILL; restarting it" in cluster.log_text()
+        device.close()
+        device = TestClient(cluster.port, thing)
+        device.subscribe(f"$aws/things/{thing}/shadow/update/accepted", qos=1)
+        device.publish(
+            f"$aws/things/{thing}/shadow/update",
+            json.dumps({"state": {"reported": {"rpm": 1300}}}).encode(),
+            qos=1,
+        )
+        accepted = json.loads(device.expect(timeout=RESPONSE_TIMEOUT_S).payload)
+        # The restarted worker reloaded the shadow from its folder.
+        assert accepted["version"] == 2
+        # The restarted worker learns worker 0's filters when worker 0's link to it reopens,
+        # which can be shortly after it accepts clients, so the device publishes until the
+        # watcher on worker 0 hears it.
+        deadline = time.monotonic() + scaled(RESPONSE_TIMEOUT_S)
+        heard = None
+        while heard is None and time.monotonic() < deadline:
+            device.publish("after/restart", b"back", qos=1)
+            try:
+                heard = watcher.messages.get(timeout=scaled(0.2))
+            except queue.Empty:
+                continue
+        assert heard is not None, "no message from the restarted worker reached worker 0"
+        assert heard.payload == b"back"
+        publisher.close()
+        device.close()
+    finally:
+        status = cluster.stop()
+    assert status == 0, cluster.log_tail()
+
+
+def test_sigterm_stops_every_worker(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path / "data")
+    try:
+        cluster.wait_until_running()
+        pids = [int(pid) for pid in worker_figures(cluster.port, "pid").values()]
+        assert len(pids) == WORKERS
+    finally:
+        status = cluster.stop()
+    assert status == 0, cluster.log_tail()
+    assert "all 3 workers stopped" in cluster.log_text()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_one_worker_runs_without_supervisor(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path / "data", workers=1)
+    try:
+        cluster.wait_until_running()
+        subscriber = TestClient(cluster.port, "one-listener")
+        subscriber.subscribe("plant/#", qos=1)
+        publisher = TestClient(cluster.port, "one-sensor")
+        publisher.publish("plant/line1", b"21.5", qos=1)
+        assert subscriber.expect(timeout=RESPONSE_TIMEOUT_S).payload == b"21.5"
+        publisher.subscribe("$aws/things/one-sensor/shadow/update/accepted", qos=1)
+        publisher.publish(
+            "$aws/things/one-sensor/shadow/update",
+            json.dumps({"state": {"reported": {"on": True}}}).encode(),
+            qos=1,
+        )
+        accepted = json.loads(publisher.expect(timeout=RESPONSE_TIMEOUT_S).payload)
+        assert accepted["version"] == 1
+        subscriber.close()
+        publisher.close()
+    finally:
+        status = cluster.stop()
+    assert status == 0, cluster.log_tail()
+    assert "supervisor" not in cluster.log_text()
+    assert "worker-0" not in cluster.log_text()
+    assert not (tmp_path / "data" / "workers.json").exists()
+    assert (tmp_path / "data" / "shadows").exists()
+
+
+def test_shared_redis_keeps_one_owner(tmp_path: Path) -> None:
+    if str(STORAGE_TESTS) not in sys.path:
+        sys.path.append(str(STORAGE_TESTS))
+    from servers import RedisServer, fresh_redis_url
+
+    redis_server = RedisServer.start()
+    try:
+        url = fresh_redis_url(redis_server)
+        thing = client_owned_by(1, "press")
+        document = {"state": {"reported": {"force": 9}}}
+        for run_number in (1, 2):
+            cluster = Cluster(tmp_path / "data", WORKERS, "--redis", url)
+            try:
+                cluster.wait_until_running()
+                # The publisher's id belongs to worker 2, so the request is forwarded.
+                client = TestClient(cluster.port, client_owned_by(2, "operator"))
+                client.subscribe(f"$aws/things/{thing}/shadow/update/accepted", qos=1)
+                client.publish(
+                    f"$aws/things/{thing}/shadow/update", json.dumps(document).encode(), qos=1
+                )
+                accepted = json.loads(client.expect(timeout=RESPONSE_TIMEOUT_S).payload)
+                # The second run continues from the version stored in Redis by the first.
+                assert accepted["version"] == run_number
+                client.close()
+            finally:
+                status = cluster.stop()
+            assert status == 0, cluster.log_tail()
+        # In the second run, workers 0 and 2 loaded the shadow from Redis and dropped it.
+        assert cluster.log_text().count("forgot 1 loaded shadows that other workers own") == 2
+    finally:
+        redis_server.stop()
