@@ -340,6 +340,17 @@ def test_v311_subscriber_gets_plain_message(broker):
     assert subscriber.expect().payload == b"body"
 
 
+def test_client_subscription_identifier_disconnects(broker):
+    subscriber = RawClient(broker.port)
+    subscriber.connect("listener")
+    subscriber.subscribe("sid/t", 0)
+    client = RawClient(broker.port)
+    client.connect("raw")
+    client.send(Publish("sid/t", b"x", properties={PropertyId.SUBSCRIPTION_IDENTIFIER: [5]}))
+    assert client.wait_closed() == [Disconnect(ReasonCode.PROTOCOL_ERROR)]
+    subscriber.receive_none()
+
+
 def test_invalid_utf8_payload_disconnects(broker):
     client = RawClient(broker.port)
     client.connect("raw")

@@ -421,6 +421,9 @@ class MQTTConnection(asyncio.Protocol):
         topic = packet.topic
         properties = packet.properties
         if properties and self.version == MQTT_5:
+            if PropertyId.SUBSCRIPTION_IDENTIFIER in properties:
+                # Only the server sets it, on the copies it delivers [MQTT-3.3.4-6].
+                raise protocol_error(f"PUBLISH to {topic!r} carries a Subscription Identifier")
             alias = properties.get(_TOPIC_ALIAS)
             if alias is not None:
                 topic = self._resolve_topic_alias(topic, alias)
