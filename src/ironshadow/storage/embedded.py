@@ -77,8 +77,8 @@ SNAPSHOT_RECORD_BYTES = 1024 * 1024
 # load_shadows() yields batches of at most this many items.
 LOAD_BATCH_SIZE = 1000
 # pending_history() yields batches of at most this many rows. Each batch is one transaction in
-# the history store, and SQLite's cost per row falls by a third from 1,000 rows to 10,000
-# (docs/benchmarks.md, "History batches"); 10,000 small rows take about 4 MB.
+# the history store, and SQLite's CPU per row falls by a third from 1,000 rows to 10,000
+# (benchmarks/history_batches.py).
 HISTORY_BATCH_SIZE = 10_000
 
 JOURNAL_MAGIC = b"ISHJRNL\x01"
