@@ -376,16 +376,22 @@ def test_session_saved_before_kill(tmp_path, start_engine):
         device.subscribe("jobs/#", 1)
         store = SQLiteMqttStateStore(tmp_path / SQLITE_FILE_NAME)
 
-        async def saved_sessions() -> set[str]:
+        async def saved_subscriptions() -> dict[str, set[str]]:
             await store.open()
             try:
-                return set((await store.load()).sessions)
+                sessions = (await store.load()).sessions
             finally:
                 await store.close()
+            return {
+                client_id: set(decode_session(client_id, data, 0.0).subscriptions)
+                for client_id, data in sessions.items()
+            }
 
+        # The session is saved at CONNECT and again with its subscription, one save interval
+        # or more later: wait for the second.
         deadline = time.monotonic() + scaled(10)
-        while asyncio.run(saved_sessions()) != {"kiln-3"}:
-            assert time.monotonic() < deadline, "the session was not saved within 10 s"
+        while asyncio.run(saved_subscriptions()) != {"kiln-3": {"jobs/#"}}:
+            assert time.monotonic() < deadline, "the subscription was not saved within 10 s"
             time.sleep(0.05)
     finally:
         os.kill(process.pid, signal.SIGKILL)
