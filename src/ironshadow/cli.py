@@ -18,6 +18,7 @@ from typing import Any
 from . import __version__, swarm
 from .api import ApiServer
 from .api.feed import FeedConfig
+from .api.metrics import collect as collect_metrics
 from .api.security import HttpAuth
 from .auth import AclError, AuthPolicy, UserStoreError
 from .auth import command as auth_command
@@ -94,6 +95,8 @@ async def _serve(
         loop.add_signal_handler(signum, stop.set)
     engine = Engine(config, limits, storage)
     cluster = ClusterWorker(engine, worker, stop.set) if worker is not None else None
+    if cluster is not None:
+        cluster.metrics_source = lambda: collect_metrics(engine).to_bytes()
     if access is not None:
         access.attach(engine.broker)
         log.info("%s", access.describe_mode())
@@ -117,13 +120,15 @@ async def _serve(
             ) from exc
         raise
     api = None
-    # NOTE: with several workers only worker 0 serves the HTTP API, and it reads and changes
-    # only the shadows of the things that worker 0 owns.
+    # With several workers only worker 0 serves the HTTP API. Its shadow requests and
+    # /metrics reach the other workers over the bus (cluster/worker.py).
     if worker is None or worker.index == 0:
         http_auth = HttpAuth(access, token_lifetime) if access is not None else None
         api = ApiServer(
             engine, config.host, http_port, feed=feed, ssl_context=http_ssl, auth=http_auth
         )
+        if cluster is not None:
+            api.app.state.peer_metrics = cluster.gather_metrics
         try:
             await api.start()
         except OSError as exc:

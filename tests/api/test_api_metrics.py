@@ -5,11 +5,14 @@ from __future__ import annotations
 import time
 
 import orjson
+import pytest
 from api_harness import http_client, running_engine
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import scaled
+from ironshadow.api.metrics import Exposition, merge_workers
 from ironshadow.engine import StorageConfig
+from ironshadow.metrics import Histogram
 from mqtt_client import V311, TestClient
 
 
@@ -165,3 +168,62 @@ def test_metrics_count_limit_trips():
     assert limit_trips(after, "max_subscriptions") == 1
     assert limit_trips(after, "max_topic_levels") == 1
     assert limit_trips(after, "max_topic_length") == 0
+
+
+def worker_exposition(connected: int, updates: int) -> Exposition:
+    out = Exposition()
+    out.gauge("ironshadow_clients_connected", connected, "MQTT clients connected now.")
+    out.labelled_counter(
+        "ironshadow_packets_received_total", "type", [("connect", connected)], "Packets."
+    )
+    out.counter("ironshadow_shadow_updates_total", updates, "Shadow updates accepted.")
+    histogram = Histogram((0.5, 1.0))
+    histogram.observe(0.25)
+    out.histogram("ironshadow_store_write_seconds", histogram, "Seconds per write.")
+    return out
+
+
+def test_exposition_survives_bytes_round_trip():
+    out = worker_exposition(3, 7)
+    assert Exposition.from_bytes(out.to_bytes()).render() == out.render()
+
+
+def test_merged_workers_parse_with_worker_labels():
+    merged = merge_workers(
+        {
+            0: worker_exposition(3, 7),
+            1: Exposition.from_bytes(worker_exposition(5, 11).to_bytes()),
+            2: None,
+        }
+    )
+    families = {
+        family.name: {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for sample in family.samples
+        }
+        for family in text_string_to_metric_families(merged.render().decode())
+    }
+    assert families["ironshadow_clients_connected"] == {
+        ("ironshadow_clients_connected", (("worker", "0"),)): 3,
+        ("ironshadow_clients_connected", (("worker", "1"),)): 5,
+    }
+    packets = families["ironshadow_packets_received"]
+    connect_labels = (("type", "connect"), ("worker", "1"))
+    assert packets[("ironshadow_packets_received_total", connect_labels)] == 5
+    assert families["ironshadow_shadow_updates"] == {
+        ("ironshadow_shadow_updates_total", (("worker", "0"),)): 7,
+        ("ironshadow_shadow_updates_total", (("worker", "1"),)): 11,
+    }
+    writes = families["ironshadow_store_write_seconds"]
+    bucket_labels = (("le", "0.5"), ("worker", "1"))
+    assert writes[("ironshadow_store_write_seconds_bucket", bucket_labels)] == 1
+    assert families["ironshadow_worker_up"] == {
+        ("ironshadow_worker_up", (("worker", "0"),)): 1,
+        ("ironshadow_worker_up", (("worker", "1"),)): 1,
+        ("ironshadow_worker_up", (("worker", "2"),)): 0,
+    }
+
+
+def test_invalid_encoded_metrics_raise():
+    with pytest.raises(ValueError, match="invalid encoded metrics"):
+        Exposition.from_bytes(b'{"not": "a list"}')

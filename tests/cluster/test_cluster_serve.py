@@ -339,19 +339,6 @@ def test_get_from_another_worker(cluster: Cluster) -> None:
     reader.expect_none(wait=0.3)
 
 
-def test_http_api_serves_worker_zero_things(cluster: Cluster) -> None:
-    base = f"http://{HOST}:{cluster.http_port}"
-    own = client_owned_by(0, "rest")
-    other = client_owned_by(1, "rest")
-    document = {"state": {"desired": {"level": 3}}}
-    response = httpx.post(f"{base}/things/{own}/shadow", json=document, timeout=10)
-    assert response.status_code == 200, response.text
-    assert response.json()["version"] == 1
-    response = httpx.post(f"{base}/things/{other}/shadow", json=document, timeout=10)
-    assert response.status_code == 503, response.text
-    assert "belongs to worker 1" in response.json()["message"]
-
-
 def test_puback_waits_for_owner_store(cluster: Cluster) -> None:
     base = f"http://{HOST}:{cluster.http_port}"
     for number in range(5):

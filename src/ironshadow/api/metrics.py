@@ -8,10 +8,12 @@ lists them all.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 import orjson
 from fastapi import FastAPI
@@ -23,32 +25,58 @@ from ..mqtt.constants import PacketType
 if TYPE_CHECKING:
     from ..engine import Engine
 
+log = logging.getLogger("ironshadow.api")
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
+class Sample(NamedTuple):
+    """One line of a metric family: the sample name, its labels and its value."""
+
+    name: str
+    labels: tuple[tuple[str, str], ...]
+    value: float
+
+
+class Family(NamedTuple):
+    """One metric family: the ``# HELP`` and ``# TYPE`` lines and the samples below them."""
+
+    name: str
+    kind: str
+    help_text: str
+    samples: list[Sample]
+
+
 class Exposition:
     """The metric families of one scrape, rendered as Prometheus text."""
 
     def __init__(self) -> None:
-        self._lines: list[str] = []
+        self.families: list[Family] = []
 
-    def _family(self, name: str, kind: str, help_text: str) -> None:
-        self._lines.append(f"# HELP {name} {help_text}")
-        self._lines.append(f"# TYPE {name} {kind}")
+    def _family(self, name: str, kind: str, help_text: str) -> list[Sample]:
+        family = Family(name, kind, help_text, [])
+        self.families.append(family)
+        return family.samples
 
     def gauge(self, name: str, value: float, help_text: str) -> None:
-        self._family(name, "gauge", help_text)
-        self._lines.append(f"{name} {_number(value)}")
+        self._family(name, "gauge", help_text).append(Sample(name, (), value))
+
+    def labelled_gauge(
+        self, name: str, label: str, values: list[tuple[str, float]], help_text: str
+    ) -> None:
+        """Add one gauge family with a sample per ``(label value, value)`` pair."""
+        samples = self._family(name, "gauge", help_text)
+        for label_value, value in values:
+            samples.append(Sample(name, ((label, label_value),), value))
 
     def counter(self, name: str, value: float, help_text: str) -> None:
         if not name.endswith("_total"):
             raise ValueError(f"counter name {name!r} must end in _total")
         # Format 0.0.4 names the family as the sample, _total included.
-        self._family(name, "counter", help_text)
-        self._lines.append(f"{name} {_number(value)}")
+        self._family(name, "counter", help_text).append(Sample(name, (), value))
 
     def labelled_counter(
         self, name: str, label: str, values: list[tuple[str, float]], help_text: str
@@ -56,19 +84,98 @@ class Exposition:
         """Add one counter family with a sample per ``(label value, count)`` pair."""
         if not name.endswith("_total"):
             raise ValueError(f"counter name {name!r} must end in _total")
-        self._family(name, "counter", help_text)
+        samples = self._family(name, "counter", help_text)
         for label_value, value in values:
-            self._lines.append(f'{name}{{{label}="{label_value}"}} {_number(value)}')
+            samples.append(Sample(name, ((label, label_value),), value))
 
     def histogram(self, name: str, histogram: Histogram, help_text: str) -> None:
-        self._family(name, "histogram", help_text)
+        samples = self._family(name, "histogram", help_text)
         for bound, count in histogram.cumulative():
-            self._lines.append(f'{name}_bucket{{le="{_number(bound)}"}} {count}')
-        self._lines.append(f"{name}_sum {_number(histogram.sum)}")
-        self._lines.append(f"{name}_count {histogram.count}")
+            samples.append(Sample(f"{name}_bucket", (("le", _number(bound)),), count))
+        samples.append(Sample(f"{name}_sum", (), histogram.sum))
+        samples.append(Sample(f"{name}_count", (), histogram.count))
 
     def render(self) -> bytes:
-        return ("\n".join(self._lines) + "\n").encode()
+        lines: list[str] = []
+        for family in self.families:
+            lines.append(f"# HELP {family.name} {family.help_text}")
+            lines.append(f"# TYPE {family.name} {family.kind}")
+            for sample in family.samples:
+                if sample.labels:
+                    labels = ",".join(f'{key}="{value}"' for key, value in sample.labels)
+                    lines.append(f"{sample.name}{{{labels}}} {_number(sample.value)}")
+                else:
+                    lines.append(f"{sample.name} {_number(sample.value)}")
+        return ("\n".join(lines) + "\n").encode()
+
+    def to_bytes(self) -> bytes:
+        """Encode the families as JSON, for a worker to send them to another over the bus."""
+        return orjson.dumps(
+            [
+                [
+                    family.name,
+                    family.kind,
+                    family.help_text,
+                    [[sample.name, sample.labels, sample.value] for sample in family.samples],
+                ]
+                for family in self.families
+            ]
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Exposition:
+        """Decode what :meth:`to_bytes` wrote; raise ValueError when it is not that."""
+        exposition = cls()
+        try:
+            for name, kind, help_text, samples in orjson.loads(data):
+                exposition.families.append(
+                    Family(
+                        name,
+                        kind,
+                        help_text,
+                        [
+                            Sample(sample_name, tuple(map(tuple, labels)), value)
+                            for sample_name, labels, value in samples
+                        ],
+                    )
+                )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"invalid encoded metrics: {exc}") from exc
+        return exposition
+
+
+def merge_workers(expositions: dict[int, Exposition | None]) -> Exposition:
+    """Combine the metrics of several workers into one exposition.
+
+    Every sample gets a ``worker`` label with its worker's index, and the samples of one
+    family from all workers go under one ``# HELP`` and ``# TYPE``. A worker whose metrics
+    are None is missing: ``ironshadow_worker_up`` is 0 for it, and 1 for the others.
+    """
+    merged = Exposition()
+    by_name: dict[str, list[Sample]] = {}
+    for worker in sorted(expositions):
+        exposition = expositions[worker]
+        if exposition is None:
+            continue
+        worker_label = ("worker", str(worker))
+        for family in exposition.families:
+            samples = by_name.get(family.name)
+            if samples is None:
+                samples = by_name[family.name] = merged._family(
+                    family.name, family.kind, family.help_text
+                )
+            for sample in family.samples:
+                samples.append(Sample(sample.name, (*sample.labels, worker_label), sample.value))
+    merged.labelled_gauge(
+        "ironshadow_worker_up",
+        "worker",
+        [
+            (str(worker), 0 if exposition is None else 1)
+            for worker, exposition in sorted(expositions.items())
+        ],
+        "1 when the worker's metrics are in this scrape, 0 when it did not send them in time.",
+    )
+    return merged
 
 
 def _number(value: float) -> str:
@@ -261,7 +368,33 @@ def _process_usage() -> tuple[float, int]:
     return cpu_seconds, rss_pages * _PAGE_SIZE
 
 
+# Set in ``app.state.peer_metrics`` by a cluster's worker 0: returns the encoded metrics
+# (Exposition.to_bytes) of every other worker by index, None for a worker that did not send
+# them in time.
+PeerMetrics = Callable[[], Awaitable[dict[int, bytes | None]]]
+
+
+def _decode_peer_metrics(peers: dict[int, bytes | None]) -> dict[int, Exposition | None]:
+    decoded: dict[int, Exposition | None] = {}
+    for worker, data in peers.items():
+        exposition = None
+        if data is not None:
+            try:
+                exposition = Exposition.from_bytes(data)
+            except ValueError as exc:
+                log.error("metrics of worker %d are invalid and left out: %s", worker, exc)
+        decoded[worker] = exposition
+    return decoded
+
+
 def add_metrics_routes(app: FastAPI, engine: Engine) -> None:
+    """Add ``/healthz``, ``/readyz`` and ``/metrics``.
+
+    With ``app.state.peer_metrics`` set, ``/metrics`` covers every worker of a cluster: see
+    :func:`merge_workers`.
+    """
+    app.state.peer_metrics = None
+
     @app.get(
         "/healthz",
         tags=["operations"],
@@ -301,8 +434,12 @@ def add_metrics_routes(app: FastAPI, engine: Engine) -> None:
     )
     async def metrics() -> Response:
         started = time.perf_counter()
+        peer_metrics: PeerMetrics | None = app.state.peer_metrics
+        peers = await peer_metrics() if peer_metrics is not None else None
         out = collect(engine)
         collect_websockets(out, app)
+        if peers is not None:
+            out = merge_workers({0: out, **_decode_peer_metrics(peers)})
         out.gauge(
             "ironshadow_metrics_collect_seconds",
             time.perf_counter() - started,

@@ -142,6 +142,11 @@ BODY_TOO_LARGE = (413, "The request body or the resulting shadow is too large.")
 NOT_UTF8 = (415, "The request body is not UTF-8.")
 NO_SHADOW = (404, "No shadow exists with that name (never created, or deleted).")
 INTERNAL = (500, "Internal service failure.")
+UNAVAILABLE = (
+    503,
+    "Retry later, after Retry-After seconds: the store is catching up, or with several "
+    "workers the worker that owns the thing did not reply in time.",
+)
 
 
 def create_app(
@@ -196,6 +201,8 @@ def create_app(
         operation: str, request: Request, thing: str, name: str | None
     ) -> Response:
         pipeline = engine.pipeline
+        # NOTE: in a cluster this is worker 0's store, so it also rejects writes for things
+        # of other workers. Their owners check their own stores as well.
         if operation != "get" and pipeline is not None and pipeline.pressure:
             return error_response(
                 503,
@@ -204,7 +211,12 @@ def create_app(
             )
         payload = await read_body(request, body_limit)
         reply = await service.http_request(operation, thing, name, payload)
-        return Response(reply.body, status_code=reply.status, media_type=JSON_MEDIA_TYPE)
+        headers = None
+        if reply.retry_after is not None:
+            headers = {"Retry-After": str(reply.retry_after)}
+        return Response(
+            reply.body, status_code=reply.status, headers=headers, media_type=JSON_MEDIA_TYPE
+        )
 
     @app.get(
         "/things/{thing}/shadow",
@@ -215,7 +227,13 @@ def create_app(
         operation_id="GetThingShadow",
         response_model=ShadowDocument,
         responses=_responses(
-            "The shadow document.", BAD_NAME, NO_SHADOW, BODY_TOO_LARGE, NOT_UTF8, INTERNAL
+            "The shadow document.",
+            BAD_NAME,
+            NO_SHADOW,
+            BODY_TOO_LARGE,
+            NOT_UTF8,
+            INTERNAL,
+            UNAVAILABLE,
         ),
     )
     async def get_shadow(request: Request, thing: Thing, name: ShadowName = None) -> Response:
@@ -238,6 +256,7 @@ def create_app(
             BODY_TOO_LARGE,
             NOT_UTF8,
             INTERNAL,
+            UNAVAILABLE,
         ),
         openapi_extra={"requestBody": UPDATE_REQUEST_BODY},
     )
@@ -253,7 +272,13 @@ def create_app(
         operation_id="DeleteThingShadow",
         response_model=DeleteAccepted,
         responses=_responses(
-            "The shadow was deleted.", BAD_NAME, NO_SHADOW, BODY_TOO_LARGE, NOT_UTF8, INTERNAL
+            "The shadow was deleted.",
+            BAD_NAME,
+            NO_SHADOW,
+            BODY_TOO_LARGE,
+            NOT_UTF8,
+            INTERNAL,
+            UNAVAILABLE,
         ),
     )
     async def delete_shadow(request: Request, thing: Thing, name: ShadowName = None) -> Response:

@@ -20,7 +20,18 @@ kind     name        rest of the body
                      receiver owns, encoded as in PUBLISH. A number other than 0 asks for
                      RELEASED once the request is stored
 6        RELEASED    the 4-byte number of a REQUEST that the sender has stored
+7        HTTP_CALL   a 4-byte call number, then a shadow request made over HTTP to the sender
+                     for a thing that the receiver owns (see :func:`encode_http_call`)
+8        HTTP_REPLY  the 4-byte number of an HTTP_CALL, its 2-byte HTTP status, a 2-byte
+                     Retry-After in seconds (0 for none), then the JSON body to the end
+9        METRICS     a 4-byte call number: the sender asks for the receiver's metrics
+10       METRICS_OF  the 4-byte number of a METRICS frame, then the receiver's metrics
+                     (see :meth:`~ironshadow.api.metrics.Exposition.to_bytes`)
 ======== =========== ===========================================================================
+
+Call numbers are the sender's own, counted separately from REQUEST numbers: a reply carries
+the number of the frame it answers, so that the sender can match it to the waiting caller.
+A reply that comes after its caller gave up finds no caller and is ignored.
 
 Writes are batched: frames queued during one event-loop iteration go out in one
 ``writelines`` call per link at the end of it.
@@ -48,6 +59,15 @@ UNSUBSCRIBE = 3
 PUBLISH = 4
 REQUEST = 5
 RELEASED = 6
+HTTP_CALL = 7
+HTTP_REPLY = 8
+METRICS = 9
+METRICS_OF = 10
+
+# The shadow operations of an HTTP_CALL frame, by their code in the frame.
+HTTP_OPERATIONS = ("get", "update", "delete")
+_HTTP_OPERATION_CODES = {operation: code for code, operation in enumerate(HTTP_OPERATIONS)}
+_HAS_SHADOW_NAME = 0x01
 
 # Largest frame body accepted from a peer, in bytes: an MQTT packet is at most 256 MiB, and a
 # frame adds a few bytes of header to the message it carries.
@@ -101,6 +121,63 @@ def decode_message(body: bytes | bytearray, pos: int, end: int) -> Message:
     properties, pos = decode_properties(body, pos, end, PacketType.PUBLISH)
     payload = bytes(body[pos:end])
     return Message(topic, payload, flags & 0x03, bool(flags & _RETAIN), properties, origin)
+
+
+def encode_http_call(
+    number: int, operation: str, thing: str, shadow_name: str | None, payload: bytes
+) -> bytes:
+    """Encode the body of an HTTP_CALL frame, without the kind byte.
+
+    Layout: the 4-byte call number, then one byte with the operation's index in
+    ``HTTP_OPERATIONS`` and one flags byte (bit 0 is set when a shadow name follows the thing
+    name). The thing name and the shadow name follow as MQTT strings, then the request body
+    up to the end.
+    """
+    flags = 0 if shadow_name is None else _HAS_SHADOW_NAME
+    parts = [
+        number.to_bytes(4, "big"),
+        bytes((_HTTP_OPERATION_CODES[operation], flags)),
+        encode_string(thing),
+    ]
+    if shadow_name is not None:
+        parts.append(encode_string(shadow_name))
+    parts.append(payload)
+    return b"".join(parts)
+
+
+def decode_http_call(
+    body: bytes | bytearray, pos: int, end: int
+) -> tuple[int, str, str, str | None, bytes]:
+    """Decode what :func:`encode_http_call` wrote in ``body[pos:end]``: the call number,
+    operation, thing name, shadow name (None for the classic shadow) and request body."""
+    number = int.from_bytes(body[pos : pos + 4], "big")
+    operation = HTTP_OPERATIONS[body[pos + 4]]
+    flags = body[pos + 5]
+    thing, pos = decode_string(body, pos + 6, end)
+    shadow_name = None
+    if flags & _HAS_SHADOW_NAME:
+        shadow_name, pos = decode_string(body, pos, end)
+    return number, operation, thing, shadow_name, bytes(body[pos:end])
+
+
+def encode_http_reply(number: int, status: int, retry_after: int | None, body: bytes) -> bytes:
+    """Encode the body of an HTTP_REPLY frame, without the kind byte."""
+    return (
+        number.to_bytes(4, "big")
+        + status.to_bytes(2, "big")
+        + (retry_after or 0).to_bytes(2, "big")
+        + body
+    )
+
+
+def decode_http_reply(
+    body: bytes | bytearray, pos: int, end: int
+) -> tuple[int, int, int | None, bytes]:
+    """Decode an HTTP_REPLY body: call number, status, Retry-After (None for none), body."""
+    number = int.from_bytes(body[pos : pos + 4], "big")
+    status = int.from_bytes(body[pos + 4 : pos + 6], "big")
+    retry_after = int.from_bytes(body[pos + 6 : pos + 8], "big") or None
+    return number, status, retry_after, bytes(body[pos + 8 : end])
 
 
 class OutboundLink(asyncio.Protocol):

@@ -1,7 +1,7 @@
 """One worker of ``ironshadow serve --workers N``: the ordinary engine plus its cluster links.
 
 A :class:`ClusterWorker` attaches to an :class:`~ironshadow.engine.Engine` before it starts
-and changes four things:
+and changes five things:
 
 - TCP listener. The broker accepts from the socket that the supervisor bound, with
   :class:`~.handoff.ClusterConnection` as the protocol. At CONNECT, a client whose id another
@@ -18,6 +18,11 @@ and changes four things:
   REQUEST frame, and this worker's shadow service ignores it. The publisher's acknowledgement
   of a QoS 1 or 2 request waits for the owner's RELEASED frame. The owner's replies reach the
   requester through the requester's worker's subscriptions, like any message.
+- HTTP. Worker 0 serves the HTTP API. A REST shadow request for a thing that another worker
+  owns goes to the owner as an HTTP_CALL frame, and the owner's shadow service sends its
+  reply back in an HTTP_REPLY frame. ``/metrics`` asks every peer for its metrics with a
+  METRICS frame. Each call waits a bounded time, so a stopped peer costs a 503 or a missing
+  worker in the metrics, never a request that hangs.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..broker.connection import CLOSED, CONNECTED, MQTTConnection
 from ..broker.core import INTERNAL_CLIENT_PREFIX
@@ -39,10 +44,12 @@ from ..broker.message import Message
 from ..broker.retained import RetainedStore
 from ..broker.session import Session
 from ..broker.subscriptions import SubscriptionIndex, SubscriptionRecord
+from ..engine.service import Reply
 from ..engine.topics import REQUEST_OPERATIONS, parse_shadow_topic
 from ..mqtt.packets import Connect
 from ..mqtt.reason_codes import ReasonCode
 from ..mqtt.topics import parse_shared_subscription
+from ..shadow import ShadowError, validate_shadow_name, validate_thing_name
 from ..shadow.names import NAMED_SHADOW_SEPARATOR
 from . import bus
 from .handoff import ClusterConnection, HandoffListener, HandoffSender
@@ -63,6 +70,17 @@ PARENT_CHECK_INTERVAL = 1.0
 # the highest number before the numbers start again at 1.
 NO_RELEASE = bytes(4)
 MAX_REQUEST_NUMBER = 2**32 - 1
+# Seconds that worker 0 waits for the owner's reply to a REST shadow request before it
+# returns 503. A healthy owner replies after one write to its store.
+# The limit stays below the 5 s default timeout of httpx, so that such a client reads the 503
+# and its reason instead of timing out itself.
+HTTP_CALL_TIMEOUT = 4.0
+# Seconds that /metrics waits for each peer's metrics, well within Prometheus's default
+# scrape timeout of 10 s. A peer collects its figures from counters in memory.
+METRICS_CALL_TIMEOUT = 2.0
+# Retry-After, in seconds, of a 503 for a REST request whose owner cannot be reached or is
+# waiting for its store.
+HTTP_RETRY_AFTER = 1
 # Prefix of the per-worker $SYS topics. Unlike the rest of $SYS, they are sent to the peers,
 # so a client on any worker receives every worker's figures.
 WORKER_SYS_PREFIX = "$SYS/broker/workers/"
@@ -111,6 +129,25 @@ class WorkerSpec:
 
     def handoff_path(self, index: int) -> str:
         return os.path.join(self.directory, f"handoff-{index}.sock")
+
+
+class _Call:
+    """A request sent to a peer (HTTP_CALL or METRICS) whose caller awaits the reply."""
+
+    __slots__ = ("fail", "future", "peer", "timer")
+
+    def __init__(
+        self,
+        peer: int,
+        future: asyncio.Future[Any],
+        timer: asyncio.TimerHandle,
+        fail: Callable[[str], Any],
+    ) -> None:
+        self.peer = peer
+        self.future = future
+        self.timer = timer
+        # Returns the caller's result when no reply comes, given the reason.
+        self.fail = fail
 
 
 class ClusterIndex(SubscriptionIndex):
@@ -197,6 +234,15 @@ class ClusterWorker:
         # peer's RELEASED frame, by request number.
         self._held: dict[int, dict[int, Message]] = {peer: {} for peer in peers}
         self._next_request = 0
+        # HTTP_CALL and METRICS frames sent whose reply has not arrived yet, by call number.
+        self._calls: dict[int, _Call] = {}
+        self._next_call = 0
+        # Calls that got no reply, and when that was last logged.
+        self._calls_failed = 0
+        self._calls_failed_logged_at = 0.0
+        # Returns this worker's metrics, encoded with Exposition.to_bytes, for a peer's
+        # METRICS frame. Set by the command line, which builds them with the HTTP API's code.
+        self.metrics_source: Callable[[], bytes] | None = None
         # The last message encoded for the bus, reused when it goes to several peers.
         self._encoded_message: Message | None = None
         self._encoded = b""
@@ -231,7 +277,7 @@ class ClusterWorker:
         broker.connect_router = self._route_connect
         shadows = self.engine.shadows
         shadows.route_request = self._route_request
-        shadows.foreign_owner = self._foreign_owner
+        shadows.forward_http = self._forward_http
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -281,6 +327,7 @@ class ClusterWorker:
         for task in self._tasks:
             task.cancel()
         self._tasks.clear()
+        self._fail_calls(None, "the engine is shutting down")
         self._handoff.close()
         for sender in self._senders.values():
             sender.close()
@@ -417,6 +464,7 @@ class ClusterWorker:
             log.info("worker %d: bus link to worker %d open", self.index, peer)
             await link.closed
             self._links[peer] = None
+            self._fail_calls(peer, "its bus link closed before it replied")
             # The supervisor logs why the peer stopped, if it did.
             log.info("worker %d: bus link to worker %d closed; reconnecting", self.index, peer)
             await asyncio.sleep(RECONNECT_INTERVAL)
@@ -454,6 +502,9 @@ class ClusterWorker:
             self._inbound_links[peer] = link
             self._forget_peer_filters(peer)
             return
+        if kind >= bus.HTTP_CALL:
+            self._call_frame(peer, kind, body, pos, end)
+            return
         topic_filter = bytes(body[pos:end]).decode()
         session = self._peer_sessions[peer]
         if kind == bus.SUBSCRIBE:
@@ -476,6 +527,7 @@ class ClusterWorker:
             messages = list(held.values())
             held.clear()
             self._disconnect_publishers(messages, f"worker {link.peer} went away")
+            self._fail_calls(link.peer, "its bus link closed before it replied")
 
     # --- routing ----------------------------------------------------------------------
 
@@ -608,14 +660,179 @@ class ClusterWorker:
                 closed,
             )
 
-    def _foreign_owner(self, thing: str) -> str | None:
+    # --- HTTP requests and metrics for other workers ---------------------------------
+
+    def _forward_http(
+        self, operation: str, thing: str, shadow_name: str | None, payload: bytes
+    ) -> asyncio.Future[Reply] | None:
+        """Send a REST shadow request to the owner of ``thing``, and return the future of
+        its reply. Return None when this worker handles the request itself."""
+        try:
+            validate_thing_name(thing)
+            if shadow_name is not None:
+                validate_shadow_name(shadow_name)
+        except ShadowError:
+            return None  # this worker's service rejects it with 400, as the owner would
         owner = owner_of(thing, self.workers)
         if owner == self.index:
             return None
-        return (
-            f"thing {thing!r} belongs to worker {owner}, and the HTTP API of this engine "
-            f"serves only the things of worker {self.index}; use the MQTT shadow topics"
+
+        def fail(reason: str) -> Reply:
+            message = (
+                f"Thing {thing!r} belongs to worker {owner}, and {reason}. Retry the request "
+                "shortly; an update or delete may have been applied, so read the shadow first."
+            )
+            return Reply(503, ShadowError(503, message).payload(int(time.time())), HTTP_RETRY_AFTER)
+
+        body = bus.encode_http_call(
+            self._next_call_number(), operation, thing, shadow_name, payload
         )
+        return self._call(owner, bus.HTTP_CALL, body, HTTP_CALL_TIMEOUT, fail)
+
+    async def gather_metrics(self) -> dict[int, bytes | None]:
+        """Ask every peer for its metrics, and return them by worker index. A peer that has
+        no open link or does not reply within METRICS_CALL_TIMEOUT gets None."""
+        futures = {
+            peer: self._call(
+                peer,
+                bus.METRICS,
+                self._next_call_number().to_bytes(4, "big"),
+                METRICS_CALL_TIMEOUT,
+                lambda _reason: None,
+            )
+            for peer in self._links
+        }
+        await asyncio.gather(*futures.values())
+        return {peer: future.result() for peer, future in futures.items()}
+
+    def _next_call_number(self) -> int:
+        self._next_call = self._next_call % MAX_REQUEST_NUMBER + 1
+        return self._next_call
+
+    def _call(
+        self,
+        peer: int,
+        kind: int,
+        body: bytes,
+        timeout: float,
+        fail: Callable[[str], Any],
+    ) -> asyncio.Future[Any]:
+        """Send a call frame whose body starts with its call number, and return the future
+        of its result: the reply, or ``fail(reason)`` when none comes within ``timeout``."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        link = self._links[peer]
+        if link is None:
+            future.set_result(
+                fail("it cannot be reached: no bus link to it is open, as while it restarts")
+            )
+            return future
+        if link.congested():
+            future.set_result(fail("it cannot be reached: its bus link is congested"))
+            return future
+        if not link.send(bus.frame(kind, body)):
+            future.set_result(fail("it cannot be reached: its bus link has just closed"))
+            return future
+        number = int.from_bytes(body[:4], "big")
+        timer = loop.call_later(timeout, self._call_timed_out, number, timeout)
+        self._calls[number] = _Call(peer, future, timer, fail)
+        return future
+
+    def _call_timed_out(self, number: int, timeout: float) -> None:
+        call = self._calls.pop(number, None)
+        if call is not None:
+            reason = f"it did not reply within {timeout:g} s"
+            self._log_call_failure(call.peer, reason)
+            if not call.future.done():
+                call.future.set_result(call.fail(reason))
+
+    def _log_call_failure(self, peer: int, reason: str) -> None:
+        """Count a call that got no reply, and log it at most once a minute."""
+        self._calls_failed += 1
+        now = time.monotonic()
+        if now - self._calls_failed_logged_at >= bus.DropCounter.INTERVAL:
+            self._calls_failed_logged_at = now
+            log.warning(
+                "worker %d: a REST or metrics request to worker %d failed because %s "
+                "(%d such failures in all)",
+                self.index,
+                peer,
+                reason,
+                self._calls_failed,
+            )
+
+    def _fail_calls(self, peer: int | None, reason: str) -> None:
+        """End the waiting calls to ``peer`` (to every peer when None) with their failure."""
+        numbers = [
+            number for number, call in self._calls.items() if peer is None or call.peer == peer
+        ]
+        for number in numbers:
+            call = self._calls.pop(number)
+            call.timer.cancel()
+            self._log_call_failure(call.peer, reason)
+            if not call.future.done():
+                call.future.set_result(call.fail(reason))
+
+    def _finish_call(self, number: int, result: Any) -> None:
+        call = self._calls.pop(number, None)
+        if call is None:
+            return  # its caller gave up before the reply came
+        call.timer.cancel()
+        if not call.future.done():
+            call.future.set_result(result)
+
+    def _call_frame(self, peer: int, kind: int, body: bytearray, pos: int, end: int) -> None:
+        """Handle an HTTP_CALL, HTTP_REPLY, METRICS or METRICS_OF frame from ``peer``."""
+        if kind == bus.HTTP_CALL:
+            self._http_call_arrived(peer, *bus.decode_http_call(body, pos, end))
+        elif kind == bus.HTTP_REPLY:
+            number, status, retry_after, reply_body = bus.decode_http_reply(body, pos, end)
+            self._finish_call(number, Reply(status, reply_body, retry_after))
+        elif kind == bus.METRICS:
+            source = self.metrics_source
+            metrics = source() if source is not None else b"[]"
+            self._send_to(peer, bus.frame(bus.METRICS_OF, bytes(body[pos : pos + 4]) + metrics))
+        elif kind == bus.METRICS_OF:
+            self._finish_call(
+                int.from_bytes(body[pos : pos + 4], "big"), bytes(body[pos + 4 : end])
+            )
+        else:
+            raise ValueError(f"unknown frame kind {kind}")
+
+    def _http_call_arrived(
+        self,
+        peer: int,
+        number: int,
+        operation: str,
+        thing: str,
+        shadow_name: str | None,
+        payload: bytes,
+    ) -> None:
+        """Apply a REST shadow request that ``peer`` received, and send the reply back once
+        the change is durable."""
+
+        def send_reply(reply: Reply) -> None:
+            data = bus.encode_http_reply(number, reply.status, reply.retry_after, reply.body)
+            self._send_to(peer, bus.frame(bus.HTTP_REPLY, data))
+
+        pipeline = self.engine.pipeline
+        if operation != "get" and pipeline is not None and pipeline.pressure:
+            message = (
+                f"Worker {self.index}, which owns thing {thing!r}, is waiting for its store to "
+                "catch up; retry the request later."
+            )
+            send_reply(
+                Reply(503, ShadowError(503, message).payload(int(time.time())), HTTP_RETRY_AFTER)
+            )
+            return
+        self.engine.shadows.apply_http_request(operation, thing, shadow_name, payload, send_reply)
+
+    def _send_to(self, peer: int, data: bytes) -> None:
+        """Queue a reply frame for ``peer``; without a link it is lost, and the caller's
+        timeout ends the wait."""
+        link = self._links[peer]
+        if link is not None:
+            link.send(data)
 
     # --- $SYS -------------------------------------------------------------------------
 

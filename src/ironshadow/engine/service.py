@@ -99,6 +99,8 @@ class Reply(NamedTuple):
 
     status: int
     body: bytes
+    # Seconds for the Retry-After header of a 503, or None to send none.
+    retry_after: int | None = None
 
 
 class ShadowService(BrokerHooks):
@@ -148,9 +150,12 @@ class ShadowService(BrokerHooks):
         # returns True when another worker's shadow service handles the request (it was sent
         # there, or it is a copy of one sent there), so that this service ignores it.
         self.route_request: Callable[[str, Message], bool] | None = None
-        # Set by a cluster worker: returns the reason why this service does not own a
-        # thing's shadows, or None when it owns them.
-        self.foreign_owner: Callable[[str], str | None] | None = None
+        # Set by a cluster worker and called with each HTTP request's operation, thing, shadow
+        # name and body. For a thing that another worker owns it sends the request there and
+        # returns a future of the owner's reply. For a thing of this worker it returns None.
+        self.forward_http: (
+            Callable[[str, str, str | None, bytes], asyncio.Future[Reply] | None] | None
+        ) = None
         broker.add_consumer("shadow", REQUEST_FILTERS, self._on_request)
         broker.add_hooks(self)
 
@@ -360,22 +365,49 @@ class ShadowService(BrokerHooks):
         change is durable.
 
         Errors are returned, not published on ``/rejected``. An accepted update still
-        publishes ``update/delta`` and ``update/documents``.
+        publishes ``update/delta`` and ``update/documents``. A request for a thing that
+        another worker owns is sent there through ``forward_http``, which returns its reply.
+        """
+        forward = self.forward_http
+        if forward is not None:
+            forwarded = forward(operation, thing, shadow_name, payload)
+            if forwarded is not None:
+                return await forwarded
+        replied: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+
+        def set_reply(reply: Reply) -> None:
+            # The future is cancelled when the HTTP client goes away before the reply.
+            if not replied.done():
+                replied.set_result(reply)
+
+        self.apply_http_request(operation, thing, shadow_name, payload, set_reply)
+        return await replied
+
+    def apply_http_request(
+        self,
+        operation: str,
+        thing: str,
+        shadow_name: str | None,
+        payload: bytes,
+        then: Callable[[Reply], None],
+    ) -> None:
+        """Apply a shadow request made over HTTP now, and call ``then`` with its reply once
+        the change is durable.
+
+        A cluster worker calls this for requests that another worker received over HTTP.
         """
         now = int(time.time())
-        foreign_owner = self.foreign_owner
-        if foreign_owner is not None:
-            reason = foreign_owner(thing)
-            if reason is not None:
-                return Reply(503, ShadowError(503, reason).payload(now))
-        durable = asyncio.get_running_loop().create_future()
+        reply: Reply | None = None
+
+        def finish() -> None:
+            if reply is not None:
+                then(reply)
+
         self._begin_batch()
         try:
             reply = self._http_apply(operation, thing, shadow_name, payload, now)
         finally:
-            self._end_batch(lambda: durable.done() or durable.set_result(None))
-        await durable
-        return reply
+            self._end_batch(finish)
 
     def _http_apply(
         self, operation: str, thing: str, shadow_name: str | None, payload: bytes, now: int

@@ -1,0 +1,286 @@
+"""The HTTP API of ``ironshadow serve --workers 3``: REST shadow requests and /metrics for
+things and figures of every worker, all through worker 0's HTTP port.
+
+Thing names are chosen with ``owner_of``, so each test decides which worker owns which thing.
+Worker 0 owns some of them and handles their requests itself, as a single engine does: its
+replies are the reference that the forwarded ones must match.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from test_cluster_serve import (
+    HOST,
+    RESPONSE_TIMEOUT_S,
+    START_TIMEOUT_S,
+    WORKERS,
+    Cluster,
+    client_owned_by,
+    worker_figures,
+)
+
+from conftest import open_clients, scaled
+from mqtt_client import TestClient
+
+
+@pytest.fixture(autouse=True)
+def close_clients() -> Iterator[None]:
+    """Close the test's MQTT clients after it, before a module-scoped cluster stops."""
+    yield
+    while open_clients:
+        open_clients.pop().close()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    data_dir = tmp_path_factory.mktemp("cluster-http") / "data"
+    process = Cluster(data_dir)
+    try:
+        process.wait_until_running()
+        yield process
+    finally:
+        status = process.stop()
+    assert status == 0, f"the supervisor exited with code {status}:\n{process.log_tail()}"
+
+
+def http(cluster: Cluster) -> httpx.Client:
+    return httpx.Client(
+        base_url=f"http://{HOST}:{cluster.http_port}",
+        timeout=scaled(RESPONSE_TIMEOUT_S),
+        trust_env=False,
+    )
+
+
+def without_times(document: Any, thing: str) -> Any:
+    """Return ``document`` without its ``timestamp`` fields, with ``thing`` replaced by
+    ``THING`` in strings, so that replies for different things and moments compare equal."""
+    if isinstance(document, dict):
+        return {
+            key: without_times(value, thing)
+            for key, value in document.items()
+            if key != "timestamp"
+        }
+    if isinstance(document, list):
+        return [without_times(value, thing) for value in document]
+    if isinstance(document, str):
+        return document.replace(thing, "THING")
+    return document
+
+
+# Requests run in this order on one fresh thing, with the status a single engine returns.
+SHADOW_SCENARIO: list[tuple[str, str, bytes, int]] = [
+    ("GET", "", b"", 404),
+    ("POST", "", b'{"state": {"desired": {"level": 3}}, "clientToken": "c1"}', 200),
+    ("POST", "", b'{"state": {"reported": {"level": 1}}}', 200),
+    ("POST", "", b'{"state": {"desired": {"level": 4}}, "version": 99}', 409),
+    ("POST", "", b'{"state": {"desired": ', 400),
+    ("GET", "", b"", 200),
+    ("GET", "?name=firmware", b"", 404),
+    ("POST", "?name=firmware", b'{"state": {"reported": {"build": "1.2"}}}', 200),
+    ("GET", "?name=firmware", b"", 200),
+    ("DELETE", "", b"", 200),
+    ("GET", "", b"", 404),
+    ("DELETE", "", b"", 404),
+    ("GET", "?name=firmware", b"", 200),
+]
+
+
+def run_scenario(client: httpx.Client, thing: str) -> list[tuple[int, Any]]:
+    results = []
+    for method, query, body, _status in SHADOW_SCENARIO:
+        response = client.request(method, f"/things/{thing}/shadow{query}", content=body)
+        results.append((response.status_code, without_times(response.json(), thing)))
+    return results
+
+
+def mqtt_get(cluster: Cluster, thing: str, query: str = "") -> tuple[str, Any]:
+    """Get a shadow over MQTT, from the thing's own device on its owner: return the reply's
+    last topic level (``accepted`` or ``rejected``) and its document."""
+    prefix = f"$aws/things/{thing}/shadow"
+    if query:
+        prefix += "/name/" + query.removeprefix("?name=")
+    device = TestClient(cluster.port, thing)
+    try:
+        device.subscribe(f"{prefix}/get/+", qos=1)
+        device.publish(f"{prefix}/get", b"{}", qos=1)
+        reply = device.expect(timeout=RESPONSE_TIMEOUT_S)
+        return reply.topic.rsplit("/", 1)[1], json.loads(reply.payload)
+    finally:
+        device.close()
+
+
+def test_forwarded_rest_matches_local(cluster: Cluster) -> None:
+    with http(cluster) as client:
+        local = run_scenario(client, client_owned_by(0, "rest"))
+        assert [status for status, _ in local] == [step[3] for step in SHADOW_SCENARIO], local
+        for worker in (1, 2):
+            thing = client_owned_by(worker, "rest")
+            forwarded = run_scenario(client, thing)
+            assert forwarded == local, f"worker {worker}"
+            # The owner has the shadow that the scenario left behind.
+            outcome, document = mqtt_get(cluster, thing, "?name=firmware")
+            assert outcome == "accepted", document
+            assert document["state"] == {"reported": {"build": "1.2"}}
+
+
+@pytest.mark.parametrize("owner", [1, 2])
+def test_rest_desired_reaches_device_as_delta(cluster: Cluster, owner: int) -> None:
+    thing = client_owned_by(owner, "heater")
+    prefix = f"$aws/things/{thing}/shadow"
+    device = TestClient(cluster.port, thing)
+    device.subscribe(f"{prefix}/update/delta", qos=1)
+    device.subscribe(f"{prefix}/update/accepted", qos=1)
+    device.publish(f"{prefix}/update", b'{"state": {"reported": {"temperature": 20}}}', qos=1)
+    assert json.loads(device.expect(timeout=RESPONSE_TIMEOUT_S).payload)["version"] == 1
+    with http(cluster) as client:
+        response = client.post(
+            f"/things/{thing}/shadow", json={"state": {"desired": {"temperature": 55}}}
+        )
+    assert response.status_code == 200, response.text
+    # Version 2: the owner applied the update to the shadow that the device created.
+    assert response.json()["version"] == 2
+    # As on a single engine, an update over HTTP publishes update/delta but no
+    # update/accepted.
+    delta = device.expect(timeout=RESPONSE_TIMEOUT_S)
+    assert delta.topic == f"{prefix}/update/delta"
+    document = json.loads(delta.payload)
+    assert document["state"] == {"temperature": 55}
+    assert document["version"] == 2
+
+
+def scrape(client: httpx.Client) -> dict[str, list[tuple[str, dict[str, str], float]]]:
+    """Return every sample of /metrics by family name, read with prometheus_client's parser."""
+    response = client.get("/metrics")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    return {
+        family.name: [(sample.name, sample.labels, sample.value) for sample in family.samples]
+        for family in text_string_to_metric_families(response.text)
+    }
+
+
+def by_worker(samples: list[tuple[str, dict[str, str], float]]) -> dict[str, float]:
+    """Return the value of each worker's unlabelled sample (``worker`` its only label)."""
+    return {labels["worker"]: value for _name, labels, value in samples if len(labels) == 1}
+
+
+def test_metrics_cover_every_worker(cluster: Cluster) -> None:
+    thing = client_owned_by(2, "counted")
+    with http(cluster) as client:
+        before = by_worker(scrape(client)["ironshadow_shadow_updates"])
+        response = client.post(f"/things/{thing}/shadow", json={"state": {"reported": {"n": 1}}})
+        assert response.status_code == 200, response.text
+        families = scrape(client)
+
+    workers = {str(worker) for worker in range(WORKERS)}
+    assert by_worker(families["ironshadow_worker_up"]) == dict.fromkeys(workers, 1.0)
+    updates = by_worker(families["ironshadow_shadow_updates"])
+    assert set(updates) == workers
+    assert updates["2"] == before["2"] + 1
+    assert updates["0"] == before["0"]
+    assert set(by_worker(families["process_resident_memory_bytes"])) == workers
+
+    # A labelled family keeps its own label beside the worker's.
+    packets = {
+        (labels["worker"], labels["type"])
+        for _name, labels, _value in families["ironshadow_packets_received"]
+    }
+    assert ("1", "connect") in packets
+
+    # With the embedded stores every worker reports its histograms too.
+    buckets = {
+        labels["worker"]
+        for name, labels, _value in families["ironshadow_store_write_seconds"]
+        if name.endswith("_bucket")
+    }
+    assert buckets == workers
+
+    for name, samples in families.items():
+        if name == "ironshadow_metrics_collect_seconds":
+            continue  # the scrape's own duration, which no single worker has
+        for sample_name, labels, _value in samples:
+            assert "worker" in labels, f"{sample_name} has no worker label"
+
+
+def wait_for_status(client: httpx.Client, path: str, status: int) -> httpx.Response:
+    """Repeat GET ``path`` until it returns ``status``, as while a worker restarts."""
+    deadline = time.monotonic() + scaled(START_TIMEOUT_S)
+    response = client.get(path)
+    while response.status_code != status and time.monotonic() < deadline:
+        time.sleep(0.1)
+        response = client.get(path)
+    return response
+
+
+def test_stopped_owner_gives_503(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path / "data")
+    try:
+        cluster.wait_until_running()
+        pid = int(worker_figures(cluster.port, "pid")[1])
+        thing = client_owned_by(1, "silent")
+        other = client_owned_by(2, "awake")
+        path = f"/things/{thing}/shadow"
+        with http(cluster) as client:
+            response = client.post(path, json={"state": {"reported": {"on": True}}})
+            assert response.status_code == 200, response.text
+
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                # The client's own timeout is RESPONSE_TIMEOUT_S: a wait on the stopped
+                # worker without end would fail here with a timeout error.
+                response = client.get(path)
+                assert response.status_code == 503, response.text
+                message = response.json()["message"]
+                assert "belongs to worker 1" in message
+                assert "did not reply within" in message
+                assert response.headers["Retry-After"] == "1"
+                families = scrape(client)
+                up = by_worker(families["ironshadow_worker_up"])
+                assert up == {"0": 1.0, "1": 0.0, "2": 1.0}
+                assert "1" not in by_worker(families["ironshadow_shadow_updates"])
+                # The other workers still reply.
+                response = client.post(
+                    f"/things/{other}/shadow", json={"state": {"reported": {"on": True}}}
+                )
+                assert response.status_code == 200, response.text
+            finally:
+                os.kill(pid, signal.SIGCONT)
+
+            response = client.get(path)
+            assert response.status_code == 200, response.text
+            assert response.json()["state"]["reported"] == {"on": True}
+
+            os.kill(pid, signal.SIGKILL)
+            response = client.get(path)
+            assert response.status_code == 503, response.text
+            assert "belongs to worker 1" in response.json()["message"]
+            # The supervisor restarts worker 1, which reloads the shadow from its folder.
+            response = wait_for_status(client, path, 200)
+            assert response.status_code == 200, response.text
+            assert response.json()["state"]["reported"] == {"on": True}
+    finally:
+        status = cluster.stop()
+    assert status == 0, cluster.log_tail()
+
+
+def test_one_worker_metrics_have_no_worker_label(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path / "data", workers=1)
+    try:
+        cluster.wait_until_running()
+        with http(cluster) as client:
+            families = scrape(client)
+    finally:
+        status = cluster.stop()
+    assert status == 0, cluster.log_tail()
+    assert "ironshadow_worker_up" not in families
+    assert families["ironshadow_clients_connected"] == [("ironshadow_clients_connected", {}, 0.0)]
