@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
 import re
 import resource
+import socket
 from dataclasses import dataclass
 
 SCENARIOS = ("steady", "storm", "ramp", "desired")
@@ -20,8 +22,17 @@ FD_RESERVE = 64
 # core; this bound is about twice that, so the check stops only requests no process could serve.
 MAX_RATE_PER_PROCESS = 300_000
 # Local ports for outgoing connections from one source address to one server port on Linux,
-# from the default net.ipv4.ip_local_port_range of 32768 to 60999.
+# from the default net.ipv4.ip_local_port_range of 32768 to 60999. It is the fallback when
+# the range cannot be read from /proc.
 EPHEMERAL_PORTS_DEFAULT = 28_232
+EPHEMERAL_PORT_RANGE_PATH = "/proc/sys/net/ipv4/ip_local_port_range"
+# Ephemeral ports of a source address left to other sockets: the swarm's observer, other
+# programs' connections from the same address, and connections of an earlier run that still
+# hold their port in TIME-WAIT.
+PORTS_RESERVE = 2_000
+# Source addresses accepted in --source-addresses. The largest fleet worth simulating needs a
+# few dozen; the cap stops a mistyped range from building a list of millions.
+MAX_SOURCE_ADDRESSES = 1_024
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
 
@@ -70,6 +81,12 @@ class SwarmOptions:
     # by the client's id, so each device can have its own user.
     username: str | None = None
     password: str | None = None
+    # Local addresses the devices bind to before connecting, device i to the address at
+    # i modulo their count. Empty: chosen by default_source_addresses().
+    source_addresses: tuple[str, ...] = ()
+    # Worker processes of the engine under test (ironshadow serve --workers N): the swarm
+    # opens one observer on each and adds up their $SYS counters.
+    engine_workers: int = 1
 
     def credentials(self, client_id: str) -> tuple[str | None, bytes | None]:
         """Return the user name and password that ``client_id`` sends in CONNECT."""
@@ -87,8 +104,161 @@ class SwarmOptions:
         return math.inf if self.frequency == 0 else self.devices / self.frequency
 
     def process_count(self) -> int:
-        wanted = self.processes or os.cpu_count() or 1
+        """Return the generator processes: --processes, else one per CPU, and more when the
+        devices of one per CPU would exceed a process's file limit."""
+        wanted = self.processes
+        if not wanted:
+            wanted = max(os.cpu_count() or 1, math.ceil(self.devices / devices_per_process()))
         return max(1, min(wanted, self.devices))
+
+
+def open_file_limit() -> int:
+    """Return this process's hard limit of open files, the maximum a generator process can use."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return hard if hard != resource.RLIM_INFINITY else 1 << 20
+
+
+def devices_per_process() -> int:
+    """Return the devices one generator process can hold within its open-file limit."""
+    return max(1, open_file_limit() - FD_RESERVE)
+
+
+def ephemeral_ports() -> int:
+    """Return the ports in net.ipv4.ip_local_port_range, or the Linux default if unreadable."""
+    try:
+        with open(EPHEMERAL_PORT_RANGE_PATH) as range_file:
+            low, high = (int(value) for value in range_file.read().split())
+    except (OSError, ValueError):
+        return EPHEMERAL_PORTS_DEFAULT
+    return max(0, high - low + 1)
+
+
+def devices_per_source_address() -> int:
+    """Return the devices that one source address can connect, leaving PORTS_RESERVE ports."""
+    return max(1, ephemeral_ports() - PORTS_RESERVE)
+
+
+def devices_per_source_address_by_default() -> int:
+    """Return the devices per address when the swarm picks the addresses: half the ports.
+
+    Connecting 25,000 devices at once from each of two addresses kept the generator processes
+    busy in the kernel for 10 to 20 s, picking local ports, so that the broker closed thousands
+    of connections whose CONNECT came late. Spread over four addresses, at less than half the
+    ports each, the same devices connected without that delay.
+    NOTE: measured on Linux 6.18 only. Linux is thought to try even ports before odd ones
+    in connect(), which would make half the range the point where the search slows down.
+    """
+    return max(1, min(devices_per_source_address(), ephemeral_ports() // 2))
+
+
+def parse_source_addresses(text: str) -> tuple[str, ...]:
+    """Parse a comma-separated list of addresses and FIRST-LAST ranges, such as
+    ``127.0.0.1-127.0.0.4`` or ``127.0.0.1,127.0.0.9``."""
+    addresses: list[str] = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        first_text, dash, last_text = item.partition("-")
+        try:
+            first = ipaddress.ip_address(first_text.strip())
+            last = ipaddress.ip_address(last_text.strip()) if dash else first
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid source address {item!r}: give IP addresses or ranges FIRST-LAST, "
+                "separated by commas, such as 127.0.0.1-127.0.0.4"
+            ) from None
+        if first.version != last.version or last < first:
+            raise argparse.ArgumentTypeError(
+                f"invalid source address range {item!r}: the last address must follow the "
+                "first and be of the same IP version, such as 127.0.0.1-127.0.0.4"
+            )
+        count = int(last) - int(first) + 1
+        if len(addresses) + count > MAX_SOURCE_ADDRESSES:
+            raise argparse.ArgumentTypeError(
+                f"--source-addresses {text!r} names more than {MAX_SOURCE_ADDRESSES:,} "
+                "addresses; give fewer"
+            )
+        addresses.extend(str(first + offset) for offset in range(count))
+    if not addresses:
+        raise argparse.ArgumentTypeError(
+            f"invalid source addresses {text!r}: give at least one address, such as 127.0.0.1"
+        )
+    if len(set(addresses)) != len(addresses):
+        raise argparse.ArgumentTypeError(
+            f"invalid source addresses {text!r}: an address is listed twice"
+        )
+    return tuple(addresses)
+
+
+def _loopback_ipv4(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.version == 4 and address.is_loopback
+
+
+def default_source_addresses(options: SwarmOptions) -> tuple[str, ...]:
+    """Return the source addresses that the devices bind to.
+
+    These are --source-addresses when given. Otherwise, when the devices exceed
+    devices_per_source_address_by_default() and the target is an IPv4 loopback address, they
+    are as many addresses from 127.0.0.1 on as the devices need (Linux routes all of
+    127.0.0.0/8 to the loopback interface). Otherwise the result is empty and the kernel
+    picks the address.
+    """
+    if options.source_addresses:
+        return options.source_addresses
+    per_address = devices_per_source_address_by_default()
+    if options.devices <= per_address or not _loopback_ipv4(options.host):
+        return ()
+    count = math.ceil(options.devices / per_address)
+    first = ipaddress.IPv4Address("127.0.0.1")
+    return tuple(str(first + offset) for offset in range(count))
+
+
+def _check_source_addresses(options: SwarmOptions, addresses: tuple[str, ...]) -> None:
+    per_address = devices_per_source_address()
+    if not addresses:
+        if options.devices > per_address:
+            raise SwarmUsageError(
+                f"--devices {options.devices}: one source address has about {per_address:,} "
+                f"free local ports for connections to one server port "
+                f"({EPHEMERAL_PORT_RANGE_PATH} less {PORTS_RESERVE:,} kept free); give "
+                "--source-addresses with addresses of this machine, or use at most "
+                f"{per_address:,} devices"
+            )
+        return
+    try:
+        host_version = ipaddress.ip_address(options.host).version
+    except ValueError:
+        host_version = None  # a host name: its address family shows only when connecting
+    for address in addresses:
+        version = ipaddress.ip_address(address).version
+        if host_version is not None and version != host_version:
+            raise SwarmUsageError(
+                f"--source-addresses: {address} is an IPv{version} address but --host "
+                f"{options.host} is IPv{host_version}; give addresses of the same version"
+            )
+    needed = math.ceil(options.devices / len(addresses))
+    if needed > per_address:
+        raise SwarmUsageError(
+            f"--devices {options.devices} over {len(addresses)} source addresses puts "
+            f"{needed:,} devices on each, but one address has about {per_address:,} free local "
+            f"ports ({EPHEMERAL_PORT_RANGE_PATH} less {PORTS_RESERVE:,} kept free); give at "
+            f"least {math.ceil(options.devices / per_address)} addresses in --source-addresses"
+        )
+    for address in addresses[: options.devices]:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.bind((address, 0))
+        except OSError as exc:
+            raise SwarmUsageError(
+                f"--source-addresses: cannot bind to {address}: {exc.strerror}; give "
+                "addresses of this machine (any of 127.0.0.0/8 works for a local broker)"
+            ) from None
 
 
 def check(options: SwarmOptions) -> None:
@@ -96,6 +266,11 @@ def check(options: SwarmOptions) -> None:
     if options.password is not None and options.username is None:
         raise SwarmUsageError(
             "--password without --username: MQTT 3.1.1 sends a password only with a user name"
+        )
+    if options.engine_workers < 1:
+        raise SwarmUsageError(
+            f"--engine-workers {options.engine_workers}: give the engine's --workers count, "
+            "1 or more"
         )
     if options.devices < 1:
         raise SwarmUsageError(f"--devices {options.devices}: give at least 1 device")
@@ -127,20 +302,14 @@ def check(options: SwarmOptions) -> None:
             "--frequency, or use --frequency 0 to publish as fast as possible"
         )
     per_process = math.ceil(options.devices / processes)
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    available = (hard if hard != resource.RLIM_INFINITY else 1 << 20) - FD_RESERVE
-    if per_process > available:
+    if per_process > devices_per_process():
         raise SwarmUsageError(
             f"--devices {options.devices} over {processes} processes needs {per_process} open "
-            f"files per process, but the file limit is {hard}; use more --processes (each "
-            "process has its own limit) or raise the hard limit (ulimit -Hn)"
+            f"files per process, but the file limit is {open_file_limit()}; use at least "
+            f"{math.ceil(options.devices / devices_per_process())} --processes (each process "
+            "has its own limit) or raise the hard limit (ulimit -Hn)"
         )
-    if options.devices > EPHEMERAL_PORTS_DEFAULT:
-        raise SwarmUsageError(
-            f"--devices {options.devices}: one source address has about "
-            f"{EPHEMERAL_PORTS_DEFAULT:,} local ports for connections to one server port; "
-            f"use at most {EPHEMERAL_PORTS_DEFAULT:,} devices"
-        )
+    _check_source_addresses(options, default_source_addresses(options))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -194,13 +363,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--processes",
         type=int,
         default=defaults.processes,
-        help="generator processes (default: one per CPU)",
+        help="generator processes (default: one per CPU, or more when the devices of one "
+        f"process would exceed {devices_per_process():,}, its open-file limit less "
+        f"{FD_RESERVE})",
     )
     parser.add_argument(
         "--engine-pid",
         type=int,
         default=None,
         help="PID of a local engine or broker, to report its CPU and memory",
+    )
+    parser.add_argument(
+        "--engine-workers",
+        type=int,
+        default=defaults.engine_workers,
+        help="worker processes of the engine (its ironshadow serve --workers); each worker "
+        "counts only what it received, so the swarm reads the $SYS counter of each and adds "
+        "them up (default %(default)s)",
     )
     parser.add_argument(
         "--client-prefix",
@@ -246,6 +425,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="password sent with --username; {client_id} is replaced as there. Other users of "
         "this machine can read it in the process list, so use a test user",
     )
+    parser.add_argument(
+        "--source-addresses",
+        type=parse_source_addresses,
+        default=(),
+        help="local addresses the devices connect from, device i from the (i modulo count)-th: "
+        "a comma-separated list of addresses and ranges FIRST-LAST, such as "
+        f"127.0.0.1-127.0.0.4. One address holds at most {devices_per_source_address():,} "
+        f"devices here (the ports of net.ipv4.ip_local_port_range less {PORTS_RESERVE:,}). "
+        "Default: the system's choice, or, when there are more than "
+        f"{devices_per_source_address_by_default():,} devices (half the ports, because "
+        "connecting is slow above that) and --host is an IPv4 loopback address, 127.0.0.1, "
+        "127.0.0.2 and so on, as many as needed",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
 
 
@@ -272,4 +464,6 @@ def from_arguments(arguments: argparse.Namespace) -> SwarmOptions:
         json=arguments.json,
         username=arguments.username,
         password=arguments.password,
+        source_addresses=arguments.source_addresses,
+        engine_workers=arguments.engine_workers,
     )

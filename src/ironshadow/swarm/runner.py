@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -35,7 +36,7 @@ from ironshadow.mqtt import (
 )
 
 from .discard import run_discard_server
-from .options import SwarmOptions, SwarmUsageError, check
+from .options import SwarmOptions, SwarmUsageError, check, default_source_addresses
 from .worker import STATS_INTERVAL, run_worker, shadow_topic, thing_name
 
 SYS_RECEIVED = "$SYS/broker/publish/messages/received"
@@ -190,6 +191,25 @@ class Observer(asyncio.Protocol):
             await asyncio.sleep(0.05)
 
 
+def observer_client_ids(options: SwarmOptions) -> list[str]:
+    """Return one observer client id per engine worker, each owned by a different worker.
+
+    ``ironshadow serve --workers N`` serves a client on the worker whose index is the CRC-32
+    of its client id's UTF-8 bytes modulo N (docs/workers.md), and its $SYS counters count
+    what that worker received. One observer on each worker covers the whole engine.
+    """
+    workers = options.engine_workers
+    if workers == 1:
+        return [f"{options.client_prefix}observer"]
+    found: dict[int, str] = {}
+    number = 0
+    while len(found) < workers:
+        client_id = f"{options.client_prefix}observer-{number}"
+        found.setdefault(zlib.crc32(client_id.encode()) % workers, client_id)
+        number += 1
+    return [found[index] for index in range(workers)]
+
+
 # --- results -------------------------------------------------------------------------------
 
 
@@ -219,6 +239,11 @@ class SwarmResult:
     disconnects: int
     skipped: int
     scenario_figures: dict[str, Any] = field(default_factory=dict)
+    # Local addresses the devices connected from; empty when the kernel chose.
+    source_addresses: list[str] = field(default_factory=list)
+    # Wall-clock times (Unix seconds) of the window, to line up figures measured elsewhere.
+    window_start_unix: float = 0.0
+    window_end_unix: float = 0.0
 
 
 def percentile(values: list[float], fraction: float) -> float | None:
@@ -254,6 +279,8 @@ class Coordinator:
         self.ack_latencies: list[float] = []
         self.connack_latencies: list[float] = []
         self.observer: Observer | None = None
+        # One observer per engine worker (--engine-workers); observers[0] is self.observer.
+        self.observers: list[Observer] = []
 
     # --- workers --------------------------------------------------------------------------
 
@@ -296,13 +323,17 @@ class Coordinator:
             self.ack_latencies.extend(counters.pop("ack_latencies"))
             self.connack_latencies.extend(counters.pop("connack_latencies"))
             self.stats[number] = counters
+        elif message[0] == "failed":
+            self.replies.put_nowait((number, "failed", message[1]))
         else:
             self.replies.put_nowait((number, message[1], message[2]))
 
     async def command(self, name: str, *arguments: Any, timeout: float = COMMAND_TIMEOUT) -> list:
         """Send a command to every worker and return their results, in worker order."""
         for pipe in self.pipes:
-            pipe.send((name, *arguments))
+            # A worker that has exited cannot take the command; its pipe reports "exited".
+            with contextlib.suppress(OSError):
+                pipe.send((name, *arguments))
         results: list[Any] = [None] * len(self.pipes)
         waiting = set(range(len(self.pipes)))
         deadline = time.monotonic() + timeout
@@ -318,6 +349,8 @@ class Coordinator:
                 ) from None
             if command == "exited":
                 raise SwarmError(f"generator process {number} exited during {name!r}")
+            if command == "failed":
+                raise SwarmError(f"generator process {number}: {result}")
             if command == name:
                 results[number] = result
                 waiting.discard(number)
@@ -343,13 +376,20 @@ class Coordinator:
 
     # --- the observer ---------------------------------------------------------------------
 
-    async def open_observer(self) -> Observer:
+    async def open_observers(self) -> Observer:
+        """Connect one observer per engine worker and return the first, which also sets
+        desired state and probes for shadows."""
+        for client_id in observer_client_ids(self.options):
+            self.observers.append(await self.open_observer(client_id))
+        self.observer = self.observers[0]
+        return self.observer
+
+    async def open_observer(self, client_id: str) -> Observer:
         options = self.options
         try:
             _, observer = await asyncio.wait_for(
                 self.loop.create_connection(Observer, options.host, options.port), 10
             )
-            client_id = f"{options.client_prefix}observer"
             username, password = options.credentials(client_id)
             connect = Connect(client_id, MQTT_3_1_1, True, 60, username, password)
             observer.send(connect.encode())
@@ -365,7 +405,6 @@ class Coordinator:
                 "check the broker's authentication settings"
             )
         observer.subscribe(SYS_RECEIVED)
-        self.observer = observer
         return observer
 
     async def serves_shadows(self) -> bool:
@@ -406,6 +445,7 @@ class Coordinator:
         await self.progress(options.warmup, "warm-up")
         self.ack_latencies.clear()
         started = time.monotonic()
+        started_unix = time.time()
         sent_before = self.total("sent")
         engine_before = process_cpu_seconds(options.engine_pid) if options.engine_pid else None
         generator_before = self.generator_cpu_seconds()
@@ -416,10 +456,17 @@ class Coordinator:
         generator_cpu = self.generator_cpu_seconds() - generator_before
         latencies = list(self.ack_latencies)
         end = time.monotonic()
+        end_unix = time.time()
         # The load goes on until the broker publishes its counter once more after the window.
-        await self.observer.wait_sample_after(end, SYS_WAIT_AFTER_WINDOW)
+        for observer in self.observers:
+            await observer.wait_sample_after(end, SYS_WAIT_AFTER_WINDOW)
         await self.command("pause")
-        achieved, span = self.observer.rate_between(load_start, started, end)
+        # With several engine workers each counts what it received: the rates add up.
+        rates = [observer.rate_between(load_start, started, end) for observer in self.observers]
+        achieved: float | None = None
+        span = max(rate_span for _, rate_span in rates)
+        if all(rate is not None for rate, _ in rates):
+            achieved = sum(rate for rate, _ in rates)  # type: ignore[misc]
         note = ""
         if achieved is None:
             note = (
@@ -470,6 +517,9 @@ class Coordinator:
             disconnects=self.total("disconnects"),
             skipped=self.total("skipped"),
             scenario_figures=figures,
+            source_addresses=list(options.source_addresses),
+            window_start_unix=started_unix,
+            window_end_unix=end_unix,
         )
 
     async def progress(self, seconds: float, phase: str) -> None:
@@ -575,8 +625,15 @@ async def run_swarm(options: SwarmOptions) -> SwarmResult:
     check(options)
     if options.ceiling:
         return await _run_against_discard_server(options)
+    options = dataclasses.replace(options, source_addresses=default_source_addresses(options))
     coordinator = Coordinator(options)
-    observer = await coordinator.open_observer()
+    try:
+        await coordinator.open_observers()
+    except SwarmError:
+        for observer in coordinator.observers:
+            if observer.transport is not None:
+                observer.transport.close()
+        raise
     coordinator.start_workers()
     try:
         shadows = options.scenario in ("storm", "desired") and await coordinator.serves_shadows()
@@ -597,8 +654,9 @@ async def run_swarm(options: SwarmOptions) -> SwarmResult:
                 result.scenario_figures["storm_note"] = "the broker serves no shadows: no deltas"
     finally:
         await coordinator.stop_workers()
-        if observer.transport is not None:
-            observer.transport.close()
+        for observer in coordinator.observers:
+            if observer.transport is not None:
+                observer.transport.close()
     result.sent_total = coordinator.total("sent")
     return result
 
@@ -678,6 +736,10 @@ def render(result: SwarmResult) -> str:
             f"{result.errors} / {result.disconnects} / {result.skipped}",
         ),
     ]
+    if result.source_addresses:
+        addresses = result.source_addresses
+        shown = ", ".join(addresses) if len(addresses) <= 4 else f"{addresses[0]} … {addresses[-1]}"
+        rows.append(("source addresses", f"{len(addresses)}: {shown}"))
     for key, value in result.scenario_figures.items():
         rows.append((key.replace("_", " "), _format(value, 3)))
     width = max(len(name) for name, _ in rows)

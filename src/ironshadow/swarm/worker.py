@@ -37,7 +37,7 @@ from ironshadow.mqtt import (
     Subscription,
 )
 
-from .options import SwarmOptions
+from .options import FD_RESERVE, SwarmOptions, devices_per_process, open_file_limit
 
 # Seconds per slot of the publishing wheel: the timer's resolution.
 TICK = 0.005
@@ -114,6 +114,9 @@ class Device(asyncio.Protocol):
         self.worker = worker
         self.index = index
         self.thing = thing_name(options, index)
+        addresses = options.source_addresses
+        # The local address to bind before connecting; port 0 lets the kernel pick the port.
+        self.source = (addresses[index % len(addresses)], 0) if addresses else None
         self.qos = options.qos
         self.transport: asyncio.Transport | None = None
         self.decoder = PacketDecoder(version=MQTT_3_1_1)
@@ -274,6 +277,8 @@ class Worker:
         self._wheel: list[list[Device]] = []
         self._slot = 0
         self._ticker: asyncio.TimerHandle | None = None
+        # The broker's address per address family, resolved once for the bound sockets.
+        self._targets: dict[int, Any] = {}
 
     # --- connecting ---------------------------------------------------------------------
 
@@ -300,10 +305,7 @@ class Worker:
         device.connected_future = self.loop.create_future()
         device.subscribed.clear()
         try:
-            await asyncio.wait_for(
-                self.loop.create_connection(lambda: device, options.host, options.port),
-                options.connect_timeout,
-            )
+            await asyncio.wait_for(self._open_connection(device), options.connect_timeout)
             accepted = await asyncio.wait_for(device.connected_future, options.connect_timeout)
         except (OSError, TimeoutError):
             self.counters.errors += 1
@@ -313,6 +315,36 @@ class Worker:
             topic = shadow_topic(device.thing, "update/delta")
             device.send(Subscribe(1, [Subscription(topic, 1)]).encode(MQTT_3_1_1))
         return accepted
+
+    async def _open_connection(self, device: Device) -> None:
+        options = self.options
+        if device.source is None:
+            await self.loop.create_connection(lambda: device, options.host, options.port)
+            return
+        family = socket.AF_INET6 if ":" in device.source[0] else socket.AF_INET
+        target = self._targets.get(family)
+        if target is None:
+            infos = await self.loop.getaddrinfo(
+                options.host, options.port, family=family, type=socket.SOCK_STREAM
+            )
+            target = self._targets[family] = infos[0][4]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            # Without IP_BIND_ADDRESS_NO_PORT, bind() picks the local port and scans the
+            # ephemeral range for one that no socket on the address uses. That scan grows
+            # with the sockets bound: at 17,000 devices per process it kept each generator
+            # busy in the kernel for over 20 s, and the broker closed connections whose
+            # CONNECT came too late. With the option, connect() picks the port, as it does for
+            # an unbound socket.
+            if family == socket.AF_INET:
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind(device.source)
+            sock.setblocking(False)
+            await self.loop.sock_connect(sock, target)
+            await self.loop.create_connection(lambda: device, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
 
     async def wait_deltas(self, timeout: float) -> dict[str, Any]:
         """Wait until every connected device has a delta; return how long that took."""
@@ -502,6 +534,17 @@ def run_worker(options: SwarmOptions, first: int, count: int, seed: int, pipe: C
     # One socket per device: take the hard file limit, which options.check() compared.
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    # The coordinator checked its own limit; this process may have been given another.
+    if count > devices_per_process():
+        pipe.send(
+            (
+                "failed",
+                f"{count} devices need {count + FD_RESERVE} open files in this process, but "
+                f"its file limit is {open_file_limit()}; use more --processes or raise the "
+                "hard limit (ulimit -Hn)",
+            )
+        )
+        return
 
     with contextlib.suppress(KeyboardInterrupt):
         uvloop.run(_serve(options, first, count, seed, pipe))
