@@ -99,6 +99,45 @@ def test_handoff_passes_socket_and_bytes(tmp_path: Path) -> None:
     run(scenario)
 
 
+def test_handoff_burst_waits_for_a_full_socket(tmp_path: Path) -> None:
+    """A burst larger than the Unix socket's buffer, sent without yielding to the event loop,
+    is queued, not refused: every connection reaches the listener, paired with its bytes."""
+    count = 2_000
+
+    async def scenario() -> None:
+        got: list[tuple[int, bytes]] = []
+        listener = HandoffListener(
+            str(tmp_path / "handoff.sock"), lambda fd, data: got.append((fd, data))
+        )
+        listener.start()
+        sender = HandoffSender(str(tmp_path / "handoff.sock"))
+        clients = []
+        with socket.create_server(("127.0.0.1", 0), backlog=count) as server:
+            try:
+                for number in range(count):
+                    client = socket.create_connection(server.getsockname())
+                    clients.append(client)
+                    accepted, _address = server.accept()
+                    saved = f"connect-{number:05d}".encode() * 20
+                    assert sender.send(accepted.fileno(), saved), f"hand-off {number} refused"
+                    accepted.close()
+                await received(got, count)
+                for number, (fd, data) in enumerate(got):
+                    assert data == f"connect-{number:05d}".encode() * 20
+                    adopted = socket.socket(fileno=fd)
+                    adopted.setblocking(True)
+                    clients[number].sendall(b"ping")
+                    assert adopted.recv(10) == b"ping"
+                    adopted.close()
+            finally:
+                sender.close()
+                listener.close()
+                for client in clients:
+                    client.close()
+
+    run(scenario)
+
+
 def test_handoff_without_listener_returns_false(tmp_path: Path) -> None:
     async def scenario() -> None:
         sender = HandoffSender(str(tmp_path / "missing.sock"))

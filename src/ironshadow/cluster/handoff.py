@@ -11,9 +11,11 @@ saved bytes, sent in one ``sendmsg`` call that carries exactly one descriptor. L
 descriptors with the first bytes of the message that carried them and ends a ``recvmsg`` read
 there, so the receiver pairs the n-th complete record with the n-th descriptor.
 
-A hand-off never waits: when the owner's socket is missing, refuses, or its buffer is full,
-the connection stays where it landed and is served there, with its traffic forwarded over
-the bus like any other.
+When the owner's socket buffer is full, as in a reconnect storm, a hand-off waits in a queue
+with a duplicate of its descriptor (up to MAX_QUEUED_HANDOFFS) and goes out when the socket is
+writable. When the owner's socket is missing or refuses, or the queue is full, the connection
+stays where it landed and is served there, with its traffic forwarded over the bus like any
+other.
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ RECEIVE_BYTES = 65_536
 # Descriptors that fit in the ancillary buffer of one recvmsg call. The kernel ends a read at
 # the first message that carries descriptors, and each message carries one.
 RECEIVE_FDS = 16
+# recvmsg calls per readiness callback at most. One call returns one hand-off, so reading one
+# per callback would let the sender's buffer fill in a reconnect storm.
+READS_PER_CALLBACK = 1_024
+# Hand-offs waiting for the peer's socket buffer at most; beyond, connections stay where they
+# landed. Each keeps a duplicate descriptor open until it is sent.
+MAX_QUEUED_HANDOFFS = 4_096
 
 
 class ClusterConnection(MQTTConnection):
@@ -79,12 +87,20 @@ class HandoffSender:
         # Bytes of a record that sendmsg accepted only in part. No other record may be sent
         # until they are, because the peer pairs records with descriptors in order.
         self._pending = bytearray()
+        # Records waiting for the socket to become writable, each with a duplicate of its
+        # descriptor, oldest first.
+        self._queue: deque[tuple[int, bytes]] = deque()
+        self._watching = False
 
     def send(self, fd: int, data: bytes) -> bool:
-        """Send descriptor ``fd`` with ``data``; return False when it was not sent."""
-        if self._pending:
-            return False
+        """Send descriptor ``fd`` with ``data``, now or once the socket is writable.
+
+        Return False when it was not sent and will not be: the caller keeps the connection.
+        Otherwise the caller may close ``fd`` at once.
+        """
         record = len(data).to_bytes(4, "big") + data
+        if self._pending or self._queue:
+            return self._enqueue(fd, record)
         for attempt in range(2):
             sock = self._sock or self._connect()
             if sock is None:
@@ -94,7 +110,7 @@ class HandoffSender:
                     [record], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
                 )
             except BlockingIOError:
-                return False
+                return self._enqueue(fd, record)
             except OSError as exc:
                 # The peer restarted since this socket was connected: connect again, once.
                 self.close()
@@ -103,9 +119,26 @@ class HandoffSender:
                 continue
             if sent < len(record):
                 self._pending += record[sent:]
-                asyncio.get_running_loop().add_writer(sock.fileno(), self._write_pending)
+                self._watch(sock)
             return True
         return False
+
+    def _enqueue(self, fd: int, record: bytes) -> bool:
+        sock = self._sock
+        if sock is None or len(self._queue) >= MAX_QUEUED_HANDOFFS:
+            return False
+        try:
+            duplicate = os.dup(fd)
+        except OSError:
+            return False
+        self._queue.append((duplicate, record))
+        self._watch(sock)
+        return True
+
+    def _watch(self, sock: socket.socket) -> None:
+        if not self._watching:
+            self._watching = True
+            asyncio.get_running_loop().add_writer(sock.fileno(), self._write_pending)
 
     def _connect(self) -> socket.socket | None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -119,28 +152,53 @@ class HandoffSender:
         return sock
 
     def _write_pending(self) -> None:
+        """Send the rest of a partly sent record, then the queued records, while writable."""
         sock = self._sock
         if sock is None:
             return
+        pending = self._pending
+        queue = self._queue
         try:
-            sent = sock.send(self._pending)
+            while pending or queue:
+                if pending:
+                    sent = sock.send(pending)
+                    del pending[:sent]
+                    if pending:
+                        return  # the socket is full again
+                    continue
+                duplicate, record = queue[0]
+                sent = sock.sendmsg(
+                    [record],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [duplicate]))],
+                )
+                queue.popleft()
+                os.close(duplicate)  # the message in flight holds its own reference
+                pending += record[sent:]
         except BlockingIOError:
             return
         except OSError as exc:
-            log.warning("hand-off to %s failed: %s", self.path, exc)
+            log.warning(
+                "hand-off to %s failed: %s; closing %d waiting connection(s), whose clients "
+                "reconnect",
+                self.path,
+                exc,
+                len(queue),
+            )
             self.close()
             return
-        del self._pending[:sent]
-        if not self._pending:
-            asyncio.get_running_loop().remove_writer(sock.fileno())
+        self._watching = False
+        asyncio.get_running_loop().remove_writer(sock.fileno())
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
-            if self._pending:
+            if self._watching:
+                self._watching = False
                 asyncio.get_running_loop().remove_writer(sock.fileno())
             sock.close()
         self._pending.clear()
+        while self._queue:
+            os.close(self._queue.popleft()[0])
 
 
 class HandoffListener:
@@ -207,19 +265,25 @@ class _HandoffReader:
         self._fds: deque[int] = deque()
 
     def read(self) -> None:
+        for _ in range(READS_PER_CALLBACK):
+            if not self._read_once():
+                return
+
+    def _read_once(self) -> bool:
+        """Read once and adopt what arrived; return False when nothing more can be read now."""
         sock = self._sock
         if sock is None:
-            return
+            return False
         try:
             data, ancillary, _flags, _address = sock.recvmsg(
                 RECEIVE_BYTES, socket.CMSG_SPACE(RECEIVE_FDS * array.array("i").itemsize)
             )
         except BlockingIOError:
-            return
+            return False
         except OSError as exc:
             log.warning("reading a hand-off socket failed: %s", exc)
             self.close()
-            return
+            return False
         for level, kind, cdata in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
@@ -227,7 +291,7 @@ class _HandoffReader:
                 self._fds.extend(fds)
         if not data:
             self.close()
-            return
+            return False
         buffer = self._buffer
         buffer += data
         while len(buffer) >= 4:
@@ -239,8 +303,9 @@ class _HandoffReader:
             if not self._fds:
                 log.error("hand-off record of %d bytes came without a socket; closing", length)
                 self.close()
-                return
+                return False
             self._on_connection(self._fds.popleft(), saved)
+        return True
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
