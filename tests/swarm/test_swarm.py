@@ -77,6 +77,20 @@ def test_storm_delivers_pending_deltas(make_engine):
     assert result["errors"] == 0
 
 
+def test_slow_devices_keep_their_connections(make_engine):
+    """Devices that report less often than their keep alive send PINGREQ, so the engine,
+    which closes a connection silent for 1.5 times its keep alive, keeps them all."""
+    engine = make_engine(sys_interval=1)
+    result = report(
+        run_swarm(
+            "--port", str(engine.port), "--devices", "20", "--frequency", "10s",
+            "--keep-alive", "2", "--warmup", "1s", "--duration", "5s", "--json",
+        )
+    )  # fmt: skip
+    assert result["disconnects"] == 0
+    assert result["errors"] == 0
+
+
 def test_desired_converges(make_engine):
     engine = make_engine(sys_interval=1)
     result = report(

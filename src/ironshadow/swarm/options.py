@@ -278,6 +278,10 @@ def check(options: SwarmOptions) -> None:
         raise SwarmUsageError(f"--qos {options.qos}: the swarm publishes at QoS 0 or 1")
     if options.frequency < 0:
         raise SwarmUsageError(f"--frequency {options.frequency}: must not be negative")
+    if not 0 <= options.keep_alive <= 65_535:
+        raise SwarmUsageError(
+            f"--keep-alive {options.keep_alive}: MQTT allows 0 to 65535 seconds; 0 turns it off"
+        )
     if options.duration <= 0:
         raise SwarmUsageError(f"--duration {options.duration:g}: must be more than 0 s")
     if not 0 < options.share <= 1:
@@ -410,6 +414,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="time allowed for all devices to connect (default 60s)",
     )
     parser.add_argument(
+        "--keep-alive",
+        type=int,
+        default=defaults.keep_alive,
+        help="keep alive that every device sends in CONNECT, in seconds; a device that would "
+        "stay silent for half of it sends PINGREQ (default 60, 0 for none)",
+    )
+    parser.add_argument(
         "--ceiling",
         action="store_true",
         help="measure the generator's own ceiling: run the same load against a discard server "
@@ -460,6 +471,7 @@ def from_arguments(arguments: argparse.Namespace) -> SwarmOptions:
         ramp_rate=arguments.ramp_rate,
         share=arguments.share,
         connect_timeout=arguments.connect_timeout,
+        keep_alive=arguments.keep_alive,
         ceiling=arguments.ceiling,
         json=arguments.json,
         username=arguments.username,

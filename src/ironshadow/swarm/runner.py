@@ -37,9 +37,11 @@ from ironshadow.mqtt import (
 
 from .discard import run_discard_server
 from .options import SwarmOptions, SwarmUsageError, check, default_source_addresses
-from .worker import STATS_INTERVAL, run_worker, shadow_topic, thing_name
+from .worker import PINGREQ_PACKET, STATS_INTERVAL, run_worker, shadow_topic, thing_name
 
 SYS_RECEIVED = "$SYS/broker/publish/messages/received"
+# Keep alive of the observer connections, in seconds; they send PINGREQ at half of it.
+OBSERVER_KEEP_ALIVE = 60
 # Seconds to wait for a shadow reply when probing whether the broker serves shadows.
 SHADOW_PROBE_TIMEOUT = 3.0
 # Seconds allowed for a worker to finish a command that does not connect devices.
@@ -96,10 +98,19 @@ class Observer(asyncio.Protocol):
         self.next_packet_id = 1
         self.unacknowledged = 0
         self.acknowledged = asyncio.Event()
+        self._pinger: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, though they implement it.
         self.transport = transport  # type: ignore[assignment]
+        self._pinger = asyncio.get_running_loop().call_later(OBSERVER_KEEP_ALIVE / 2, self._ping)
+
+    def _ping(self) -> None:
+        """Send PINGREQ: an observer only listens, and the broker would close it as idle."""
+        if self.transport is None:
+            return
+        self.transport.write(PINGREQ_PACKET)
+        self._pinger = asyncio.get_running_loop().call_later(OBSERVER_KEEP_ALIVE / 2, self._ping)
 
     def data_received(self, data: bytes) -> None:
         for packet in self.decoder.feed(data):
@@ -117,6 +128,8 @@ class Observer(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self._pinger is not None:
+            self._pinger.cancel()
         if not self.connack.done():
             self.connack.set_exception(ConnectionError("closed before CONNACK"))
 
@@ -391,7 +404,7 @@ class Coordinator:
                 self.loop.create_connection(Observer, options.host, options.port), 10
             )
             username, password = options.credentials(client_id)
-            connect = Connect(client_id, MQTT_3_1_1, True, 60, username, password)
+            connect = Connect(client_id, MQTT_3_1_1, True, OBSERVER_KEEP_ALIVE, username, password)
             observer.send(connect.encode())
             code = await asyncio.wait_for(observer.connack, 10)
         except (OSError, TimeoutError, ConnectionError) as exc:

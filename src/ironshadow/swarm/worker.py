@@ -45,6 +45,8 @@ TICK = 0.005
 VARIANTS = 4
 # Seconds between two stats messages to the coordinator.
 STATS_INTERVAL = 0.5
+# PINGREQ, which a device sends when it may otherwise be silent for half its keep alive.
+PINGREQ_PACKET = b"\xc0\x00"
 # Latency samples kept per kind between two stats messages, to bound the pipe's load.
 SAMPLES_PER_REPORT = 2_000
 
@@ -277,6 +279,7 @@ class Worker:
         self._wheel: list[list[Device]] = []
         self._slot = 0
         self._ticker: asyncio.TimerHandle | None = None
+        self._pinger: asyncio.TimerHandle | None = None
         # The broker's address per address family, resolved once for the bound sockets.
         self._targets: dict[int, Any] = {}
 
@@ -293,6 +296,8 @@ class Worker:
                     await asyncio.sleep(delay)
             tasks.append(self.loop.create_task(self._connect_one(device, subscribe_delta)))
         results = await asyncio.gather(*tasks)
+        if self._pinger is None and self.options.keep_alive:
+            self._pinger = self.loop.call_later(self.options.keep_alive / 2, self._ping)
         return {
             "connected": sum(results),
             "failed": len(results) - sum(results),
@@ -462,8 +467,25 @@ class Worker:
             self._ticker.cancel()
             self._ticker = None
 
+    def _ping(self) -> None:
+        """Send PINGREQ from every connected device unless they publish often enough.
+
+        Without it a broker closes devices that wait, silent, for longer than one and a half
+        times their keep alive: in a storm's wait for deltas, or between slow reports.
+        """
+        interval = self.options.keep_alive / 2
+        self._pinger = self.loop.call_later(interval, self._ping)
+        if self._publishing and self.options.frequency < interval:
+            return
+        for device in self.devices:
+            if device.connected:
+                device.send(PINGREQ_PACKET)
+
     def close_all(self) -> None:
         self.stop_publishing()
+        if self._pinger is not None:
+            self._pinger.cancel()
+            self._pinger = None
         for device in self.devices:
             device.close(abrupt=False)
 
