@@ -114,10 +114,7 @@ async def _serve(
         raise
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            raise PortInUseError(
-                f"MQTT port {config.port} on {config.host} is already in use; "
-                "choose a free port with --mqtt-port"
-            ) from exc
+            raise _mqtt_port_in_use(config) from exc
         raise
     api = None
     # With several workers only worker 0 serves the HTTP API. Its shadow requests and
@@ -257,16 +254,20 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mqtt_port_in_use(config: BrokerConfig) -> PortInUseError:
+    return PortInUseError(
+        f"MQTT port {config.port} on {config.host} is already in use; "
+        "choose a free port with --mqtt-port"
+    )
+
+
 def _supervise(argv: list[str], workers: int, config: BrokerConfig) -> int:
     """Bind the MQTT port and run ``workers`` copies of this command under a supervisor."""
     try:
         listener = bind_listener(config.host, config.port, config.listen_backlog)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            raise PortInUseError(
-                f"MQTT port {config.port} on {config.host} is already in use; "
-                "choose a free port with --mqtt-port"
-            ) from exc
+            raise _mqtt_port_in_use(config) from exc
         raise
     log.info(
         "supervisor (pid %d) listening on %s:%d; starting %d workers",
