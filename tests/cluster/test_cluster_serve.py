@@ -366,7 +366,7 @@ def test_request_lost_with_owner_is_not_acknowledged(tmp_path: Path) -> None:
         thing = client_owned_by(1, "valve")
         publisher = RawClient(cluster.port)
         publisher.connect(client_owned_by(2, "panel"))
-        os.kill(int(pids[1]), signal.SIGSTOP)  # the owner takes the request and never answers
+        os.kill(int(pids[1]), signal.SIGSTOP)  # the stopped owner never replies
         try:
             document = json.dumps({"state": {"desired": {"open": True}}}).encode()
             publisher.send(Publish(f"$aws/things/{thing}/shadow/update", document, 1, packet_id=7))

@@ -3,10 +3,10 @@
 The AWS IoT Device SDK's native library has crashed its process with a segmentation fault now
 and then, inside its own threads and during connects that otherwise succeed. In the main test
 process such a crash would end the whole run, so the module runs here, in a child process.
-A child that a signal killed is run again, up to ATTEMPTS runs; any other failure fails this
-test. Run alone in a loop, the module crashed in 2 of 60 runs, each time while a test connected
-just after the previous test had stopped an MQTT 5 client; since the fixture waits for the
-client's stopped event, no crash was seen in 100 runs.
+A child that a signal killed is run again, up to ATTEMPTS runs, and any other failure fails
+this test. Run alone in a loop, the module crashed in 2 of 60 runs, each time while a test
+connected just after the previous test had stopped an MQTT 5 client. Since the fixture waits
+for the client's stopped event, no crash was seen in 100 runs.
 """
 
 from __future__ import annotations

@@ -634,12 +634,13 @@ class ClusterWorker:
         if message is not None:
             message.release()
 
-    def _disconnect_publishers(self, messages: list[Message], why: str) -> None:
+    def _disconnect_publishers(self, messages: list[Message], reason: str) -> None:
         """Close the connections that published ``messages``, which stay unacknowledged.
 
         Each message is a QoS 1 or 2 shadow request that its owner may not have stored. The
         client sends it again after it reconnects (with a persistent session), or knows that
-        it was not delivered; acknowledging it would promise what nobody kept.
+        it was not delivered. An acknowledgement would report as stored an update that may be
+        lost.
         """
         closed = 0
         loop = self.broker.loop
@@ -655,7 +656,7 @@ class ClusterWorker:
                 "worker %d: %s before confirming %d shadow request(s); closed %d publishing "
                 "connection(s) without acknowledging them, so that the clients send them again",
                 self.index,
-                why,
+                reason,
                 len(messages),
                 closed,
             )
