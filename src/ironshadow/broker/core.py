@@ -137,9 +137,14 @@ class Broker:
         # socket that the supervisor bound, used instead of binding one, and
         # ``tcp_connection_class`` the protocol of its connections. ``connect_router`` may
         # pass a connection to another worker at CONNECT, and returns True when it did.
+        # ``subscribe_barrier(finish)`` may delay the SUBACK of a SUBSCRIBE until the other
+        # workers have its new filters. It returns True when it will call ``finish`` later,
+        # and False to have it called now. ``finish`` sends the SUBACK and the retained
+        # messages.
         self.listen_socket: socket.socket | None = None
         self.tcp_connection_class: type[MQTTConnection] = MQTTConnection
         self.connect_router: Callable[[MQTTConnection, Connect], bool] | None = None
+        self.subscribe_barrier: Callable[[Callable[[], None]], bool] | None = None
 
     # --- extension points -------------------------------------------------------------
 
@@ -928,9 +933,27 @@ class Broker:
                 sub.retain_handling == 0 or (sub.retain_handling == 1 and not existed)
             ):
                 retained.extend((message, record) for message in self.retained.match(inner))
-        connection.send(Suback(packet.packet_id, codes).encode(version))
         if added:
             self.session_changed(session)
+        suback = Suback(packet.packet_id, codes).encode(version)
+        barrier = self.subscribe_barrier
+        if barrier is not None and added:
+            finish = partial(self._subscribed, connection, session, suback, retained, added)
+            if barrier(finish):
+                return
+        self._subscribed(connection, session, suback, retained, added)
+
+    def _subscribed(
+        self,
+        connection: MQTTConnection,
+        session: Session,
+        suback: bytes,
+        retained: list[tuple[Message, SubscriptionRecord]],
+        added: list[SubscriptionRecord],
+    ) -> None:
+        """Send the SUBACK and the retained messages of a SUBSCRIBE that is in the index."""
+        if connection.state != CLOSED:
+            connection.send(suback)
         for message, record in retained:
             # Retained messages sent because of a subscription keep the retain flag
             # [MQTT-3.3.1-8].

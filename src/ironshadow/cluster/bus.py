@@ -27,7 +27,18 @@ kind     name        rest of the body
 9        METRICS     a 4-byte call number: the sender asks for the receiver's metrics
 10       METRICS_OF  the 4-byte number of a METRICS frame, then the receiver's metrics
                      (see :meth:`~ironshadow.api.metrics.Exposition.to_bytes`)
+11       SYNC        a 4-byte number: the receiver answers SYNCED with it, having handled
+                     every frame that the sender sent before
+12       SYNCED      the 4-byte number of a SYNC frame
+13       REPLAY      a client id (MQTT string), then the ``update/delta`` topic to the end: the
+                     client subscribed to the delta of a thing that the receiver owns
+14       DELTA       a client id and a topic (MQTT strings), then the current delta message
+                     to the end: the answer to a REPLAY when the shadow has a delta
 ======== =========== ===========================================================================
+
+A worker sends SYNC after announcing a new topic filter, and holds the client's SUBACK until
+every peer has answered: a message published on any worker after the SUBACK then reaches the
+new subscriber.
 
 Call numbers are the sender's own, counted separately from REQUEST numbers: a reply carries
 the number of the frame it answers, so that the sender can match it to the waiting caller.
@@ -63,6 +74,10 @@ HTTP_CALL = 7
 HTTP_REPLY = 8
 METRICS = 9
 METRICS_OF = 10
+SYNC = 11
+SYNCED = 12
+REPLAY = 13
+DELTA = 14
 
 # The shadow operations of an HTTP_CALL frame, by their code in the frame.
 HTTP_OPERATIONS = ("get", "update", "delete")

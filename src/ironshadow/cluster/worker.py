@@ -46,6 +46,7 @@ from ..broker.session import Session
 from ..broker.subscriptions import SubscriptionIndex, SubscriptionRecord
 from ..engine.service import Reply
 from ..engine.topics import REQUEST_OPERATIONS, parse_shadow_topic
+from ..mqtt.encoding import decode_string, encode_string
 from ..mqtt.packets import Connect
 from ..mqtt.reason_codes import ReasonCode
 from ..mqtt.topics import parse_shared_subscription
@@ -81,6 +82,12 @@ METRICS_CALL_TIMEOUT = 2.0
 # Retry-After, in seconds, of a 503 for a REST request whose owner cannot be reached or is
 # waiting for its store.
 HTTP_RETRY_AFTER = 1
+# Seconds that stop() waits for the bus links to close.
+STOP_WAIT = 1.0
+# Seconds that a SUBACK waits for the peers to confirm its new topic filters (SYNCED)
+# before it is sent anyway. A running peer replies within one loop iteration, and a stopped
+# or stuck one must not delay the client's subscription for long.
+SYNC_TIMEOUT = 1.0
 # Prefix of the per-worker $SYS topics. Unlike the rest of $SYS, they are sent to the peers,
 # so a client on any worker receives every worker's figures.
 WORKER_SYS_PREFIX = "$SYS/broker/workers/"
@@ -224,16 +231,25 @@ class ClusterWorker:
         self._senders = {peer: HandoffSender(spec.handoff_path(peer)) for peer in peers}
         self._handoff = HandoffListener(spec.handoff_path(self.index), self._adopt)
         self._dirty: list[bus.OutboundLink] = []
-        # Each peer's current link to this worker, set by the RESET frame that starts it.
+        # Every open link from a peer, and each peer's current one, set by the RESET frame
+        # that starts it.
+        self._accepted: set[bus.InboundLink] = set()
         self._inbound_links: dict[int, bus.InboundLink] = {}
-        # While a message from the bus is routed: whether it is one (so it is not sent on),
-        # and whether it is a shadow request for this worker's shadow service.
-        self._inbound = False
+        # While a message from the bus is routed: that message (so it is not sent on, while
+        # the replies published meanwhile are), and whether it is a shadow request for this
+        # worker's shadow service.
+        self._inbound: Message | None = None
         self._inbound_request = False
         # Shadow requests sent to each peer whose publishers' acknowledgements wait for the
         # peer's RELEASED frame, by request number.
         self._held: dict[int, dict[int, Message]] = {peer: {} for peer in peers}
         self._next_request = 0
+        # Whether a filter was announced since the last SYNC, and the SUBACKs that wait for
+        # SYNCED frames: by SYNC number, the peers yet to reply, the SUBACK's sender and
+        # the timer that sends it anyway.
+        self._announced = False
+        self._syncs: dict[int, tuple[set[int], Callable[[], None], asyncio.TimerHandle]] = {}
+        self._next_sync = 0
         # HTTP_CALL and METRICS frames sent whose reply has not arrived yet, by call number.
         self._calls: dict[int, _Call] = {}
         self._next_call = 0
@@ -275,9 +291,11 @@ class ClusterWorker:
         broker.listen_socket = socket.socket(fileno=self.spec.listen_fd)
         broker.tcp_connection_class = ClusterConnection
         broker.connect_router = self._route_connect
+        broker.subscribe_barrier = self._hold_suback
         shadows = self.engine.shadows
         shadows.route_request = self._route_request
         shadows.forward_http = self._forward_http
+        shadows.ask_replay = self._ask_replay
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -288,9 +306,7 @@ class ClusterWorker:
         path = self.spec.bus_path(self.index)
         if os.path.exists(path):
             os.unlink(path)
-        self._server = await loop.create_unix_server(
-            lambda: bus.InboundLink(self._on_frame, self._inbound_lost), path
-        )
+        self._server = await loop.create_unix_server(self._accept_link, path)
         self._handoff.start()
         for peer in self._links:
             task = loop.create_task(self._keep_linked(peer))
@@ -319,27 +335,55 @@ class ClusterWorker:
         )
 
     async def stop(self) -> None:
-        """Close the hand-off socket, the bus links and the timers."""
+        """Close the hand-off socket, the bus links and the timers, and wait for the tasks.
+
+        Nothing of the worker stays open afterwards, so its event loop can be closed.
+        """
         for timer in (self._parent_timer, self._sys_timer):
             if timer is not None:
                 timer.cancel()
         self._parent_timer = self._sys_timer = None
-        for task in self._tasks:
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
         self._tasks.clear()
         self._fail_calls(None, "the engine is shutting down")
+        for number in list(self._syncs):
+            self._sync_done(number)
         self._handoff.close()
         for sender in self._senders.values():
             sender.close()
+        closing = []
         for link in self._links.values():
             if link is not None:
                 link.close()
+                closing.append(link.closed)
+        for inbound in list(self._accepted):
+            if inbound.transport is not None:
+                inbound.transport.close()
         if self._server is not None:
             self._server.close()
+            await self._server.wait_closed()
             self._server = None
             path = self.spec.bus_path(self.index)
             if os.path.exists(path):
                 os.unlink(path)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # Transports close at the loop's next turns; wait for them, briefly.
+        if closing:
+            await asyncio.wait(closing, timeout=STOP_WAIT)
+        deadline = time.monotonic() + STOP_WAIT
+        while self._accepted and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    def linked_peers(self) -> int:
+        """Return how many peers this worker's outgoing bus links reach now."""
+        return sum(link is not None for link in self._links.values())
+
+    def _accept_link(self) -> bus.InboundLink:
+        link = bus.InboundLink(self._on_frame, self._inbound_lost)
+        self._accepted.add(link)
+        return link
 
     def _forget_foreign_shadows(self) -> int:
         """Drop the shadows loaded at start that another worker owns, and return how many.
@@ -431,6 +475,50 @@ class ClusterWorker:
         for link in self._links.values():
             if link is not None:
                 link.send(data)
+                self._announced = present or self._announced
+
+    def _hold_suback(self, send: Callable[[], None]) -> bool:
+        """Hold a SUBACK until every peer that was sent a new filter has replied to the SYNC
+        that follows it (the broker's subscribe barrier). Return False when nothing was
+        announced."""
+        if not self._announced:
+            return False
+        self._announced = False
+        self._next_sync = self._next_sync % MAX_REQUEST_NUMBER + 1
+        number = self._next_sync
+        data = bus.frame(bus.SYNC, number.to_bytes(4, "big"))
+        waiting = set()
+        for peer, link in self._links.items():
+            if link is not None and link.send(data):
+                waiting.add(peer)
+        if not waiting:
+            return False
+        timer = asyncio.get_running_loop().call_later(SYNC_TIMEOUT, self._sync_done, number)
+        self._syncs[number] = (waiting, send, timer)
+        return True
+
+    def _synced(self, peer: int, number: int) -> None:
+        entry = self._syncs.get(number)
+        if entry is not None:
+            entry[0].discard(peer)
+            if not entry[0]:
+                self._sync_done(number)
+
+    def _sync_done(self, number: int) -> None:
+        """Send the SUBACK of SYNC ``number``: every peer replied, or the timeout passed."""
+        entry = self._syncs.pop(number, None)
+        if entry is not None:
+            entry[2].cancel()
+            entry[1]()
+
+    def _forget_syncs(self, peer: int) -> None:
+        """Stop waiting for ``peer``'s SYNCED frames: its link closed."""
+        for number in [number for number, entry in self._syncs.items() if peer in entry[0]]:
+            self._synced(peer, number)
+
+    def waiting_subacks(self) -> int:
+        """Return how many SUBACKs wait for the peers to confirm their filters."""
+        return len(self._syncs)
 
     def _announce_all(self, link: bus.OutboundLink) -> None:
         assert isinstance(self.broker.index, ClusterIndex)
@@ -464,6 +552,7 @@ class ClusterWorker:
             log.info("worker %d: bus link to worker %d open", self.index, peer)
             await link.closed
             self._links[peer] = None
+            self._forget_syncs(peer)
             self._fail_calls(peer, "its bus link closed before it replied")
             # The supervisor logs why the peer stopped, if it did.
             log.info("worker %d: bus link to worker %d closed; reconnecting", self.index, peer)
@@ -486,11 +575,11 @@ class ClusterWorker:
         assert peer is not None
         if kind == bus.PUBLISH:
             message = bus.decode_message(body, pos, end)
-            self._inbound = True
+            self._inbound = message
             try:
                 self.broker.publish(message)
             finally:
-                self._inbound = False
+                self._inbound = None
             return
         if kind == bus.REQUEST:
             self._request_arrived(peer, body, pos, end)
@@ -501,6 +590,22 @@ class ClusterWorker:
         if kind == bus.RESET:
             self._inbound_links[peer] = link
             self._forget_peer_filters(peer)
+            return
+        if kind == bus.SYNC:
+            link = self._links[peer]
+            if link is not None:
+                link.send(bus.frame(bus.SYNCED, bytes(body[pos:end])))
+            return
+        if kind == bus.SYNCED:
+            self._synced(peer, int.from_bytes(body[pos:end], "big"))
+            return
+        if kind == bus.REPLAY:
+            self._replay_asked(peer, body, pos, end)
+            return
+        if kind == bus.DELTA:
+            client_id, pos = decode_string(body, pos, end)
+            topic, pos = decode_string(body, pos, end)
+            self.engine.shadows.deliver_replay(client_id, topic, bytes(body[pos:end]))
             return
         if kind >= bus.HTTP_CALL:
             self._call_frame(peer, kind, body, pos, end)
@@ -518,6 +623,7 @@ class ClusterWorker:
             raise ValueError(f"unknown frame kind {kind}")
 
     def _inbound_lost(self, link: bus.InboundLink) -> None:
+        self._accepted.discard(link)
         # A link replaced by a newer one from the same peer leaves that one's filters alone.
         if link.peer is not None and self._inbound_links.get(link.peer) is link:
             del self._inbound_links[link.peer]
@@ -533,7 +639,7 @@ class ClusterWorker:
 
     def _peer_consumer(self, peer: int) -> Callable[[Message], None]:
         def consume(message: Message) -> None:
-            if self._inbound:
+            if message is self._inbound:
                 return  # it came from the bus, and every worker got its own copy
             topic = message.topic
             if message.retain:
@@ -551,7 +657,7 @@ class ClusterWorker:
     def _retained_stored(self, message: Message) -> None:
         """Send a retained message set on this worker to every peer, subscribed or not, so
         that a later subscriber on any worker receives it."""
-        if self._inbound:
+        if message is self._inbound:
             return
         topic = message.topic
         if topic.startswith("$SYS/") and not topic.startswith(WORKER_SYS_PREFIX):
@@ -583,7 +689,7 @@ class ClusterWorker:
 
     def _route_request(self, thing: str, message: Message) -> bool:
         """Send a request to the owner of ``thing``; return True when this worker must ignore it."""
-        if self._inbound:
+        if message is self._inbound:
             # A REQUEST frame is for this worker; a PUBLISH copy is the owner's to handle.
             return not self._inbound_request
         owner = owner_of(thing, self.workers)
@@ -604,16 +710,36 @@ class ClusterWorker:
             self._disconnect_publishers([message], f"worker {owner} cannot be reached")
         return True
 
+    def _ask_replay(self, thing: str, client_id: str, topic: str) -> bool:
+        """Ask the owner of ``thing`` for the delta that a new subscriber here should get;
+        return False when this worker owns it."""
+        owner = owner_of(thing, self.workers)
+        if owner == self.index:
+            return False
+        link = self._links[owner]
+        if link is not None:
+            link.send(bus.frame(bus.REPLAY, encode_string(client_id) + topic.encode()))
+        return True
+
+    def _replay_asked(self, peer: int, body: bytearray, pos: int, end: int) -> None:
+        client_id, pos = decode_string(body, pos, end)
+        topic = bytes(body[pos:end]).decode()
+        payload = self.engine.shadows.delta_for(topic)
+        link = self._links[peer]
+        if payload is not None and link is not None:
+            reply = encode_string(client_id) + encode_string(topic) + payload
+            link.send(bus.frame(bus.DELTA, reply))
+
     def _request_arrived(self, peer: int, body: bytearray, pos: int, end: int) -> None:
         """Route a REQUEST frame, and send RELEASED back once its message is released."""
         number = int.from_bytes(body[pos : pos + 4], "big")
         message = bus.decode_message(body, pos + 4, end)
-        self._inbound = True
+        self._inbound = message
         self._inbound_request = True
         try:
             self.broker.publish(message)
         finally:
-            self._inbound = False
+            self._inbound = None
             self._inbound_request = False
         if not number:
             return

@@ -156,6 +156,10 @@ class ShadowService(BrokerHooks):
         self.forward_http: (
             Callable[[str, str, str | None, bytes], asyncio.Future[Reply] | None] | None
         ) = None
+        # Set by a cluster worker and called with the thing, client id and topic of a
+        # subscription that may get a delta replay. For a thing that another worker owns it
+        # requests the delta from the owner (see deliver_replay) and returns True.
+        self.ask_replay: Callable[[str, str, str], bool] | None = None
         broker.add_consumer("shadow", REQUEST_FILTERS, self._on_request)
         broker.add_hooks(self)
 
@@ -530,6 +534,9 @@ class ShadowService(BrokerHooks):
         thing, shadow_name, _ = parsed
         if "+" in thing or (shadow_name is not None and "+" in shadow_name):
             return
+        ask = self.ask_replay
+        if ask is not None and ask(thing, session.client_id, record.topic_filter):
+            return
         key = shadow_key(thing, shadow_name)
         shadow = self.shadows.get(key)
         if shadow is None or shadow.deleted or not shadow.has_delta:
@@ -553,17 +560,42 @@ class ShadowService(BrokerHooks):
             if shadow is None or shadow.deleted or _delta_pending(session, topic):
                 continue
             payload = shadow.delta_payload(now)
-            if payload is None:
-                continue
-            message = Message(topic, payload, SERVICE_QOS, False)
-            qos = min(SERVICE_QOS, record.qos)
-            ids = [record.subscription_id] if record.subscription_id else None
-            self.deltas_sent += 1
-            self.broker.deliver(session, Delivery(message, qos, False, ids))
+            if payload is not None:
+                self._deliver_delta(session, record, topic, payload)
         if replays:
             asyncio.get_running_loop().call_soon(self._send_replays)
         else:
             self._replay_scheduled = False
+
+    def _deliver_delta(
+        self, session: Session, record: SubscriptionRecord, topic: str, payload: bytes
+    ) -> None:
+        message = Message(topic, payload, SERVICE_QOS, False)
+        qos = min(SERVICE_QOS, record.qos)
+        ids = [record.subscription_id] if record.subscription_id else None
+        self.deltas_sent += 1
+        self.broker.deliver(session, Delivery(message, qos, False, ids))
+
+    def delta_for(self, topic: str) -> bytes | None:
+        """Return the current delta message of the shadow whose ``update/delta`` topic is
+        ``topic``, or None when it has no delta; for a peer's delta replay."""
+        parsed = parse_shadow_topic(topic)
+        if parsed is None:
+            return None
+        shadow = self.shadows.get(shadow_key(parsed[0], parsed[1]))
+        if shadow is None or shadow.deleted:
+            return None
+        return shadow.delta_payload(int(time.time()))
+
+    def deliver_replay(self, client_id: str, topic: str, payload: bytes) -> None:
+        """Send a delta that the owner of its thing returned for a replay to ``client_id``,
+        if the client is still connected and subscribed and no delta waits for it yet."""
+        session = self.broker.sessions.get(client_id)
+        if session is None or session.connection is None:
+            return
+        record = session.subscriptions.get(topic)
+        if record is not None and not _delta_pending(session, topic):
+            self._deliver_delta(session, record, topic, payload)
 
 
 def document_bytes(shadow: Shadow, now: int) -> bytes:
