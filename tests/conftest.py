@@ -2,14 +2,25 @@
 
 Timeouts in tests are multiplied by ``IRONSHADOW_TEST_TIMEOUT_SCALE`` (default 1) so that a
 slow machine can run the suite without editing tests.
+
+The broker suite (tests/broker) and the shadow suite over MQTT (the modules in
+``CLUSTER_SUITES``) run each test twice: against one engine, and against a cluster of
+``CLUSTER_WORKERS`` workers joined as ``ironshadow serve --workers 3`` joins them (one
+listening socket, connections handed to their owner, the bus between the workers). The
+cluster's workers are threads of the test process rather than processes, so that a test
+starts one in milliseconds; the supervisor and the processes have their own tests under
+tests/cluster. A test that inspects one engine's internals is marked ``one_process``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
+import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,6 +29,8 @@ import uvloop
 
 from ironshadow.broker.config import BrokerConfig
 from ironshadow.broker.core import Broker
+from ironshadow.cluster import ClusterWorker, WorkerSpec, owner_of
+from ironshadow.cluster.supervisor import bind_listener
 
 TIMEOUT_SCALE = float(os.environ.get("IRONSHADOW_TEST_TIMEOUT_SCALE", "1"))
 
@@ -89,6 +102,15 @@ class BrokerThread:
         if self._error is not None:
             raise self._error
 
+    @property
+    def engines(self) -> list[BrokerThread]:
+        """Return every engine of the server: this one."""
+        return [self]
+
+    def settled(self) -> bool:
+        """Return True: one engine routes by a subscription as soon as it records it."""
+        return True
+
     def call(self, function: Callable[..., Any], *args: Any) -> Any:
         """Run ``function(*args)`` on the broker's loop and return its result."""
         result: list[Any] = []
@@ -105,21 +127,117 @@ class BrokerThread:
             raise TimeoutError("the broker loop did not run the call within 10 s")
         return result[0] if result else None
 
+    def owner(self, name: str) -> BrokerThread:
+        """Return the engine that serves the client id or thing ``name``: this one.
+
+        A test that inspects the engine for a client or a thing calls this, so that it
+        runs against a cluster too (see ClusterThreads.owner).
+        """
+        return self
+
     def stop(self) -> None:
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(scaled(10))
 
 
-def _server_factory(
-    make_server: Callable[[BrokerConfig], Any] | None,
-) -> Iterator[Callable[..., BrokerThread]]:
-    started: list[BrokerThread] = []
+class _WorkerServer:
+    """One cluster worker as a BrokerThread server: the engine with its cluster links."""
 
-    def factory(**fields: Any) -> BrokerThread:
+    def __init__(self, engine: Any, worker: ClusterWorker) -> None:
+        self.engine = engine
+        self.worker = worker
+        self.broker = engine.broker
+        self.shadows = engine.shadows
+
+    async def start(self) -> None:
+        await self.worker.start()
+
+    async def shutdown(self) -> None:
+        await self.worker.stop()
+        await self.engine.shutdown()
+
+
+class ClusterThreads:
+    """``workers`` engines joined into one cluster, each on its own BrokerThread.
+
+    Clients connect to ``port`` like to one engine. A test that needs the engine that serves
+    a client or a thing gets it from :meth:`owner`.
+    """
+
+    def __init__(self, config: BrokerConfig, workers: int) -> None:
+        from ironshadow.engine import Engine
+
+        self.config = config
+        self.port = config.port
+        listener = bind_listener(config.host, config.port, config.listen_backlog)
+        # Unix socket paths are limited to 107 bytes, so the folder stays short.
+        self.directory = tempfile.mkdtemp(prefix="ironshadow-test-", dir="/tmp")
+        self.threads: list[BrokerThread] = []
+        try:
+            for index in range(workers):
+                engine = Engine(config)
+                spec = WorkerSpec(
+                    index, workers, os.dup(listener.fileno()), self.directory, os.getppid()
+                )
+                worker = ClusterWorker(engine, spec, lambda: None)
+                thread = BrokerThread(config, _WorkerServer(engine, worker))
+                self.threads.append(thread)
+                thread.start()
+            self._wait_until_linked()
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            listener.close()
+
+    def _wait_until_linked(self) -> None:
+        deadline = time.monotonic() + scaled(10)
+        peers = len(self.threads) - 1
+        for thread in self.threads:
+            while thread.call(lambda t=thread: t.server.worker.linked_peers()) < peers:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the cluster's bus links did not open within 10 s")
+                time.sleep(0.01)
+
+    def owner(self, name: str) -> BrokerThread:
+        """Return the worker that owns the client id or thing ``name``.
+
+        A plain TCP client with that id is handed to it at CONNECT.
+        """
+        return self.threads[owner_of(name, len(self.threads))]
+
+    @property
+    def engines(self) -> list[BrokerThread]:
+        """Return every worker."""
+        return self.threads
+
+    def settled(self) -> bool:
+        """Return whether no worker is waiting to send a SUBACK, so that every worker
+        routes by every subscription made so far."""
+        return all(
+            thread.call(thread.server.worker.waiting_subacks) == 0 for thread in self.threads
+        )
+
+    def stop(self) -> None:
+        for thread in self.threads:
+            thread.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _server_factory(
+    make_server: Callable[[BrokerConfig], Any] | None, workers: int = 1
+) -> Iterator[Callable[..., Any]]:
+    started: list[Any] = []
+
+    def factory(**fields: Any) -> Any:
         fields.setdefault("port", free_port())
         fields.setdefault("sys_interval", 0)
         config = BrokerConfig(**fields)
+        if workers > 1:
+            cluster = ClusterThreads(config, workers)
+            started.append(cluster)
+            return cluster
         server = make_server(config) if make_server is not None else None
         thread = BrokerThread(config, server)
         thread.start()
@@ -133,10 +251,49 @@ def _server_factory(
         thread.stop()
 
 
+# Test modules that run against one engine and against a cluster, by path under tests/.
+CLUSTER_SUITES = (
+    "broker/",
+    "engine/test_engine_shadow_service.py",
+    "engine/test_engine_vectors.py",
+    "shadow/test_shadow_delta.py",
+    "shadow/test_shadow_vectors.py",
+)
+CLUSTER_WORKERS = 3
+# Marks a test of a limit that each worker applies to its own connections.
+PER_WORKER_LIMIT = pytest.mark.one_process("each worker counts connections and CONNECT rates")
+_SERVER_FIXTURES = {"make_broker", "broker", "make_engine", "engine"}
+TESTS_FOLDER = os.path.dirname(os.path.abspath(__file__))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if _SERVER_FIXTURES.isdisjoint(metafunc.fixturenames):
+        return
+    path = os.path.relpath(str(metafunc.definition.path), TESTS_FOLDER)
+    if not path.startswith(CLUSTER_SUITES):
+        return
+    counts = [1]
+    if metafunc.definition.get_closest_marker("one_process") is None:
+        counts.append(CLUSTER_WORKERS)
+    metafunc.parametrize(
+        "workers", counts, indirect=True, ids=[f"workers{count}" for count in counts]
+    )
+
+
 @pytest.fixture
-def make_broker() -> Iterator[Callable[..., BrokerThread]]:
-    """Return a factory that starts brokers with the given config fields, stopped afterwards."""
-    yield from _server_factory(None)
+def workers(request: pytest.FixtureRequest) -> int:
+    """Workers of the engine that the server fixtures start: 1 unless parametrized."""
+    return getattr(request, "param", 1)
+
+
+@pytest.fixture
+def make_broker(workers: int) -> Iterator[Callable[..., Any]]:
+    """Return a factory that starts brokers with the given config fields, stopped afterwards.
+
+    With more than one worker the factory starts a cluster of engines (a worker is always a
+    whole engine).
+    """
+    yield from _server_factory(None, workers)
 
 
 @pytest.fixture
@@ -145,14 +302,14 @@ def broker(make_broker: Callable[..., BrokerThread]) -> BrokerThread:
 
 
 @pytest.fixture
-def make_engine() -> Iterator[Callable[..., BrokerThread]]:
+def make_engine(workers: int) -> Iterator[Callable[..., Any]]:
     """Return a factory that starts engines (broker and shadow service) on free ports.
 
     The returned thread's ``server`` is the :class:`~ironshadow.engine.Engine`.
     """
     from ironshadow.engine import Engine
 
-    yield from _server_factory(Engine)
+    yield from _server_factory(Engine, workers)
 
 
 @pytest.fixture

@@ -5,12 +5,13 @@ from __future__ import annotations
 import selectors
 import time
 
-from conftest import scaled
+from conftest import PER_WORKER_LIMIT, scaled
 from ironshadow.mqtt import Connack, Connect, Puback, Publish, Suback, Subscribe, Subscription
 from mqtt_client import TestClient
 from raw_client import RawClient
 
 
+@PER_WORKER_LIMIT
 def test_extra_connection_rejected(make_broker):
     broker = make_broker(max_connections=2)
     TestClient(broker.port, "first")
@@ -21,6 +22,7 @@ def test_extra_connection_rejected(make_broker):
     assert broker.call(lambda: broker.broker.stats.connections_rejected) == 1
 
 
+@PER_WORKER_LIMIT
 def test_slot_freed_after_disconnect(make_broker):
     broker = make_broker(max_connections=1)
     first = TestClient(broker.port, "first")
@@ -29,6 +31,7 @@ def test_slot_freed_after_disconnect(make_broker):
     assert second.client.is_connected()
 
 
+@PER_WORKER_LIMIT
 def test_limit_counts_open_sockets(make_broker):
     broker = make_broker(max_connections=1)
     # A socket that has not sent CONNECT yet already takes the only slot.
@@ -57,6 +60,7 @@ def connect_all(clients: list[RawClient]) -> list[float]:
     return [arrived[index] for index in range(len(clients))]
 
 
+@PER_WORKER_LIMIT
 def test_connect_rate_serves_everyone(make_broker):
     broker = make_broker(connect_rate=20)
     clients = [RawClient(broker.port) for _ in range(30)]
@@ -67,6 +71,7 @@ def test_connect_rate_serves_everyone(make_broker):
     assert broker.call(lambda: len(broker.broker.sessions)) == 30
 
 
+@PER_WORKER_LIMIT
 def test_connect_rate_keeps_arrival_order(make_broker):
     broker = make_broker(connect_rate=20)
     clients = [RawClient(broker.port) for _ in range(30)]
@@ -74,6 +79,7 @@ def test_connect_rate_keeps_arrival_order(make_broker):
     assert arrived == sorted(arrived)
 
 
+@PER_WORKER_LIMIT
 def test_connected_clients_served_during_storm(make_broker):
     broker = make_broker(connect_rate=5)
     subscriber = TestClient(broker.port, "sub")
@@ -87,6 +93,7 @@ def test_connected_clients_served_during_storm(make_broker):
     assert broker.call(lambda: broker.broker.admission_queue_length) > 0
 
 
+@PER_WORKER_LIMIT
 def test_pipelined_packets_wait_for_admission(make_broker):
     # The token bucket starts empty, and "first" takes the token of the first 0.25 s.
     broker = make_broker(connect_rate=4)

@@ -41,12 +41,15 @@ def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 def subscribed(broker, client_id: str, topic_filter: str) -> Callable[[], bool]:
+    """Return a check that the client subscribed and every worker knows its filter."""
+    owner = broker.owner(client_id)
+
     def check() -> bool:
         def look() -> bool:
-            session = broker.broker.sessions.get(client_id)
+            session = owner.broker.sessions.get(client_id)
             return session is not None and topic_filter in session.subscriptions
 
-        return broker.call(look)
+        return owner.call(look) and broker.settled()
 
     return check
 
@@ -164,7 +167,8 @@ def test_persistent_sub_gets_queued(broker, processes, version):
     first = start_sub(processes, broker, "cli-sub", "cli/q", *persistent)
     first.terminate()
     first.communicate(timeout=scaled(5))
-    wait_for(lambda: broker.call(lambda: broker.broker.sessions["cli-sub"].connection is None))
+    owner = broker.owner("cli-sub")
+    wait_for(lambda: owner.call(lambda: owner.broker.sessions["cli-sub"].connection is None))
     result = run_pub(broker, "-V", version, "-q", "1", "-t", "cli/q", "-m", "queued")
     assert result.returncode == 0, result.stderr
     second = run_sub(broker, "-i", "cli-sub", "-t", "cli/q", "-C", "1", *persistent)

@@ -84,7 +84,8 @@ def test_malformed_counted_in_stats(broker):
     client.connect("raw")
     client.send(b"\x00\x00")
     client.wait_closed()
-    assert broker.call(lambda: broker.broker.stats.protocol_errors) == 1
+    owner = broker.owner("raw")
+    assert owner.call(lambda: owner.broker.stats.protocol_errors) == 1
 
 
 def test_malformed_publishes_will(broker):

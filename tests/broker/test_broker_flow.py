@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from conftest import scaled
 from ironshadow.mqtt import Pingreq, Pingresp, Puback, Publish
 from mqtt_client import TestClient
@@ -16,6 +18,11 @@ PAYLOAD = b"x" * 16 * 1024
 # Enough 16 KiB messages to fill the kernel's socket buffers on both ends of a loopback
 # connection whose receiver reads nothing.
 FLOOD = 600
+
+
+# flood() returns once the publisher's engine has routed the burst, which with several
+# workers is before the subscriber's worker has it.
+ROUTED_BY_PINGRESP = pytest.mark.one_process("reads the subscriber's engine at the PINGRESP")
 
 
 def flow_broker(make_broker, **fields):
@@ -49,6 +56,7 @@ def write_buffer_size(broker, client_id: str) -> int:
     return connection.transport.get_write_buffer_size() + connection.out_size
 
 
+@ROUTED_BY_PINGRESP
 def test_stalled_subscriber_qos0_dropped(make_broker):
     broker = flow_broker(make_broker)
     stalled_subscriber(broker.port, qos=0)
@@ -58,6 +66,7 @@ def test_stalled_subscriber_qos0_dropped(make_broker):
     assert broker.call(lambda: stats.publish_sent + stats.publish_dropped) == FLOOD
 
 
+@ROUTED_BY_PINGRESP
 def test_stalled_subscriber_buffer_bounded(make_broker):
     broker = flow_broker(make_broker)
     stalled_subscriber(broker.port, qos=0)
@@ -66,6 +75,7 @@ def test_stalled_subscriber_buffer_bounded(make_broker):
     assert broker.call(write_buffer_size, broker, "slow") < 2 * HIGH_WATER + len(PAYLOAD)
 
 
+@ROUTED_BY_PINGRESP
 def test_stalled_subscriber_qos1_queue_bounded(make_broker):
     broker = flow_broker(make_broker, max_queued_messages=20)
     stalled_subscriber(broker.port, qos=1)
@@ -80,6 +90,7 @@ def test_stalled_subscriber_qos1_queue_bounded(make_broker):
     assert broker.call(write_buffer_size, broker, "slow") < 2 * HIGH_WATER + len(PAYLOAD)
 
 
+@ROUTED_BY_PINGRESP
 def test_stalled_subscriber_gets_queue_later(make_broker):
     broker = flow_broker(make_broker, max_queued_messages=20)
     subscriber = stalled_subscriber(broker.port, qos=1)
@@ -123,6 +134,7 @@ def test_fast_subscriber_unaffected_by_stalled(make_broker):
         assert len(fast.expect().payload) == len(PAYLOAD)
 
 
+@pytest.mark.one_process("pauses one engine's reading")
 def test_pause_stops_routing(broker):
     subscriber = TestClient(broker.port, "sub")
     subscriber.subscribe("p/t", 0)
@@ -134,6 +146,7 @@ def test_pause_stops_routing(broker):
     assert subscriber.expect().payload == b"held"
 
 
+@pytest.mark.one_process("pauses one engine's reading")
 def test_pause_holds_new_connect(broker):
     broker.call(broker.broker.pause_reading)
     client = TestClient(broker.port, "late", connect=False)
@@ -143,6 +156,7 @@ def test_pause_holds_new_connect(broker):
     assert client.connected.wait(scaled(5))
 
 
+@pytest.mark.one_process("pauses one engine's reading")
 def test_keep_alive_frozen_while_paused(broker):
     client = RawClient(broker.port)
     client.connect("dev", keep_alive=1)
@@ -155,6 +169,7 @@ def test_keep_alive_frozen_while_paused(broker):
     assert isinstance(client.receive(), Pingresp)
 
 
+@pytest.mark.one_process("pauses one engine's reading")
 def test_keep_alive_enforced_after_resume(broker):
     client = RawClient(broker.port)
     client.connect("dev", keep_alive=1)
@@ -164,6 +179,7 @@ def test_keep_alive_enforced_after_resume(broker):
     client.wait_closed(timeout=3)
 
 
+@pytest.mark.one_process("pauses one engine's reading")
 def test_pause_flag_and_idempotence(broker):
     core = broker.broker
     broker.call(core.pause_reading)

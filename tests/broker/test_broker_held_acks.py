@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from ironshadow.mqtt import (
     MQTT_3_1_1,
     MQTT_5,
@@ -14,6 +16,8 @@ from ironshadow.mqtt import (
     ReasonCode,
 )
 from raw_client import RawClient
+
+pytestmark = pytest.mark.one_process("holds acknowledgements with a consumer inside one engine")
 
 
 def holding_consumer(broker_thread, topic_filter: str) -> list:

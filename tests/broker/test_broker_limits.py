@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from conftest import scaled
+from conftest import PER_WORKER_LIMIT, scaled
 from ironshadow.mqtt import (
     MQTT_3_1_1,
     MQTT_5,
@@ -34,7 +34,11 @@ mosquitto_pub = pytest.mark.skipif(
 
 
 def trips(broker, limit: str) -> int:
-    return broker.call(lambda: broker.broker.stats.limit_trips[limit])
+    """Return how often ``limit`` tripped, on all the engine's workers."""
+    return sum(
+        engine.call(lambda engine=engine: engine.broker.stats.limit_trips[limit])
+        for engine in broker.engines
+    )
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -64,6 +68,7 @@ def run_pub(broker, *args: str, stdin: str | None = None) -> subprocess.Complete
 # --- connections per source address ---------------------------------------------------
 
 
+@PER_WORKER_LIMIT
 def test_extra_connection_closed_at_accept(make_broker):
     broker = make_broker(max_connections_per_address=2)
     subscriber = TestClient(broker.port, "sub")
@@ -77,6 +82,7 @@ def test_extra_connection_closed_at_accept(make_broker):
     assert subscriber.expect().payload == b"still served"
 
 
+@PER_WORKER_LIMIT
 def test_other_address_keeps_connecting(make_broker):
     broker = make_broker(max_connections_per_address=1)
     first = RawClient(broker.port)
@@ -87,6 +93,7 @@ def test_other_address_keeps_connecting(make_broker):
     assert first.is_open()
 
 
+@PER_WORKER_LIMIT
 def test_address_slot_freed_on_close(make_broker):
     broker = make_broker(max_connections_per_address=1)
     first = TestClient(broker.port, "first")
@@ -104,6 +111,7 @@ def test_address_slot_freed_on_close(make_broker):
 # --- CONNECT rate per source address ----------------------------------------------------
 
 
+@PER_WORKER_LIMIT
 def test_connect_rate_v5_gets_0x9f(make_broker):
     broker = make_broker(connect_rate_per_address=0.5, connect_burst_per_address=2)
     first = RawClient(broker.port)
@@ -125,6 +133,7 @@ def test_connect_rate_v5_gets_0x9f(make_broker):
     assert first.receive(Publish).payload == b"flowing"
 
 
+@PER_WORKER_LIMIT
 def test_connect_rate_v311_gets_code_3(make_broker):
     broker = make_broker(connect_rate_per_address=0.5, connect_burst_per_address=1)
     assert RawClient(broker.port, MQTT_3_1_1).connect("first").reason_code == 0
@@ -136,6 +145,7 @@ def test_connect_rate_v311_gets_code_3(make_broker):
     assert packets[0].reason_code == 3  # Server unavailable
 
 
+@PER_WORKER_LIMIT
 def test_connect_rate_paho_client(make_broker):
     broker = make_broker(connect_rate_per_address=0.5, connect_burst_per_address=1)
     TestClient(broker.port, "first")
@@ -146,6 +156,7 @@ def test_connect_rate_paho_client(make_broker):
     assert late.disconnected.wait(scaled(5))
 
 
+@PER_WORKER_LIMIT
 @mosquitto_pub
 @pytest.mark.parametrize(
     ("version", "error"),
@@ -160,6 +171,7 @@ def test_connect_rate_mosquitto_pub(make_broker, version, error):
     assert error in second.stderr.lower()
 
 
+@PER_WORKER_LIMIT
 def test_connect_rate_refills(make_broker):
     broker = make_broker(connect_rate_per_address=5, connect_burst_per_address=1)
     assert RawClient(broker.port).connect("first").reason_code == ReasonCode.SUCCESS
@@ -175,6 +187,7 @@ def test_connect_rate_refills(make_broker):
     assert code == ReasonCode.SUCCESS
 
 
+@PER_WORKER_LIMIT
 def test_full_buckets_forgotten(make_broker):
     broker = make_broker(connect_rate_per_address=10, connect_burst_per_address=2)
     RawClient(broker.port).connect("first")
@@ -225,7 +238,8 @@ def test_quota_counts_the_session(make_broker):
     client.connect("app", clean_start=False, properties={0x11: 60})
     assert client.subscribe("a/1", 1).reason_codes == [1]
     client.close()
-    wait_for(lambda: broker.call(lambda: broker.broker.sessions["app"].connection is None))
+    owner = broker.owner("app")
+    wait_for(lambda: owner.call(lambda: owner.broker.sessions["app"].connection is None))
     resumed = RawClient(broker.port)
     assert resumed.connect("app", clean_start=False, properties={0x11: 60}).session_present
     assert resumed.subscribe("a/2", 1).reason_codes == [ReasonCode.QUOTA_EXCEEDED]
@@ -367,7 +381,8 @@ def test_fast_publisher_slowed_not_dropped(make_broker):
     # rounding in the broker's arithmetic.
     assert finished - started >= (count - burst) / rate - 0.001
     assert trips(broker, "max_publish_rate") >= 1
-    assert broker.call(lambda: broker.broker.stats.publish_dropped) == 0
+    for engine in broker.engines:
+        assert engine.call(lambda engine=engine: engine.broker.stats.publish_dropped) == 0
 
 
 @mosquitto_pub
@@ -386,6 +401,7 @@ def test_mosquitto_pub_lines_slowed(make_broker):
     assert finished - started >= (count - 1) / rate - 0.001
 
 
+@pytest.mark.one_process("pauses and holds one engine's reading")
 def test_rate_hold_respects_broker_pause(make_broker):
     broker = make_broker(max_publish_rate=10, publish_burst=1)
     subscriber = TestClient(broker.port, "sub")
@@ -401,6 +417,7 @@ def test_rate_hold_respects_broker_pause(make_broker):
     assert [subscriber.expect().payload for _ in range(4)] == [b"1", b"2", b"3", b"4"]
 
 
+@pytest.mark.one_process("pauses and holds one engine's reading")
 def test_rate_hold_respects_ack_pause(make_broker):
     # A 3.1.1 client with 4 unacknowledged messages is paused until their consumer releases
     # them; the rate's timer must not resume reading meanwhile.

@@ -502,6 +502,7 @@ def saved_copy(broker_thread: Any, persistence: StatePersistence, client_id: str
         time.sleep(0.01)
 
 
+@pytest.mark.one_process("attaches a second persistence to one engine")
 def test_flows_of_connected_client_marked(broker):
     persistence = StatePersistence(broker.broker)
     broker.call(persistence.restore, {}, {})

@@ -79,7 +79,8 @@ def test_qos2_to_subscriber_handshake(broker):
     pubrel = subscriber.receive(Pubrel)
     assert pubrel.packet_id == publish.packet_id
     subscriber.send(Pubcomp(publish.packet_id))
-    assert broker.call(lambda: len(broker.broker.sessions["raw-sub"].inflight)) == 0
+    owner = broker.owner("raw-sub")
+    assert owner.call(lambda: len(owner.broker.sessions["raw-sub"].inflight)) == 0
 
 
 def test_unacked_messages_get_distinct_ids(broker):

@@ -58,7 +58,8 @@ def test_empty_payload_deletes_retained(broker):
     subscriber = TestClient(broker.port, "sub")
     subscriber.subscribe("r/t", 1)
     subscriber.expect_none()
-    assert broker.call(lambda: broker.broker.retained.count) == 0
+    for engine in broker.engines:
+        assert engine.call(lambda engine=engine: engine.broker.retained.count) == 0
 
 
 def test_empty_retained_still_forwarded(broker):

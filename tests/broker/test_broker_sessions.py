@@ -9,6 +9,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 
 from conftest import scaled
+from ironshadow.broker.core import INTERNAL_CLIENT_PREFIX
 from ironshadow.mqtt import Disconnect, PropertyId, ReasonCode
 from mqtt_client import V5, V311, TestClient, properties
 from raw_client import RawClient
@@ -19,7 +20,17 @@ def expiry(seconds: int):
 
 
 def has_session(broker, client_id: str) -> bool:
-    return broker.call(lambda: client_id in broker.broker.sessions)
+    owner = broker.owner(client_id)
+    return owner.call(lambda: client_id in owner.broker.sessions)
+
+
+def client_sessions(broker) -> list[str]:
+    """Return the client ids of every session of the engine, on all its workers."""
+    ids = []
+    for engine in broker.engines:
+        sessions = engine.call(lambda engine=engine: list(engine.broker.sessions))
+        ids.extend(name for name in sessions if not name.startswith(INTERNAL_CLIENT_PREFIX))
+    return ids
 
 
 def publish_all(port: int, topic: str, payloads: list[bytes], qos: int = 1) -> None:
@@ -163,7 +174,8 @@ def test_full_queue_applies_policy(make_broker, policy, kept):
     subscriber.subscribe("s/t", 1)
     subscriber.disconnect()
     publish_all(broker.port, "s/t", [str(index).encode() for index in range(5)])
-    assert broker.call(lambda: broker.broker.stats.queue_dropped) == 2
+    owner = broker.owner("dev")
+    assert owner.call(lambda: owner.broker.stats.queue_dropped) == 2
     subscriber.connect()
     assert received_payloads(subscriber, 3) == kept
     subscriber.expect_none()
@@ -175,7 +187,8 @@ def test_session_counts_its_dropped_messages(make_broker):
     subscriber.subscribe("s/t", 1)
     subscriber.disconnect()
     publish_all(broker.port, "s/t", [b"a", b"b", b"c", b"d", b"e"])
-    assert broker.call(lambda: broker.broker.sessions["dev"].queue_dropped) == 3
+    owner = broker.owner("dev")
+    assert owner.call(lambda: owner.broker.sessions["dev"].queue_dropped) == 3
 
 
 def test_v5_takeover_sends_session_taken_over(broker):
@@ -213,4 +226,4 @@ def test_takeover_publishes_old_will(broker):
 def test_takeover_counts_one_session(broker):
     TestClient(broker.port, "dev", V311)
     TestClient(broker.port, "dev", V311)
-    assert broker.call(lambda: len(broker.broker.sessions)) == 1
+    assert client_sessions(broker) == ["dev"]

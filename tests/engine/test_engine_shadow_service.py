@@ -58,7 +58,8 @@ def test_named_shadow_uses_its_own_topics(engine):
     assert message.topic == named + "/update/accepted"
     assert orjson.loads(message.payload)["version"] == 1
     app.expect_none()
-    listed = engine.call(engine.server.shadows.named_shadow_names, "press-7")
+    owner = engine.owner("press-7")
+    listed = owner.call(owner.server.shadows.named_shadow_names, "press-7")
     assert listed == ["tooling"]
 
 
@@ -104,16 +105,17 @@ def test_invalid_thing_name_rejected(engine):
 
 
 def test_unheard_replies_are_not_published(engine):
-    service = engine.server.shadows
+    owner = engine.owner("press-7")
+    service = owner.server.shadows
     device = TestClient(engine.port, "press-7")
     device.publish(PREFIX + "/update", payload({"state": {"reported": {"a": 1}}}), 1)
     device.publish(PREFIX + "/get", b"", 1)
-    assert engine.call(lambda: service.updates_applied) == 1
-    assert engine.call(lambda: service.messages_published) == 0
+    assert owner.call(lambda: service.updates_applied) == 1
+    assert owner.call(lambda: service.messages_published) == 0
     device.subscribe(PREFIX + "/update/documents", 1)
     device.publish(PREFIX + "/update", payload({"state": {"reported": {"a": 2}}}), 1)
     assert device.expect().topic == PREFIX + "/update/documents"
-    assert engine.call(lambda: service.messages_published) == 1
+    assert owner.call(lambda: service.messages_published) == 1
 
 
 def test_offline_persistent_session_counts_as_listener(engine):
@@ -155,9 +157,9 @@ def test_queued_delta_not_replayed_twice(engine):
 
 
 def test_delta_replayed_on_subscribe(engine):
-    service = engine.server.shadows
+    owner = engine.owner("press-7")
     shadow = Shadow.from_state({"desired": {"target": 40}, "reported": {"target": 35}}, 7)
-    engine.call(service.shadows.__setitem__, "press-7", shadow)
+    owner.call(owner.server.shadows.shadows.__setitem__, "press-7", shadow)
     device = TestClient(engine.port, "press-7")
     device.subscribe(PREFIX + "/update/delta", 1)
     delta = orjson.loads(device.expect().payload)
@@ -171,20 +173,20 @@ def test_delta_replayed_on_subscribe(engine):
 
 
 def test_no_replay_without_delta(engine):
-    service = engine.server.shadows
+    owner = engine.owner("press-7")
     shadow = Shadow.from_state({"desired": {"target": 40}, "reported": {"target": 40}}, 2)
-    engine.call(service.shadows.__setitem__, "press-7", shadow)
+    owner.call(owner.server.shadows.shadows.__setitem__, "press-7", shadow)
     device = TestClient(engine.port, "press-7")
     device.subscribe(PREFIX + "/update/delta", 1)
     device.expect_none()
 
 
 def test_replays_paced_but_all_sent(engine):
-    service = engine.server.shadows
     things = [f"line-{number}" for number in range(REPLAYS_PER_ITERATION * 2 + 50)]
     for thing in things:
         shadow = Shadow.from_state({"desired": {"on": True}}, 1)
-        engine.call(service.shadows.__setitem__, thing, shadow)
+        owner = engine.owner(thing)
+        owner.call(owner.server.shadows.shadows.__setitem__, thing, shadow)
     client = RawClient(engine.port, MQTT_5)
     client.connect("gateway")
     topics = [f"$aws/things/{thing}/shadow/update/delta" for thing in things]
@@ -212,14 +214,15 @@ def test_presence_events(engine):
     assert lost["clientInitiatedDisconnect"] is False
     assert lost["versionNumber"] > event["versionNumber"]
     # A clean session without a shadow is forgotten at disconnect; a persistent one is not.
-    assert engine.call(engine.server.shadows.last_seen.get, "press-7") is None
+    owner = engine.owner("press-7")
+    assert owner.call(owner.server.shadows.last_seen.get, "press-7") is None
     device = TestClient(engine.port, "press-7", V311, clean=False)
     watcher.expect()  # connected again
     device.disconnect()
     clean = orjson.loads(watcher.expect().payload)
     assert clean["disconnectReason"] == "CLIENT_INITIATED_DISCONNECT"
     assert clean["clientInitiatedDisconnect"] is True
-    last_seen = engine.call(engine.server.shadows.last_seen.get, "press-7")
+    last_seen = owner.call(owner.server.shadows.last_seen.get, "press-7")
     assert isinstance(last_seen, int)
 
 
@@ -262,7 +265,9 @@ def test_requests_over_iteration_cap_wait_not_lost(engine, monkeypatch):
         assert [packet.topic for packet in replies] == [prefix + "/update/accepted"] * 8
         versions = [orjson.loads(packet.payload)["version"] for packet in replies]
         assert versions == list(range(1, 9))
-    assert engine.call(lambda: engine.server.broker.reading_paused) is False
+    for number in range(2):
+        owner = engine.owner(f"cell-{number}")
+        assert owner.call(lambda owner=owner: owner.broker.reading_paused) is False
 
 
 def test_many_connections_over_iteration_cap_all_served(engine, monkeypatch):
@@ -290,5 +295,9 @@ def test_many_connections_over_iteration_cap_all_served(engine, monkeypatch):
         assert [packet.topic for packet in replies] == [prefix + "/update/accepted"] * 12
         versions = [orjson.loads(packet.payload)["version"] for packet in replies]
         assert versions == list(range(1, 13))
-    broker = engine.server.broker
-    assert engine.call(lambda: (broker.reading_paused, len(broker.held_in_pause))) == (False, 0)
+    for number in range(20):
+        broker = engine.owner(f"line-{number}").broker
+        paused = engine.owner(f"line-{number}").call(
+            lambda broker=broker: (broker.reading_paused, len(broker.held_in_pause))
+        )
+        assert paused == (False, 0)

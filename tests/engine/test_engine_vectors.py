@@ -24,6 +24,9 @@ from raw_client import RawClient
 VECTORS_PATH = Path(__file__).resolve().parents[3] / "shared" / "shadow-vectors.json"
 THING = "dev1"
 SENTINEL_PREFIX = "$aws/things/sentinel/shadow"
+# The requesting client. With three workers it lives on worker 0 and the things on worker 1,
+# so every request and reply crosses the bus, in order on one link each way.
+CLIENT_ID = "app"
 
 
 def load_vectors() -> list[dict[str, Any]]:
@@ -91,13 +94,14 @@ def test_vector_over_mqtt(engine, vector):
     shadow_name = request.get("shadow_name")
     prefix = shadow_topic_prefix(THING, shadow_name)
     key = shadow_key(THING, shadow_name)
-    service = engine.server.shadows
+    owner = engine.owner(THING)
+    service = owner.server.shadows
     initial = initial_shadow(vector["initial"])
     if initial is not None:
-        engine.call(service.shadows.__setitem__, key, initial)
+        owner.call(service.shadows.__setitem__, key, initial)
 
     client = RawClient(engine.port, MQTT_5)
-    client.connect("harness")
+    client.connect(CLIENT_ID)
     client.subscribe(prefix + "/#", 0, packet_id=1)
     client.subscribe(SENTINEL_PREFIX + "/get/rejected", 0, packet_id=2)
 
@@ -136,7 +140,7 @@ def test_vector_over_mqtt(engine, vector):
         if "documents" in expect:
             assert_matches(expect["documents"], documents["update/documents"])
 
-    stored = engine.call(service.shadows.get, key)
+    stored = owner.call(service.shadows.get, key)
     if expect.get("state", ...) is None:
         assert stored is None or stored.deleted
     elif "state" in expect:
