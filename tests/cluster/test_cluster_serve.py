@@ -25,7 +25,7 @@ from conftest import free_port, open_clients, scaled
 from ironshadow.cluster import owner_of
 from ironshadow.mqtt.packets import Disconnect, Puback, Publish
 from ironshadow.mqtt.reason_codes import ReasonCode
-from mqtt_client import V311, TestClient
+from mqtt_client import V5, V311, TestClient
 from raw_client import RawClient
 
 HOST = "127.0.0.1"
@@ -287,6 +287,22 @@ def test_takeover_finds_first_connection(cluster: Cluster) -> None:
         assert second.expect(timeout=RESPONSE_TIMEOUT_S).payload == b"to the session"
         for client in (first, second, publisher):
             client.close()
+
+
+def test_takeover_between_websocket_and_tcp(cluster: Cluster) -> None:
+    # A WebSocket client stays on worker 0, which serves HTTP, while a TCP client with the
+    # same id is handed to worker 1, the owner. Each new connection closes the other.
+    client_id = client_owned_by(1, "panel")
+    web = TestClient(cluster.http_port, client_id, V5, transport="websockets")
+    tcp = TestClient(cluster.port, client_id, V5)
+    assert web.disconnected.wait(scaled(RESPONSE_TIMEOUT_S)), "the WebSocket client stayed"
+    assert web.disconnect_reason == ReasonCode.SESSION_TAKEN_OVER
+    assert tcp.client.is_connected()
+
+    web_again = TestClient(cluster.http_port, client_id, V5, transport="websockets")
+    assert tcp.disconnected.wait(scaled(RESPONSE_TIMEOUT_S)), "the TCP client stayed"
+    assert tcp.disconnect_reason == ReasonCode.SESSION_TAKEN_OVER
+    assert web_again.client.is_connected()
 
 
 def test_delta_reaches_device_on_owner(cluster: Cluster) -> None:

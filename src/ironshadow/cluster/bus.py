@@ -34,6 +34,10 @@ kind     name        rest of the body
                      client subscribed to the delta of a thing that the receiver owns
 14       DELTA       a client id and a topic (MQTT strings), then the current delta message
                      to the end: the answer to a REPLAY when the shadow has a delta
+15       CLAIM       a 4-byte claim number, then a client id: a client whose id the receiver
+                     owns connected to the sender without being handed off (TLS, WebSocket)
+16       TAKEOVER    a 4-byte claim number, then a client id: a newer connection took over
+                     that client's session, so the receiver closes the claimed connection
 ======== =========== ===========================================================================
 
 A worker sends SYNC after announcing a new topic filter, and holds the client's SUBACK until
@@ -78,6 +82,8 @@ SYNC = 11
 SYNCED = 12
 REPLAY = 13
 DELTA = 14
+CLAIM = 15
+TAKEOVER = 16
 
 # The shadow operations of an HTTP_CALL frame, by their code in the frame.
 HTTP_OPERATIONS = ("get", "update", "delete")

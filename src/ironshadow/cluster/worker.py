@@ -6,7 +6,8 @@ and changes five things:
 - TCP listener. The broker accepts from the socket that the supervisor bound, with
   :class:`~.handoff.ClusterConnection` as the protocol. At CONNECT, a client whose id another
   worker owns (see :func:`~.ownership.owner_of`) is passed to that worker. Empty client ids,
-  TLS and WebSocket connections stay where they are.
+  TLS and WebSocket connections stay where they are, and their worker claims their id at
+  the owner, so that a newer connection with the id closes them (session takeover).
 - Subscriptions. The broker's index is a :class:`ClusterIndex`, which counts the clients'
   subscriptions per topic filter and tells every peer over the bus when a filter gains its
   first subscriber or loses its last one. A peer that connects gets the whole set.
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..broker.connection import CLOSED, CONNECTED, MQTTConnection
 from ..broker.core import INTERNAL_CLIENT_PREFIX
+from ..broker.hooks import DUPLICATE_CLIENT_ID, BrokerHooks
 from ..broker.message import Message
 from ..broker.retained import RetainedStore
 from ..broker.session import Session
@@ -250,6 +252,14 @@ class ClusterWorker:
         self._announced = False
         self._syncs: dict[int, tuple[set[int], Callable[[], None], asyncio.TimerHandle]] = {}
         self._next_sync = 0
+        # Session takeover across workers. On the owner of a client id: the peer and claim
+        # number of the latest connection with that id on another worker. On that worker:
+        # the claim number of each such connection it holds.
+        # NOTE: the owner forgets a claim only when a newer connection with the id arrives,
+        # so it keeps one entry per id ever claimed (TLS and WebSocket clients).
+        self._remote_clients: dict[str, tuple[int, bytes]] = {}
+        self._claims: dict[str, bytes] = {}
+        self._next_claim = 0
         # HTTP_CALL and METRICS frames sent whose reply has not arrived yet, by call number.
         self._calls: dict[int, _Call] = {}
         self._next_call = 0
@@ -292,6 +302,7 @@ class ClusterWorker:
         broker.tcp_connection_class = ClusterConnection
         broker.connect_router = self._route_connect
         broker.subscribe_barrier = self._hold_suback
+        broker.add_hooks(_TakeoverHooks(self))
         shadows = self.engine.shadows
         shadows.route_request = self._route_request
         shadows.forward_http = self._forward_http
@@ -599,6 +610,12 @@ class ClusterWorker:
         if kind == bus.SYNCED:
             self._synced(peer, int.from_bytes(body[pos:end], "big"))
             return
+        if kind == bus.CLAIM:
+            self._claimed(peer, bytes(body[pos : pos + 4]), bytes(body[pos + 4 : end]).decode())
+            return
+        if kind == bus.TAKEOVER:
+            self._taken_over(bytes(body[pos : pos + 4]), bytes(body[pos + 4 : end]).decode())
+            return
         if kind == bus.REPLAY:
             self._replay_asked(peer, body, pos, end)
             return
@@ -709,6 +726,60 @@ class ClusterWorker:
             message.hold()
             self._disconnect_publishers([message], f"worker {owner} cannot be reached")
         return True
+
+    # --- session takeover -------------------------------------------------------------
+
+    def client_connected(self, client_id: str) -> None:
+        """Make a new connection take over any older one with the same id on another worker.
+
+        The owner of the id learns of every connection with it that another worker holds
+        (CLAIM), closes its own one, and sends TAKEOVER to the worker of the previous claim.
+        A handed-off client costs one dictionary lookup on its owner and no frame.
+        """
+        owner = owner_of(client_id, self.workers)
+        if owner == self.index:
+            previous = self._remote_clients.pop(client_id, None)
+            if previous is not None:
+                self._send_takeover(previous, client_id)
+            return
+        self._next_claim = self._next_claim % MAX_REQUEST_NUMBER + 1
+        claim = self._next_claim.to_bytes(4, "big")
+        self._claims[client_id] = claim
+        self._send_to(owner, bus.frame(bus.CLAIM, claim + client_id.encode()))
+
+    def client_disconnected(self, client_id: str) -> None:
+        self._claims.pop(client_id, None)
+
+    def _claimed(self, peer: int, claim: bytes, client_id: str) -> None:
+        session = self.broker.sessions.get(client_id)
+        if session is not None and session.connection is not None:
+            self._close_taken_over(session.connection, client_id, peer)
+        previous = self._remote_clients.get(client_id)
+        if previous is not None and previous[0] != peer:
+            self._send_takeover(previous, client_id)
+        self._remote_clients[client_id] = (peer, claim)
+
+    def _send_takeover(self, claim: tuple[int, bytes], client_id: str) -> None:
+        """Tell the worker of ``claim`` (its index and number) to close that connection."""
+        self._send_to(claim[0], bus.frame(bus.TAKEOVER, claim[1] + client_id.encode()))
+
+    def _taken_over(self, claim: bytes, client_id: str) -> None:
+        """Close the connection with ``client_id`` if it is still the one of ``claim``."""
+        if self._claims.get(client_id) != claim:
+            return
+        session = self.broker.sessions.get(client_id)
+        if session is not None and session.connection is not None:
+            self._close_taken_over(session.connection, client_id, owner_of(client_id, self.workers))
+
+    def _close_taken_over(self, connection: MQTTConnection, client_id: str, worker: int) -> None:
+        log.info(
+            "client %s from %s: a newer connection through worker %d takes over its session",
+            client_id,
+            connection.peer,
+            worker,
+        )
+        connection.disconnect_reason = DUPLICATE_CLIENT_ID
+        connection.close(ReasonCode.SESSION_TAKEN_OVER)
 
     def _ask_replay(self, thing: str, client_id: str, topic: str) -> bool:
         """Ask the owner of ``thing`` for the delta that a new subscriber here should get;
@@ -979,3 +1050,21 @@ class ClusterWorker:
         )
         for name, value in figures:
             broker.publish(Message(prefix + name, str(value).encode(), 0, True))
+
+
+class _TakeoverHooks(BrokerHooks):
+    """Passes the broker's connection events to :meth:`ClusterWorker.client_connected`."""
+
+    def __init__(self, worker: ClusterWorker) -> None:
+        self.worker = worker
+
+    def client_connected(self, connection: MQTTConnection) -> None:
+        session = connection.session
+        if session is not None and not session.client_id.startswith(INTERNAL_CLIENT_PREFIX):
+            self.worker.client_connected(session.client_id)
+
+    def client_disconnected(self, connection: MQTTConnection, reason: str) -> None:
+        session = connection.session
+        if session is not None and session.connection is None:
+            self.worker.client_disconnected(session.client_id)
+
