@@ -78,7 +78,6 @@ def share_among_three(port: int, qos: int) -> list[list[bytes]]:
     return [collect(member) for member in members]
 
 
-@pytest.mark.one_process("each worker picks its own member of a group: docs/workers.md")
 def test_shared_subscription_one_member_each(broker):
     received = share_among_three(broker.port, qos=1)
     everything = sorted(payload for payloads in received for payload in payloads)

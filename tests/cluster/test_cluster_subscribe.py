@@ -1,4 +1,4 @@
-"""A subscription on one worker and a publish on another, as close together as a client can.
+"""Subscriptions on one worker and publishes on another: timing and shared groups.
 
 The cluster runs in this process (``ClusterThreads`` in conftest.py), with the same bus and
 hand-off code as ``ironshadow serve --workers 3``.
@@ -10,10 +10,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import ClusterThreads, free_port
+from conftest import ClusterThreads, free_port, open_clients
 from ironshadow.broker.config import BrokerConfig
 from ironshadow.cluster import owner_of
 from ironshadow.mqtt import MQTT_5, Publish, Suback, Subscribe, Subscription
+from mqtt_client import TestClient
 from raw_client import RawClient
 
 WORKERS = 3
@@ -32,6 +33,8 @@ def client_of(worker: int, prefix: str) -> str:
 def cluster() -> Iterator[ClusterThreads]:
     threads = ClusterThreads(BrokerConfig(port=free_port(), sys_interval=0), WORKERS)
     yield threads
+    while open_clients:
+        open_clients.pop().close()
     threads.stop()
 
 
@@ -67,3 +70,53 @@ def delay_bus_link(worker, peer: int, seconds: float) -> None:
         worker.loop.call_later(seconds, transport.resume_reading)
 
     worker.call(pause)
+
+
+def test_shared_group_gets_each_message_once(cluster):
+    """Each message reaches exactly one member of a group, with members and publishers on
+    every worker (two members on worker 2). A plain subscriber to the same filter on every
+    worker makes the messages travel as PUBLISH copies as well, and gets them all."""
+    members = [
+        TestClient(cluster.port, client_of(worker, f"member{index}"))
+        for index, worker in enumerate((0, 1, 2, 2))
+    ]
+    for member in members:
+        member.subscribe("$share/line/jobs/+", 1)
+    watchers = [TestClient(cluster.port, client_of(worker, "watcher")) for worker in range(3)]
+    for watcher in watchers:
+        watcher.subscribe("jobs/+", 1)
+    publishers = [TestClient(cluster.port, client_of(worker, "planner")) for worker in range(3)]
+    sent = []
+    for number in range(60):
+        payload = b"%02d" % number
+        publishers[number % 3].publish("jobs/new", payload, 1)
+        sent.append(payload)
+    received = [collect(member) for member in members]
+    everything = sorted(payload for payloads in received for payload in payloads)
+    assert everything == sent
+    assert all(received), [len(payloads) for payloads in received]
+    for watcher in watchers:
+        assert sorted(collect(watcher)) == sent
+
+
+def test_unsubscribed_member_gets_no_more(cluster):
+    stays = TestClient(cluster.port, client_of(0, "stays"))
+    leaves = TestClient(cluster.port, client_of(1, "leaves"))
+    for member in (stays, leaves):
+        member.subscribe("$share/line/jobs/+", 1)
+    leaves.unsubscribe("$share/line/jobs/+")
+    publisher = TestClient(cluster.port, client_of(2, "planner"))
+    for number in range(10):
+        publisher.publish("jobs/new", b"%d" % number, 1)
+    assert len(collect(stays)) == 10
+    assert collect(leaves) == []
+
+
+def collect(client: TestClient) -> list[bytes]:
+    """Return the payloads that reach ``client`` until none comes for 0.5 s."""
+    payloads = []
+    while True:
+        try:
+            payloads.append(client.expect(timeout=0.5).payload)
+        except AssertionError:
+            return payloads

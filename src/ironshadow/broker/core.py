@@ -982,8 +982,12 @@ class Broker:
 
     # --- routing ----------------------------------------------------------------------
 
-    def publish(self, message: Message) -> int:
-        """Route ``message`` to every matching subscription; return how many matched."""
+    def publish(self, message: Message, shared: bool = True) -> int:
+        """Route ``message`` to every matching subscription; return how many matched.
+
+        With ``shared`` False the shared subscription groups are left out: a cluster worker
+        routes a message from a peer so, because the peer has served the groups.
+        """
         if message.retain:
             self.retained.store(message)
             changes = self.state_changes
@@ -995,9 +999,10 @@ class Broker:
             return 0
         origin = message.origin
         msg_qos = message.qos
-        if len(nodes) == 1 and not nodes[0].groups:
+        if len(nodes) == 1 and (not shared or not nodes[0].groups):
             records = nodes[0].records
-            assert records is not None
+            if not records:
+                return 0
             count = 0
             for record in records.values():
                 if record.no_local and record.session.client_id == origin:
@@ -1012,7 +1017,7 @@ class Broker:
         # matching subscriptions and all their subscription identifiers [MQTT-3.3.4-2].
         merged: dict[str, Delivery] = {}
         sessions: dict[str, Session] = {}
-        for record in self.index.iter_records(nodes):
+        for record in self.index.iter_records(nodes, shared):
             client_id = record.session.client_id
             if record.no_local and client_id == origin:
                 continue

@@ -67,18 +67,24 @@ class SharedGroup:
         self.members: dict[str, SubscriptionRecord] = {}
         self.next_index = 0
 
-    def pick(self) -> SubscriptionRecord | None:
-        """Pick the next member in turn, preferring members that are connected."""
+    def pick(self, clients_only: bool = False) -> SubscriptionRecord | None:
+        """Pick the next member in turn, preferring members that are connected.
+
+        A consumer inside the engine (a cluster worker's stand-in for a peer's members)
+        counts as connected. With ``clients_only`` consumers are passed over.
+        """
         members = list(self.members.values())
+        if clients_only:
+            members = [record for record in members if record.session.consumer is None]
         count = len(members)
         if not count:
             return None
         start = self.next_index % count
         for offset in range(count):
-            record = members[(start + offset) % count]
-            if record.session.connection is not None:
+            session = members[(start + offset) % count].session
+            if session.connection is not None or session.consumer is not None:
                 self.next_index = start + offset + 1
-                return record
+                return members[(start + offset) % count]
         self.next_index = start + 1
         return members[start]
 
@@ -232,12 +238,20 @@ class SubscriptionIndex:
                 break
             del parent.children[level]  # type: ignore[union-attr]
 
-    def iter_records(self, nodes: list[_Node]) -> Iterator[SubscriptionRecord]:
-        """Yield the plain records of ``nodes`` and one picked member per shared group."""
+    def group(self, inner_filter: str, name: str) -> SharedGroup | None:
+        """Return the shared group ``name`` on ``inner_filter``, or None if it has no members."""
+        node = self._node_for(inner_filter, create=False)
+        if node is None or not node.groups:
+            return None
+        return node.groups.get(name)
+
+    def iter_records(self, nodes: list[_Node], shared: bool = True) -> Iterator[SubscriptionRecord]:
+        """Yield the plain records of ``nodes`` and, if ``shared``, one picked member per
+        shared group."""
         for node in nodes:
             if node.records:
                 yield from node.records.values()
-            if node.groups:
+            if shared and node.groups:
                 for group in node.groups.values():
                     record = group.pick()
                     if record is not None:

@@ -38,7 +38,14 @@ kind     name        rest of the body
                      owns connected to the sender without being handed off (TLS, WebSocket)
 16       TAKEOVER    a 4-byte claim number, then a client id: a newer connection took over
                      that client's session, so the receiver closes the claimed connection
+17       SHARED      a shared subscription filter ``$share/{group}/{filter}`` (MQTT string),
+                     then a message as in PUBLISH, for one of the receiver's members of it
 ======== =========== ===========================================================================
+
+Shared subscriptions are announced whole (``$share/{group}/{filter}``). The worker where a
+message is published picks one member of each matching group, counting each peer with
+members as one, and sends the message in a SHARED frame when it picks a peer. PUBLISH copies
+are routed to plain subscriptions only, so every group gets each message once.
 
 A worker sends SYNC after announcing a new topic filter, and holds the client's SUBACK until
 every peer has answered: a message published on any worker after the SUBACK then reaches the
@@ -84,6 +91,7 @@ REPLAY = 13
 DELTA = 14
 CLAIM = 15
 TAKEOVER = 16
+SHARED = 17
 
 # The shadow operations of an HTTP_CALL frame, by their code in the frame.
 HTTP_OPERATIONS = ("get", "update", "delete")

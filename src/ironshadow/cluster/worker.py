@@ -44,7 +44,7 @@ from ..broker.core import INTERNAL_CLIENT_PREFIX
 from ..broker.hooks import DUPLICATE_CLIENT_ID, BrokerHooks
 from ..broker.message import Message
 from ..broker.retained import RetainedStore
-from ..broker.session import Session
+from ..broker.session import Delivery, Session
 from ..broker.subscriptions import SubscriptionIndex, SubscriptionRecord
 from ..engine.service import Reply
 from ..engine.topics import REQUEST_OPERATIONS, parse_shadow_topic
@@ -160,40 +160,49 @@ class _Call:
 
 
 class ClusterIndex(SubscriptionIndex):
-    """A subscription index that counts client subscriptions per inner topic filter.
+    """A subscription index that counts client subscriptions per topic filter.
 
-    ``on_change(topic_filter, present)`` runs when a filter gets its first subscription from
-    a client (True) or loses its last one (False). Internal sessions (the shadow service and
-    the peers) are not counted, so only filters of real clients are announced.
+    Plain subscriptions count under their filter and shared ones under their whole
+    ``$share/{group}/{filter}``. ``on_change(topic_filter, present)`` runs when such a key
+    gets its first subscription from a client (True) or loses its last one (False).
+    Internal sessions (the shadow service and the peers) are not counted, so only filters of
+    real clients are announced.
     """
 
     __slots__ = ("filters", "on_change")
 
     def __init__(self, on_change: Callable[[str, bool], None]) -> None:
         super().__init__()
-        # Inner topic filter -> client subscriptions on it, shared ones included.
+        # Topic filter or shared subscription filter -> client subscriptions on it.
         self.filters: dict[str, int] = {}
         self.on_change = on_change
 
     def add(self, inner_filter: str, record: SubscriptionRecord) -> bool:
         replaced = SubscriptionIndex.add(self, inner_filter, record)
         if not replaced and not record.session.client_id.startswith(INTERNAL_CLIENT_PREFIX):
-            count = self.filters.get(inner_filter, 0)
-            self.filters[inner_filter] = count + 1
+            key = _filter_key(inner_filter, record.share_group)
+            count = self.filters.get(key, 0)
+            self.filters[key] = count + 1
             if not count:
-                self.on_change(inner_filter, True)
+                self.on_change(key, True)
         return replaced
 
     def remove(self, inner_filter: str, client_id: str, share_group: str | None) -> bool:
         removed = SubscriptionIndex.remove(self, inner_filter, client_id, share_group)
         if removed and not client_id.startswith(INTERNAL_CLIENT_PREFIX):
-            count = self.filters[inner_filter] - 1
+            key = _filter_key(inner_filter, share_group)
+            count = self.filters[key] - 1
             if count:
-                self.filters[inner_filter] = count
+                self.filters[key] = count
             else:
-                del self.filters[inner_filter]
-                self.on_change(inner_filter, False)
+                del self.filters[key]
+                self.on_change(key, False)
         return removed
+
+
+def _filter_key(inner_filter: str, share_group: str | None) -> str:
+    """Return the key under which ClusterIndex counts and announces a subscription."""
+    return inner_filter if share_group is None else f"$share/{share_group}/{inner_filter}"
 
 
 class ClusterRetainedStore(RetainedStore):
@@ -226,6 +235,9 @@ class ClusterWorker:
 
         peers = [peer for peer in range(self.workers) if peer != self.index]
         self._links: dict[int, bus.OutboundLink | None] = dict.fromkeys(peers)
+        # The consumers that stand for each peer's members of a shared subscription, by peer
+        # and $share filter (see _shared_member).
+        self._shared_members: dict[tuple[int, str], Session] = {}
         self._peer_sessions: dict[int, Session] = {
             peer: broker.add_consumer(f"peer-{peer}", [], self._peer_consumer(peer))
             for peer in peers
@@ -543,6 +555,41 @@ class ClusterWorker:
         for topic_filter in session.subscriptions:
             self.broker.index.remove(topic_filter, session.client_id, None)
         session.subscriptions.clear()
+        for (owner, share_filter), member in self._shared_members.items():
+            if owner == peer and member.subscriptions.pop(share_filter, None) is not None:
+                group, inner = parse_shared_subscription(share_filter)
+                self.broker.index.remove(inner, member.client_id, group)
+
+    def _shared_member(self, peer: int, share_filter: str) -> Session:
+        """Return the consumer that stands for ``peer``'s members of ``share_filter`` in this
+        worker's group: picked, it sends the message to the peer in a SHARED frame."""
+        member = self._shared_members.get((peer, share_filter))
+        if member is None:
+
+            def consume(message: Message) -> None:
+                prefix = encode_string(share_filter)
+                self._send_message(peer, bus.SHARED, message, prefix)
+
+            member = self.broker.add_consumer(f"peer-{peer}/{share_filter}", [], consume)
+            self._shared_members[(peer, share_filter)] = member
+        return member
+
+    def _shared_arrived(self, body: bytearray, pos: int, end: int) -> None:
+        """Deliver a SHARED frame's message to one of this worker's members of its group."""
+        share_filter, pos = decode_string(body, pos, end)
+        message = bus.decode_message(body, pos, end)
+        group_name, inner = parse_shared_subscription(share_filter)
+        assert group_name is not None
+        group = self.broker.index.group(inner, group_name)
+        record = group.pick(clients_only=True) if group is not None else None
+        if record is None:
+            # Its members here left after the peer picked this worker.
+            self._drops.dropped(self.index, f"no member of {share_filter} is left there")
+            return
+        qos = min(message.qos, record.qos)
+        retain = message.retain and record.retain_as_published
+        ids = [record.subscription_id] if record.subscription_id else None
+        self.broker.deliver(record.session, Delivery(message, qos, retain, ids))
 
     # --- bus links --------------------------------------------------------------------
 
@@ -588,7 +635,7 @@ class ClusterWorker:
             message = bus.decode_message(body, pos, end)
             self._inbound = message
             try:
-                self.broker.publish(message)
+                self.broker.publish(message, shared=False)
             finally:
                 self._inbound = None
             return
@@ -610,6 +657,9 @@ class ClusterWorker:
         if kind == bus.SYNCED:
             self._synced(peer, int.from_bytes(body[pos:end], "big"))
             return
+        if kind == bus.SHARED:
+            self._shared_arrived(body, pos, end)
+            return
         if kind == bus.CLAIM:
             self._claimed(peer, bytes(body[pos : pos + 4]), bytes(body[pos + 4 : end]).decode())
             return
@@ -628,14 +678,18 @@ class ClusterWorker:
             self._call_frame(peer, kind, body, pos, end)
             return
         topic_filter = bytes(body[pos:end]).decode()
-        session = self._peer_sessions[peer]
+        group, inner = parse_shared_subscription(topic_filter)
+        if group is None:
+            session = self._peer_sessions[peer]
+        else:
+            session = self._shared_member(peer, topic_filter)
         if kind == bus.SUBSCRIBE:
-            record = SubscriptionRecord(session, topic_filter, 2)
+            record = SubscriptionRecord(session, topic_filter, 2, share_group=group)
             session.subscriptions[topic_filter] = record
-            self.broker.index.add(topic_filter, record)
+            self.broker.index.add(inner, record)
         elif kind == bus.UNSUBSCRIBE:
             if session.subscriptions.pop(topic_filter, None) is not None:
-                self.broker.index.remove(topic_filter, session.client_id, None)
+                self.broker.index.remove(inner, session.client_id, group)
         else:
             raise ValueError(f"unknown frame kind {kind}")
 
@@ -808,7 +862,7 @@ class ClusterWorker:
         self._inbound = message
         self._inbound_request = True
         try:
-            self.broker.publish(message)
+            self.broker.publish(message, shared=False)
         finally:
             self._inbound = None
             self._inbound_request = False
