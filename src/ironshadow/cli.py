@@ -10,6 +10,7 @@ import os
 import resource
 import signal
 import socket
+import sqlite3
 import ssl
 import sys
 from pathlib import Path
@@ -25,14 +26,8 @@ from .auth import command as auth_command
 from .auth.tokens import DEFAULT_TOKEN_LIFETIME
 from .broker.config import BrokerConfig
 from .broker.tls import TLSConfigError, TLSListenerError
-from .cluster import (
-    ClusterWorker,
-    WorkerCountError,
-    WorkerSpec,
-    check_worker_count,
-    record_worker_count,
-    worker_data_dir,
-)
+from .cluster import ClusterWorker, WorkerCountError, WorkerSpec, worker_data_dir
+from .cluster.reshard import prepare_data_dir
 from .cluster.supervisor import Supervisor, bind_listener
 from .engine import Engine, StorageConfig
 from .settings import (
@@ -190,14 +185,18 @@ def _run_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     # With several workers, each keeps its embedded stores and its MQTT state (retained
-    # messages and persistent sessions) in a folder of its own under the data folder.
+    # messages and persistent sessions) in a folder of its own under the data folder. Stores
+    # left by another worker count are moved to their new owners first.
     if worker is None and not values["memory_only"]:
         try:
-            check_worker_count(data_dir, workers)
-            if workers > 1:
-                record_worker_count(data_dir, workers)
-        except (WorkerCountError, OSError) as exc:
-            print(f"ironshadow: error: {exc}", file=sys.stderr)
+            prepare_data_dir(data_dir, workers)
+        except (WorkerCountError, OSError, sqlite3.Error, StoreUnavailable) as exc:
+            print(
+                f"ironshadow: error: cannot move the stores in {data_dir} to --workers "
+                f"{workers}: {exc}. The stores were left as they were; start with the "
+                "previous --workers, or fix the cause and start again",
+                file=sys.stderr,
+            )
             return 2
     if worker is not None:
         data_dir = worker_data_dir(data_dir, worker.index)

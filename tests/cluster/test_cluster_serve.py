@@ -412,23 +412,57 @@ def serve_once(data_dir: Path, *flags: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=scaled(STOP_TIMEOUT_S))
 
 
-def test_other_worker_count_is_rejected(cluster: Cluster) -> None:
-    result = serve_once(cluster.data_dir, "--workers", "2")
-    assert result.returncode == 2, result.stderr
-    assert "was used with --workers 3" in result.stderr
-    assert "--workers is 2" in result.stderr
-    single = serve_once(cluster.data_dir)
-    assert single.returncode == 2, single.stderr
-    assert "--workers is 1" in single.stderr
-
-
-def test_single_process_data_is_kept_from_workers(tmp_path: Path) -> None:
+def test_restart_with_other_worker_count_keeps_data(tmp_path: Path) -> None:
+    """Shadows, persistent sessions and history rows survive restarts from one process to
+    3 workers, to 2, and back to one: each start moves the stores to the new owners."""
     data_dir = tmp_path / "data"
-    (data_dir / "shadows").mkdir(parents=True)
-    result = serve_once(data_dir, "--workers", "3")
-    assert result.returncode == 2, result.stderr
-    assert "single-process engine" in result.stderr
-    assert not (data_dir / "workers.json").exists()
+    things = [f"mixer-{number}" for number in range(12)]
+    for round_number, workers in enumerate((1, 3, 2, 1)):
+        cluster = Cluster(data_dir, workers)
+        try:
+            cluster.wait_until_running()
+            app = TestClient(cluster.port, "planner")
+            app.subscribe("$aws/things/+/shadow/get/accepted", qos=1)
+            app.subscribe("$aws/things/+/shadow/update/accepted", qos=1)
+            for thing in things:
+                if round_number:
+                    app.publish(f"$aws/things/{thing}/shadow/get", b"{}", qos=1)
+                    stored = json.loads(app.expect(timeout=RESPONSE_TIMEOUT_S).payload)
+                    assert stored["version"] == round_number, (workers, thing, stored)
+                    assert stored["state"]["reported"]["round"] == round_number - 1
+                update = {"state": {"reported": {"round": round_number}}}
+                app.publish(f"$aws/things/{thing}/shadow/update", json.dumps(update).encode(), 1)
+                accepted = json.loads(app.expect(timeout=RESPONSE_TIMEOUT_S).payload)
+                assert accepted["version"] == round_number + 1
+            keeper = TestClient(cluster.port, "keeper", V311, clean=False)
+            assert keeper.connack[0].session_present == bool(round_number), workers
+            keeper.subscribe("orders/#", qos=1)
+            for client in (app, keeper):
+                client.close()
+            if workers == 1 and round_number:
+                # One process serves the history of every thing: all four rounds are there.
+                for thing in things:
+                    url = f"http://{HOST}:{cluster.http_port}/things/{thing}/history"
+                    points = wait_for_history(url, 4)
+                    assert [point["value"] for point in points] == [0, 1, 2, 3]
+        finally:
+            status = cluster.stop()
+        assert status == 0, f"--workers {workers} exited with {status}:\n{cluster.log_tail()}"
+        if round_number:
+            assert "moving the stores" in cluster.log_text()
+
+
+def wait_for_history(url: str, count: int) -> list[dict]:
+    """Return the history points at ``url`` once there are ``count``: rows reach the
+    history store a moment after their update."""
+    deadline = time.monotonic() + scaled(RESPONSE_TIMEOUT_S)
+    points: list[dict] = []
+    while time.monotonic() < deadline:
+        points = httpx.get(url, params={"from": "0"}).json()["points"]
+        if len(points) >= count:
+            return points
+        time.sleep(0.1)
+    raise AssertionError(f"{len(points)} of {count} history points at {url}")
 
 
 def test_killed_worker_restarts(tmp_path: Path) -> None:

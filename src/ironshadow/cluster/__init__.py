@@ -3,11 +3,12 @@
 Layers: this package sits above the broker, the engine and the storage, and below the API
 and the command line. ``ownership`` decides which worker owns a name, ``supervisor`` starts
 and restarts the workers, ``worker`` joins one engine to its peers through ``bus`` (topic
-filters and messages) and ``handoff`` (TCP connections), and ``datadir`` keeps each
-worker's embedded stores apart. docs/workers.md describes the whole.
+filters and messages) and ``handoff`` (TCP connections), ``datadir`` keeps each worker's
+embedded stores apart, and ``reshard`` moves them when the worker count changes.
+docs/workers.md describes the whole.
 """
 
-from .datadir import WorkerCountError, check_worker_count, record_worker_count, worker_data_dir
+from .datadir import WorkerCountError, record_worker_count, worker_data_dir
 from .ownership import owner_of
 from .worker import ClusterWorker, WorkerSpec
 
@@ -15,7 +16,6 @@ __all__ = [
     "ClusterWorker",
     "WorkerCountError",
     "WorkerSpec",
-    "check_worker_count",
     "owner_of",
     "record_worker_count",
     "worker_data_dir",

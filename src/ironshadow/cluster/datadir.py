@@ -3,8 +3,7 @@
 With the embedded stores, worker ``i`` of N keeps its shadows, history and MQTT state in
 ``{data_dir}/worker-{i}/``, and ``{data_dir}/workers.json`` records N. A single-process engine
 keeps them in ``{data_dir}`` itself and records nothing. Each worker holds only the shadows it
-owns, so starting with another N would hide shadows in the wrong folders: the engine stops
-instead, with an error that names both counts.
+owns, so a start with another N first moves them to their new owners (see reshard.py).
 """
 
 from __future__ import annotations
@@ -38,31 +37,6 @@ def recorded_workers(data_dir: Path) -> int | None:
     if not isinstance(workers, int) or workers < 1:
         raise WorkerCountError(f"{path} does not contain a worker count: {document!r}")
     return workers
-
-
-def check_worker_count(data_dir: Path, workers: int) -> None:
-    """Raise WorkerCountError when ``data_dir`` contains data of another worker count."""
-    recorded = recorded_workers(data_dir)
-    if recorded is None:
-        if workers == 1:
-            return
-        found = [name for name in SINGLE_PROCESS_ENTRIES if (data_dir / name).exists()]
-        if found:
-            raise WorkerCountError(
-                f"data folder {data_dir} contains the shadows of a single-process engine "
-                f"({', '.join(found)}), but --workers is {workers}. Moving shadows between "
-                "worker folders is not supported yet: start with --workers 1, or give an "
-                "empty folder with --data-dir"
-            )
-        return
-    if recorded != workers:
-        raise WorkerCountError(
-            f"data folder {data_dir} was used with --workers {recorded} (see "
-            f"{data_dir / RECORD_NAME}), but --workers is {workers}. Each worker keeps the "
-            "shadows it owns in its own folder, and moving them to another worker count is "
-            f"not supported yet: start with --workers {recorded}, or give an empty folder "
-            "with --data-dir"
-        )
 
 
 def record_worker_count(data_dir: Path, workers: int) -> None:
