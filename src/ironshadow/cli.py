@@ -18,6 +18,7 @@ from typing import Any
 
 from . import __version__, swarm
 from .api import ApiServer
+from .api.cluster_reads import register_procedures
 from .api.feed import FeedConfig
 from .api.metrics import collect as collect_metrics
 from .api.security import HttpAuth
@@ -92,6 +93,9 @@ async def _serve(
     cluster = ClusterWorker(engine, worker, stop.set) if worker is not None else None
     if cluster is not None:
         cluster.metrics_source = lambda: collect_metrics(engine).to_bytes()
+        register_procedures(cluster, engine)
+        # SQLite history lives in each worker's folder; PostgreSQL is shared by all.
+        cluster.history_per_worker = storage is not None and storage.postgres_dsn is None
     if access is not None:
         access.attach(engine.broker)
         log.info("%s", access.describe_mode())
@@ -121,6 +125,8 @@ async def _serve(
         )
         if cluster is not None:
             api.app.state.peer_metrics = cluster.gather_metrics
+            api.app.state.peers = cluster
+            api.app.state.feed.listening_changed = cluster.feed_listening
         try:
             await api.start()
         except OSError as exc:

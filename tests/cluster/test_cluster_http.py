@@ -8,6 +8,7 @@ replies are the reference that the forwarded ones must match.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -28,8 +29,10 @@ from test_cluster_serve import (
     client_owned_by,
     worker_figures,
 )
+from websockets.sync.client import connect
 
 from conftest import open_clients, scaled
+from ironshadow.cluster import owner_of
 from mqtt_client import TestClient
 
 
@@ -131,6 +134,105 @@ def test_forwarded_rest_matches_local(cluster: Cluster) -> None:
             outcome, document = mqtt_get(cluster, thing, "?name=firmware")
             assert outcome == "accepted", document
             assert document["state"] == {"reported": {"build": "1.2"}}
+
+
+def test_thing_reads_cover_every_worker(cluster: Cluster) -> None:
+    """The thing list, a thing's details, its named shadows and its history come from the
+    worker that owns it, and the list pages through the things of all workers in order."""
+    things = sorted(client_owned_by(worker, "kiln") for worker in range(WORKERS) for _ in range(4))
+    with http(cluster) as client:
+        for number, thing in enumerate(things):
+            for temperature in (100 + number, 200 + number):
+                response = client.post(
+                    f"/things/{thing}/shadow",
+                    json={"state": {"reported": {"temperature": temperature}}},
+                )
+                assert response.status_code == 200, response.text
+            response = client.post(
+                f"/things/{thing}/shadow?name=tooling", json={"state": {"reported": {"die": 1}}}
+            )
+            assert response.status_code == 200, response.text
+
+        listed = []
+        next_token = None
+        for _ in range(len(things)):
+            params = {"prefix": "kiln-", "pageSize": 5}
+            if next_token:
+                params["nextToken"] = next_token
+            page = client.get("/things", params=params).json()
+            listed.extend(page["things"])
+            next_token = page["nextToken"]
+            if next_token is None:
+                break
+        assert [thing["name"] for thing in listed] == things
+        assert all(thing["version"] == 2 for thing in listed), listed
+
+        for worker in range(WORKERS):
+            thing = next(name for name in things if owner_of(name, WORKERS) == worker)
+            detail = client.get(f"/things/{thing}").json()
+            assert (detail["name"], detail["version"], detail["namedShadows"]) == (
+                thing,
+                2,
+                ["tooling"],
+            )
+            named = client.get(f"/things/{thing}/shadows").json()
+            assert named["results"] == ["tooling"]
+            points = wait_for_points(client, thing, 2)
+            assert [point["value"] for point in points] == [
+                100 + things.index(thing),
+                200 + things.index(thing),
+            ]
+        missing = client.get(f"/things/{client_owned_by(2, 'absent')}")
+        assert missing.status_code == 404, missing.text
+
+
+def test_feed_shows_changes_of_every_worker(cluster: Cluster) -> None:
+    """The /ws feed on worker 0 gets the changes of things that the other workers own,
+    while it has subscribers."""
+    url = f"ws://{HOST}:{cluster.http_port}/ws"
+    things = [client_owned_by(worker, "oven") for worker in range(WORKERS)]
+    with connect(url, open_timeout=scaled(RESPONSE_TIMEOUT_S)) as feed:
+        feed.send(json.dumps({"subscribe": ["oven-*"]}))
+        assert json.loads(feed.recv(timeout=scaled(RESPONSE_TIMEOUT_S))) == {
+            "subscriptions": ["oven-*"]
+        }
+        # Worker 0 asks the others for their changes when its first subscription is made,
+        # so an update stored in the moment after may not reach the feed: each device
+        # updates until the feed shows its thing.
+        for number, thing in enumerate(things):
+            device = TestClient(cluster.port, thing)
+            frame = None
+            deadline = time.monotonic() + scaled(RESPONSE_TIMEOUT_S)
+            while frame is None and time.monotonic() < deadline:
+                device.publish(
+                    f"$aws/things/{thing}/shadow/update",
+                    json.dumps({"state": {"reported": {"heat": number}}}).encode(),
+                    qos=1,
+                )
+                with contextlib.suppress(TimeoutError):
+                    received = json.loads(feed.recv(timeout=0.5))
+                    # A held frame of the previous thing may come late.
+                    if received["thing"] == thing:
+                        frame = received
+            device.close()
+            assert frame is not None, f"no change of {thing} in the feed"
+            assert frame["thing"] == thing
+            assert frame["state"]["reported"] == {"heat": number}
+
+
+def wait_for_points(client: httpx.Client, thing: str, count: int) -> list[dict[str, Any]]:
+    """Return the history points of ``thing`` once there are ``count``: rows reach the
+    history store a moment after their update."""
+    deadline = time.monotonic() + scaled(RESPONSE_TIMEOUT_S)
+    points: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        response = client.get(f"/things/{thing}/history", params={"from": "0"})
+        assert response.status_code == 200, response.text
+        points = response.json()["points"]
+        if len(points) >= count:
+            return points
+        time.sleep(0.1)
+    raise AssertionError(f"{len(points)} of {count} history points for {thing}")
 
 
 @pytest.mark.parametrize("owner", [1, 2])

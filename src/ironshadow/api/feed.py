@@ -224,6 +224,9 @@ class ShadowFeed:
         self.clients_dropped = 0
         # Called after each client joins ``clients``; api/security.py starts its checks here.
         self.client_added: Callable[[], None] | None = None
+        # Called with True when the first subscription is made and with False when the last
+        # one ends; a cluster's worker 0 then asks the other workers for their changes.
+        self.listening_changed: Callable[[bool], None] | None = None
 
     # --- changes from the shadow service ------------------------------------------------
 
@@ -395,7 +398,10 @@ class ShadowFeed:
     def _index_changed(self) -> None:
         self._prefix_lengths = sorted({len(prefix) for prefix in self._by_prefix})
         listening = bool(self._by_thing or self._by_prefix)
+        was_listening = self.service.change_listener is not None
         self.service.change_listener = self._on_changes if listening else None
+        if listening != was_listening and self.listening_changed is not None:
+            self.listening_changed(listening)
 
     def _forget(self, client: FeedClient) -> None:
         """Remove the client with its subscriptions and waiting frames."""

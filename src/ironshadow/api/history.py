@@ -11,7 +11,9 @@ import orjson
 from fastapi import FastAPI, Path, Query
 from starlette.responses import Response
 
+from ..cluster import PeerCallError
 from ..shadow import ShadowError, validate_shadow_name, validate_thing_name
+from .cluster_reads import remote_owner, unavailable
 from .errors import JSON_MEDIA_TYPE, ApiError
 
 if TYPE_CHECKING:
@@ -99,15 +101,35 @@ def add_history_routes(app: FastAPI, engine: Engine) -> None:
             raise ApiError(400, f"Invalid window: from ({start}) must be before to ({end}).")
         selected = [field for field in fields.split(",") if field] if fields else None
         bucket_seconds = parse_duration(bucket) if bucket is not None else None
-        rows = await store.query(
-            thing, name or "", start, end, selected, bucket_seconds, limit
-        )
+        peers = app.state.peers
+        owner = None
+        if peers is not None and peers.history_per_worker:
+            owner = remote_owner(peers, thing)
+        if owner is None:
+            rows = await store.query(
+                thing, name or "", start, end, selected, bucket_seconds, limit
+            )
+            points = [row._asdict() for row in rows]
+        else:
+            arguments = {
+                "thing": thing,
+                "name": name or "",
+                "start": start,
+                "end": end,
+                "fields": selected,
+                "bucket": bucket_seconds,
+                "limit": limit,
+            }
+            try:
+                points = await peers.call(owner, "history", arguments)
+            except PeerCallError as error:
+                return unavailable(error)
         body = {
             "thing": thing,
             "name": name,
             "from": start,
             "to": end,
             "bucket": bucket_seconds,
-            "points": [row._asdict() for row in rows],
+            "points": points,
         }
         return Response(orjson.dumps(body), media_type=JSON_MEDIA_TYPE)

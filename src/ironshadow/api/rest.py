@@ -38,7 +38,9 @@ from fastapi.openapi.utils import get_openapi
 from starlette.responses import Response
 
 from .. import __version__
+from ..cluster import PeerCallError
 from ..shadow import ShadowError, validate_thing_name
+from .cluster_reads import list_everywhere, remote_owner, unavailable
 from .dashboard import add_dashboard_routes
 from .documents import (
     UPDATE_REQUEST_BODY,
@@ -182,6 +184,8 @@ def create_app(
         # Added before the error handlers' middleware, so that it runs inside it.
         app.add_middleware(AuthMiddleware, auth=auth)
     install_error_handlers(app)
+    # Worker 0 of a cluster sets the other workers here (api/cluster_reads.py).
+    app.state.peers = None
     _install_openapi_without_422(app)
     if auth is not None:
         install_openapi_security(app)
@@ -284,14 +288,23 @@ def create_app(
     async def delete_shadow(request: Request, thing: Thing, name: ShadowName = None) -> Response:
         return await shadow_request("delete", request, thing, name)
 
-    def list_named_shadows(thing: str, page_size: int, next_token: str | None) -> Response:
+    async def list_named_shadows(
+        thing: str, page_size: int, next_token: str | None
+    ) -> Response:
         now = int(time.time())
         try:
             validate_thing_name(thing)
         except ShadowError as error:
             return Response(error.payload(now), status_code=error.code, media_type=JSON_MEDIA_TYPE)
         after = decode_token(next_token)
-        names = service.named_shadow_names(thing)
+        owner = remote_owner(app.state.peers, thing)
+        if owner is None:
+            names = service.named_shadow_names(thing)
+        else:
+            try:
+                names = await app.state.peers.call(owner, "named_shadows", {"thing": thing})
+            except PeerCallError as error:
+                return unavailable(error)
         start = 0 if after is None else bisect.bisect_right(names, after)
         page = names[start : start + page_size]
         more = start + page_size < len(names)
@@ -336,7 +349,7 @@ def create_app(
         page_size: NamedShadowsPageSize = NAMED_SHADOWS_PAGE_SIZE_DEFAULT,
         next_token: NextToken = None,
     ) -> Response:
-        return list_named_shadows(thing, page_size, next_token)
+        return await list_named_shadows(thing, page_size, next_token)
 
     @app.get(
         "/things",
@@ -366,6 +379,14 @@ def create_app(
     ) -> Response:
         after = decode_token(next_token)
         things, cursor = directory.list_page(prefix, connected, page_size, after)
+        peers = app.state.peers
+        if peers is not None:
+            try:
+                things, cursor = await list_everywhere(
+                    peers, (things, cursor), prefix, connected, page_size, after
+                )
+            except PeerCallError as error:
+                return unavailable(error)
         document = {
             "things": things,
             "nextToken": encode_token(cursor),
@@ -393,11 +414,19 @@ def create_app(
             validate_thing_name(thing)
         except ShadowError as error:
             return Response(error.payload(now), status_code=error.code, media_type=JSON_MEDIA_TYPE)
-        if not directory.exists(thing):
+        owner = remote_owner(app.state.peers, thing)
+        if owner is None:
+            detail = directory.detail(thing) if directory.exists(thing) else None
+        else:
+            try:
+                detail = await app.state.peers.call(owner, "describe", {"thing": thing})
+            except PeerCallError as error:
+                return unavailable(error)
+        if detail is None:
             return error_response(
                 404, f"Thing not found: {thing!r} has no shadow and has never connected"
             )
-        return Response(orjson.dumps(directory.detail(thing)), media_type=JSON_MEDIA_TYPE)
+        return Response(orjson.dumps(detail), media_type=JSON_MEDIA_TYPE)
 
     return app
 

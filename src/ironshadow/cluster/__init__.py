@@ -10,10 +10,11 @@ docs/workers.md describes the whole.
 
 from .datadir import WorkerCountError, record_worker_count, worker_data_dir
 from .ownership import owner_of
-from .worker import ClusterWorker, WorkerSpec
+from .worker import ClusterWorker, PeerCallError, WorkerSpec
 
 __all__ = [
     "ClusterWorker",
+    "PeerCallError",
     "WorkerCountError",
     "WorkerSpec",
     "owner_of",

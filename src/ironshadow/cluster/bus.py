@@ -40,6 +40,16 @@ kind     name        rest of the body
                      that client's session, so the receiver closes the claimed connection
 17       SHARED      a shared subscription filter ``$share/{group}/{filter}`` (MQTT string),
                      then a message as in PUBLISH, for one of the receiver's members of it
+18       CALL        a 4-byte call number, a procedure name (MQTT string), then its arguments
+                     as a JSON object to the end: run it on the receiver (an API read)
+19       RESULT      the 4-byte number of a CALL, one byte 0 when it succeeded, then its
+                     result as JSON; or 1 when it failed, then the reason (UTF-8)
+20       FEED        one byte: 1 when the sender's ``/ws`` feed has subscribers, so the
+                     receiver sends it CHANGES, and 0 when it has none any more
+21       CHANGES     shadow changes stored by the sender: per change the thing name and the
+                     shadow name ('' for the classic shadow) as MQTT strings, a 4-byte
+                     timestamp, a 4-byte length and the shadow document as the hot store
+                     keeps it
 ======== =========== ===========================================================================
 
 Shared subscriptions are announced whole (``$share/{group}/{filter}``). The worker where a
@@ -92,6 +102,10 @@ DELTA = 14
 CLAIM = 15
 TAKEOVER = 16
 SHARED = 17
+CALL = 18
+RESULT = 19
+FEED = 20
+CHANGES = 21
 
 # The shadow operations of an HTTP_CALL frame, by their code in the frame.
 HTTP_OPERATIONS = ("get", "update", "delete")

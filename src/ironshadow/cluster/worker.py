@@ -34,10 +34,12 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from ..broker.connection import CLOSED, CONNECTED, MQTTConnection
 from ..broker.core import INTERNAL_CLIENT_PREFIX
@@ -46,7 +48,7 @@ from ..broker.message import Message
 from ..broker.retained import RetainedStore
 from ..broker.session import Delivery, Session
 from ..broker.subscriptions import SubscriptionIndex, SubscriptionRecord
-from ..engine.service import Reply
+from ..engine.service import Reply, ShadowChange, document_bytes, restore_shadow
 from ..engine.topics import REQUEST_OPERATIONS, parse_shadow_topic
 from ..mqtt.encoding import decode_string, encode_string
 from ..mqtt.packets import Connect
@@ -78,6 +80,9 @@ MAX_REQUEST_NUMBER = 2**32 - 1
 # The limit stays below the 5 s default timeout of httpx, so that such a client reads the 503
 # and its reason instead of timing out itself.
 HTTP_CALL_TIMEOUT = 4.0
+# Seconds that an API read waits for the worker that owns the data (see call()). The owner
+# reads memory or its own history file.
+CALL_TIMEOUT = 4.0
 # Seconds that /metrics waits for each peer's metrics, well within Prometheus's default
 # scrape timeout of 10 s. A peer collects its figures from counters in memory.
 METRICS_CALL_TIMEOUT = 2.0
@@ -157,6 +162,10 @@ class _Call:
         self.timer = timer
         # Returns the caller's result when no reply comes, given the reason.
         self.fail = fail
+
+
+class PeerCallError(Exception):
+    """A procedure run on another worker failed, or its worker did not reply in time."""
 
 
 class ClusterIndex(SubscriptionIndex):
@@ -278,6 +287,17 @@ class ClusterWorker:
         # Calls that got no reply, and when that was last logged.
         self._calls_failed = 0
         self._calls_failed_logged_at = 0.0
+        # Procedures that peers run on this worker with CALL frames, by name: each takes the
+        # arguments as a dict and returns a JSON-serialisable result. Set by the command line,
+        # which builds them with the HTTP API's code.
+        self.procedures: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {}
+        # The /ws feed: on worker 0, whether it has subscribers; on the others, the worker
+        # whose FEED frame asked for this worker's shadow changes, or None.
+        self._feed_wanted = False
+        self._feed_peer: int | None = None
+        # Whether each worker keeps the history of its own things (SQLite in its folder),
+        # so that a history read for another worker's thing is a CALL to that worker.
+        self.history_per_worker = False
         # Returns this worker's metrics, encoded with Exposition.to_bytes, for a peer's
         # METRICS frame. Set by the command line, which builds them with the HTTP API's code.
         self.metrics_source: Callable[[], bytes] | None = None
@@ -549,6 +569,60 @@ class ClusterWorker:
         link.send(bus.frame(bus.RESET))
         for topic_filter in self.broker.index.filters:
             link.send(bus.frame(bus.SUBSCRIBE, topic_filter.encode()))
+        if self._feed_wanted:
+            link.send(bus.frame(bus.FEED, b"\x01"))
+
+    # --- the /ws feed -----------------------------------------------------------------
+
+    def feed_listening(self, listening: bool) -> None:
+        """Ask every peer for its shadow changes while this worker's feed has subscribers."""
+        self._feed_wanted = listening
+        data = bus.frame(bus.FEED, b"\x01" if listening else b"\x00")
+        for link in self._links.values():
+            if link is not None:
+                link.send(data)
+
+    def _feed_asked(self, peer: int, listening: bool) -> None:
+        service = self.engine.shadows
+        if listening:
+            self._feed_peer = peer
+            service.change_listener = self._forward_changes
+        elif self._feed_peer == peer:
+            self._feed_peer = None
+            service.change_listener = None
+
+    def _forward_changes(self, changes: list[ShadowChange]) -> None:
+        """Send stored shadow changes to the worker whose feed asked for them."""
+        peer = self._feed_peer
+        if peer is None:
+            return
+        parts = [len(changes).to_bytes(4, "big")]
+        for change in changes:
+            document = document_bytes(change.shadow, change.timestamp)
+            parts.append(encode_string(change.thing))
+            parts.append(encode_string(change.shadow_name or ""))
+            parts.append(change.timestamp.to_bytes(4, "big"))
+            parts.append(len(document).to_bytes(4, "big"))
+            parts.append(document)
+        self._send_to(peer, bus.frame(bus.CHANGES, b"".join(parts)))
+
+    def _changes_arrived(self, body: bytearray, pos: int, end: int) -> None:
+        listener = self.engine.shadows.change_listener
+        if listener is None:
+            return  # the feed lost its last subscriber meanwhile
+        count = int.from_bytes(body[pos : pos + 4], "big")
+        pos += 4
+        changes = []
+        for _ in range(count):
+            thing, pos = decode_string(body, pos, end)
+            shadow_name, pos = decode_string(body, pos, end)
+            timestamp = int.from_bytes(body[pos : pos + 4], "big")
+            length = int.from_bytes(body[pos + 4 : pos + 8], "big")
+            pos += 8
+            shadow = restore_shadow(bytes(body[pos : pos + length]))
+            pos += length
+            changes.append(ShadowChange(thing, shadow_name or None, shadow, timestamp))
+        listener(changes)
 
     def _forget_peer_filters(self, peer: int) -> None:
         session = self._peer_sessions[peer]
@@ -657,6 +731,12 @@ class ClusterWorker:
         if kind == bus.SYNCED:
             self._synced(peer, int.from_bytes(body[pos:end], "big"))
             return
+        if kind == bus.CHANGES:
+            self._changes_arrived(body, pos, end)
+            return
+        if kind == bus.FEED:
+            self._feed_asked(peer, body[pos] == 1)
+            return
         if kind == bus.SHARED:
             self._shared_arrived(body, pos, end)
             return
@@ -704,6 +784,8 @@ class ClusterWorker:
             messages = list(held.values())
             held.clear()
             self._disconnect_publishers(messages, f"worker {link.peer} went away")
+            # A feed that went away with its worker wants no more changes.
+            self._feed_asked(link.peer, False)
             self._fail_calls(link.peer, "its bus link closed before it replied")
 
     # --- routing ----------------------------------------------------------------------
@@ -941,6 +1023,49 @@ class ClusterWorker:
         )
         return self._call(owner, bus.HTTP_CALL, body, HTTP_CALL_TIMEOUT, fail)
 
+    def owner(self, name: str) -> int:
+        """Return the worker that owns the thing or client id ``name``."""
+        return owner_of(name, self.workers)
+
+    async def call(
+        self, peer: int, procedure: str, arguments: dict[str, Any], timeout: float = CALL_TIMEOUT
+    ) -> Any:
+        """Run ``procedure`` on ``peer`` and return its result; raise PeerCallError when it
+        fails there or no reply comes within ``timeout`` seconds."""
+        number = self._next_call_number()
+        body = number.to_bytes(4, "big") + encode_string(procedure) + orjson.dumps(arguments)
+
+        def fail(reason: str) -> PeerCallError:
+            return PeerCallError(f"worker {peer} could not run {procedure}: {reason}")
+
+        result = await self._call(peer, bus.CALL, body, timeout, fail)
+        if isinstance(result, PeerCallError):
+            raise result
+        return result
+
+    def _procedure_called(self, peer: int, body: bytearray, pos: int, end: int) -> None:
+        number = bytes(body[pos : pos + 4])
+        name, pos = decode_string(body, pos + 4, end)
+        arguments = orjson.loads(bytes(body[pos:end]))
+        task = asyncio.get_running_loop().create_task(
+            self._run_procedure(peer, number, name, arguments)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_procedure(
+        self, peer: int, number: bytes, name: str, arguments: dict[str, Any]
+    ) -> None:
+        procedure = self.procedures.get(name)
+        try:
+            if procedure is None:
+                raise LookupError(f"no procedure named {name!r} on worker {self.index}")
+            reply = b"\x00" + orjson.dumps(await procedure(arguments))
+        except Exception as exc:  # the caller gets the reason, and this worker goes on
+            log.warning("worker %d: %s for worker %d failed: %r", self.index, name, peer, exc)
+            reply = b"\x01" + repr(exc).encode()
+        self._send_to(peer, bus.frame(bus.RESULT, number + reply))
+
     async def gather_metrics(self) -> dict[int, bytes | None]:
         """Ask every peer for its metrics, and return them by worker index. A peer that has
         no open link or does not reply within METRICS_CALL_TIMEOUT gets None."""
@@ -1034,7 +1159,8 @@ class ClusterWorker:
             call.future.set_result(result)
 
     def _call_frame(self, peer: int, kind: int, body: bytearray, pos: int, end: int) -> None:
-        """Handle an HTTP_CALL, HTTP_REPLY, METRICS or METRICS_OF frame from ``peer``."""
+        """Handle an HTTP_CALL, HTTP_REPLY, METRICS, METRICS_OF, CALL or RESULT frame from
+        ``peer``."""
         if kind == bus.HTTP_CALL:
             self._http_call_arrived(peer, *bus.decode_http_call(body, pos, end))
         elif kind == bus.HTTP_REPLY:
@@ -1048,6 +1174,16 @@ class ClusterWorker:
             self._finish_call(
                 int.from_bytes(body[pos : pos + 4], "big"), bytes(body[pos + 4 : end])
             )
+        elif kind == bus.CALL:
+            self._procedure_called(peer, body, pos, end)
+        elif kind == bus.RESULT:
+            number = int.from_bytes(body[pos : pos + 4], "big")
+            if body[pos + 4] == 0:
+                result: Any = orjson.loads(bytes(body[pos + 5 : end]))
+            else:
+                reason = bytes(body[pos + 5 : end]).decode(errors="replace")
+                result = PeerCallError(f"worker {peer} failed: {reason}")
+            self._finish_call(number, result)
         else:
             raise ValueError(f"unknown frame kind {kind}")
 

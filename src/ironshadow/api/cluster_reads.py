@@ -1,0 +1,157 @@
+"""Thing reads over every worker of ``ironshadow serve --workers N``.
+
+Worker 0 serves the HTTP API, but each worker keeps the shadows, sessions and (with the
+embedded stores) the history of the things it owns. The thing endpoints therefore read
+through :class:`Peers`, which is worker 0's :class:`~ironshadow.cluster.ClusterWorker`:
+
+- ``GET /things/{thing}``, ``.../shadows`` and ``.../history`` run on the owner of the
+  thing, with a CALL frame when that is another worker. History is read in place when all
+  workers share one history store (PostgreSQL).
+- ``GET /things`` asks every worker for a page of its own things and merges the pages
+  (:func:`merge_pages`).
+
+:func:`register_procedures` installs the procedures that the CALL frames run, on every
+worker. A worker that does not reply makes the request fail with 503 and Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..cluster import PeerCallError
+from .errors import error_response
+from .things import ThingDirectory
+
+if TYPE_CHECKING:
+    from fastapi import Response
+
+    from ..cluster import ClusterWorker
+    from ..engine import Engine
+
+# Retry-After, in seconds, of a 503 for a read that another worker did not reply to.
+RETRY_AFTER_SECONDS = 1
+
+ThingPage = tuple[list[dict[str, Any]], str | None]
+
+
+class Peers(Protocol):
+    """The other workers of a cluster, as worker 0's HTTP API uses them."""
+
+    index: int
+    workers: int
+    history_per_worker: bool
+
+    def owner(self, name: str) -> int: ...
+
+    async def call(self, peer: int, procedure: str, arguments: dict[str, Any]) -> Any: ...
+
+
+def register_procedures(worker: ClusterWorker, engine: Engine) -> None:
+    """Install the thing reads that worker 0 runs on ``worker`` through CALL frames."""
+    directory = ThingDirectory(engine.shadows, engine.broker)
+
+    async def describe(arguments: dict[str, Any]) -> dict[str, Any] | None:
+        thing = arguments["thing"]
+        return directory.detail(thing) if directory.exists(thing) else None
+
+    async def named_shadows(arguments: dict[str, Any]) -> list[str]:
+        return engine.shadows.named_shadow_names(arguments["thing"])
+
+    async def list_page(arguments: dict[str, Any]) -> dict[str, Any]:
+        things, cursor = directory.list_page(
+            arguments["prefix"], arguments["connected"], arguments["pageSize"], arguments["after"]
+        )
+        return {"things": things, "cursor": cursor}
+
+    async def history(arguments: dict[str, Any]) -> list[dict[str, Any]]:
+        store = engine.history_store
+        if store is None:
+            raise LookupError("this worker keeps no history")
+        rows = await store.query(
+            arguments["thing"],
+            arguments["name"],
+            arguments["start"],
+            arguments["end"],
+            arguments["fields"],
+            arguments["bucket"],
+            arguments["limit"],
+        )
+        return [row._asdict() for row in rows]
+
+    worker.procedures.update(
+        describe=describe, named_shadows=named_shadows, list_page=list_page, history=history
+    )
+
+
+def remote_owner(peers: Peers | None, thing: str) -> int | None:
+    """Return the worker that owns ``thing`` when it is not this one, else None."""
+    if peers is None:
+        return None
+    owner = peers.owner(thing)
+    return None if owner == peers.index else owner
+
+
+def unavailable(error: PeerCallError) -> Response:
+    return error_response(
+        503,
+        f"{error}. Retry the request shortly.",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
+async def list_everywhere(
+    peers: Peers,
+    local: ThingPage,
+    prefix: str,
+    connected: bool | None,
+    page_size: int,
+    after: str | None,
+) -> ThingPage:
+    """Return the page of things over every worker, given this worker's own ``local`` page.
+
+    Raises PeerCallError when a worker does not reply.
+    """
+    arguments = {"prefix": prefix, "connected": connected, "pageSize": page_size, "after": after}
+    results = await asyncio.gather(
+        *(
+            peers.call(peer, "list_page", arguments)
+            for peer in range(peers.workers)
+            if peer != peers.index
+        )
+    )
+    return merge_pages([local, *((page["things"], page["cursor"]) for page in results)], page_size)
+
+
+def merge_pages(pages: list[ThingPage], page_size: int) -> ThingPage:
+    """Merge the workers' pages of thing summaries into one page and its cursor.
+
+    Each worker has looked at every name up to its cursor (None: to the end), so the names
+    up to the smallest cursor are complete. A name that several workers know (a client
+    connected through another worker than its thing's owner) is merged into one summary.
+    """
+    cursors = [cursor for _things, cursor in pages if cursor is not None]
+    bound = min(cursors) if cursors else None
+    merged: dict[str, dict[str, Any]] = {}
+    for things, _cursor in pages:
+        for thing in things:
+            name = thing["name"]
+            if bound is not None and name > bound:
+                continue
+            seen = merged.get(name)
+            merged[name] = thing if seen is None else _merge_summaries(seen, thing)
+    names = sorted(merged)
+    if len(names) > page_size:
+        names = names[:page_size]
+        return [merged[name] for name in names], names[-1]
+    return [merged[name] for name in names], bound
+
+
+def _merge_summaries(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    shadow = first if first["version"] is not None else second
+    last_seen = [value for value in (first["lastSeen"], second["lastSeen"]) if value is not None]
+    return {
+        **shadow,
+        "connected": first["connected"] or second["connected"],
+        "lastSeen": max(last_seen) if last_seen else None,
+    }
