@@ -3,10 +3,10 @@
 Each case starts a fresh engine on free loopback ports with a fresh temporary data folder,
 ``--sys-interval 1`` and the stores named by ``--stores`` (``memory``: ``--memory-only
 true``; ``default``: the journal and SQLite history in the data folder). It waits until every
-worker has started and linked to its peers, then runs ``ironshadow swarm --json`` with
-``--engine-workers`` set, so that the achieved rate adds up the ``$SYS`` counters of all
-workers. The devices' client ids are their thing names, so each device is served by the worker
-that owns it. They publish reported state at QoS 0.
+worker has started and linked to its peers, then runs ``ironshadow swarm --json``. Every
+worker publishes the engine's totals under ``$SYS``, so the swarm's one observer reads the
+achieved rate of all workers. The devices' client ids are their thing names, so each device
+is served by the worker that owns it. They publish reported state at QoS 0.
 
 The swarm's ``--engine-pid`` reads one process, so this script samples the CPU time and RSS of
 the whole engine tree (the supervisor and all its workers) four times a second, and takes the
@@ -175,8 +175,6 @@ def run_case(
             "swarm",
             "--port",
             str(broker.port),
-            "--engine-workers",
-            str(workers),
             *swarm_arguments,
             "--json",
         ]

@@ -229,56 +229,6 @@ def test_processes_follow_the_file_limit(make_engine):
     assert engine.call(lambda: len(engine.server.shadows.shadows)) == devices
 
 
-def test_engine_workers_observers_sum(make_engine):
-    # One engine, so every observer lands on it and counts the same messages: with
-    # --engine-workers 2 the reported rate is the sum of two observers' equal counts.
-    engine = make_engine(sys_interval=1)
-    single = run_swarm(
-        "--port",
-        str(engine.port),
-        "--devices",
-        "20",
-        "--processes",
-        "1",
-        "--frequency",
-        "100ms",
-        "--duration",
-        "3s",
-        "--json",
-    )
-    double = run_swarm(
-        "--port",
-        str(engine.port),
-        "--devices",
-        "20",
-        "--processes",
-        "1",
-        "--frequency",
-        "100ms",
-        "--duration",
-        "3s",
-        "--engine-workers",
-        "2",
-        "--json",
-    )
-    assert single.returncode == 0, single.stderr
-    assert double.returncode == 0, double.stderr
-    single_rate = orjson.loads(single.stdout.strip().splitlines()[-1])["achieved_per_s"]
-    double_rate = orjson.loads(double.stdout.strip().splitlines()[-1])["achieved_per_s"]
-    assert single_rate > 0
-    assert double_rate > 1.5 * single_rate
-
-
-@pytest.mark.parametrize("workers", [1, 2, 3, 5])
-def test_observer_ids_cover_every_worker(workers):
-    from ironshadow.cluster import owner_of
-    from ironshadow.swarm.runner import observer_client_ids
-
-    ids = observer_client_ids(SwarmOptions(engine_workers=workers))
-    assert len(ids) == workers
-    assert [owner_of(client_id, workers) for client_id in ids] == list(range(workers))
-
-
 def _worker_with_low_file_limit(options, first, count, seed, pipe) -> None:
     """Run a generator process whose file limit is lower than its coordinator's."""
     from ironshadow.swarm.worker import run_worker

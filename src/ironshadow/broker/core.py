@@ -145,6 +145,9 @@ class Broker:
         self.tcp_connection_class: type[MQTTConnection] = MQTTConnection
         self.connect_router: Callable[[MQTTConnection, Connect], bool] | None = None
         self.subscribe_barrier: Callable[[Callable[[], None]], bool] | None = None
+        # ``sys_totals(topics)`` may turn this broker's $SYS figures into figures for the
+        # whole engine before they are published, as a cluster worker does.
+        self.sys_totals: Callable[[list[tuple[str, str]]], list[tuple[str, str]]] | None = None
 
     # --- extension points -------------------------------------------------------------
 
@@ -1265,6 +1268,8 @@ class Broker:
         topics = stats.sys_topics(
             connected, len(self.sessions) - connected, self.index.count, self.retained.count
         )
+        if self.sys_totals is not None:
+            topics = self.sys_totals(topics)
         for topic, payload in topics:
             self.publish(Message(topic, payload.encode(), 0, True))
 

@@ -50,6 +50,8 @@ kind     name        rest of the body
                      shadow name ('' for the classic shadow) as MQTT strings, a 4-byte
                      timestamp, a 4-byte length and the shadow document as the hot store
                      keeps it
+22       FIGURES     the sender's own $SYS figures as a JSON object, topic to number, sent at
+                     each $SYS interval, so that every worker publishes the engine's totals
 ======== =========== ===========================================================================
 
 Shared subscriptions are announced whole (``$share/{group}/{filter}``). The worker where a
@@ -106,6 +108,7 @@ CALL = 18
 RESULT = 19
 FEED = 20
 CHANGES = 21
+FIGURES = 22
 
 # The shadow operations of an HTTP_CALL frame, by their code in the frame.
 HTTP_OPERATIONS = ("get", "update", "delete")

@@ -95,6 +95,25 @@ STOP_WAIT = 1.0
 # before it is sent anyway. A running peer replies within one loop iteration, and a stopped
 # or stuck one must not delay the client's subscription for long.
 SYNC_TIMEOUT = 1.0
+# $SYS topics whose figures every worker publishes for the whole engine, as the sum of
+# every worker's own figure. The retained message count is the same on every worker and
+# the version and uptime are this worker's own.
+SUMMED_SYS_TOPICS = frozenset(
+    {
+        "$SYS/broker/clients/connected",
+        "$SYS/broker/clients/disconnected",
+        "$SYS/broker/clients/total",
+        "$SYS/broker/messages/received",
+        "$SYS/broker/messages/sent",
+        "$SYS/broker/publish/messages/received",
+        "$SYS/broker/publish/messages/sent",
+        "$SYS/broker/publish/messages/dropped",
+        "$SYS/broker/bytes/received",
+        "$SYS/broker/bytes/sent",
+        "$SYS/broker/subscriptions/count",
+    }
+)
+SYS_LOAD_PREFIX = "$SYS/broker/load/"
 # Prefix of the per-worker $SYS topics. Unlike the rest of $SYS, they are sent to the peers,
 # so a client on any worker receives every worker's figures.
 WORKER_SYS_PREFIX = "$SYS/broker/workers/"
@@ -295,6 +314,9 @@ class ClusterWorker:
         # whose FEED frame asked for this worker's shadow changes, or None.
         self._feed_wanted = False
         self._feed_peer: int | None = None
+        # $SYS figures: this worker's own at its last publication, and each peer's latest.
+        self._own_figures: dict[str, float] = {}
+        self._peer_figures: dict[int, dict[str, float]] = {}
         # Whether each worker keeps the history of its own things (SQLite in its folder),
         # so that a history read for another worker's thing is a CALL to that worker.
         self.history_per_worker = False
@@ -334,6 +356,7 @@ class ClusterWorker:
         broker.tcp_connection_class = ClusterConnection
         broker.connect_router = self._route_connect
         broker.subscribe_barrier = self._hold_suback
+        broker.sys_totals = self._sys_totals
         broker.add_hooks(_TakeoverHooks(self))
         shadows = self.engine.shadows
         shadows.route_request = self._route_request
@@ -730,6 +753,9 @@ class ClusterWorker:
             return
         if kind == bus.SYNCED:
             self._synced(peer, int.from_bytes(body[pos:end], "big"))
+            return
+        if kind == bus.FIGURES:
+            self._peer_figures[peer] = orjson.loads(bytes(body[pos:end]))
             return
         if kind == bus.CHANGES:
             self._changes_arrived(body, pos, end)
@@ -1224,8 +1250,36 @@ class ClusterWorker:
 
     # --- $SYS -------------------------------------------------------------------------
 
+    def _sys_totals(self, topics: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Return the broker's $SYS figures with each summed figure (SUMMED_SYS_TOPICS and
+        the loads) replaced by the total over this worker and its peers' latest reports."""
+        own: dict[str, float] = {}
+        totals = []
+        for topic, payload in topics:
+            if topic in SUMMED_SYS_TOPICS or topic.startswith(SYS_LOAD_PREFIX):
+                value = float(payload)
+                if topic == "$SYS/broker/subscriptions/count":
+                    value -= self._peer_records()
+                own[topic] = value
+                value += sum(figures.get(topic, 0) for figures in self._peer_figures.values())
+                is_load = topic.startswith(SYS_LOAD_PREFIX)
+                payload = f"{value:.2f}" if is_load else str(int(value))
+            totals.append((topic, payload))
+        self._own_figures = own
+        return totals
+
+    def _peer_records(self) -> int:
+        """Return how many subscription records stand for the peers' subscriptions here."""
+        records = sum(len(session.subscriptions) for session in self._peer_sessions.values())
+        return records + sum(len(member.subscriptions) for member in self._shared_members.values())
+
     def _publish_sys(self) -> None:
         broker = self.broker
+        if self._own_figures:
+            data = bus.frame(bus.FIGURES, orjson.dumps(self._own_figures))
+            for link in self._links.values():
+                if link is not None:
+                    link.send(data)
         interval = broker.config.sys_interval
         self._sys_timer = broker.loop.call_later(interval, self._publish_sys)
         connected = sum(1 for connection in broker.connections if connection.state == CONNECTED)

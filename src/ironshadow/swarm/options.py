@@ -84,9 +84,6 @@ class SwarmOptions:
     # Local addresses the devices bind to before connecting, device i to the address at
     # i modulo their count. Empty: chosen by default_source_addresses().
     source_addresses: tuple[str, ...] = ()
-    # Worker processes of the engine under test (ironshadow serve --workers N): the swarm
-    # opens one observer on each and adds up their $SYS counters.
-    engine_workers: int = 1
 
     def credentials(self, client_id: str) -> tuple[str | None, bytes | None]:
         """Return the user name and password that ``client_id`` sends in CONNECT."""
@@ -267,11 +264,6 @@ def check(options: SwarmOptions) -> None:
         raise SwarmUsageError(
             "--password without --username: MQTT 3.1.1 sends a password only with a user name"
         )
-    if options.engine_workers < 1:
-        raise SwarmUsageError(
-            f"--engine-workers {options.engine_workers}: give the engine's --workers count, "
-            "1 or more"
-        )
     if options.devices < 1:
         raise SwarmUsageError(f"--devices {options.devices}: give at least 1 device")
     if options.qos not in (0, 1):
@@ -378,14 +370,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="PID of a local engine or broker, to report its CPU and memory",
     )
     parser.add_argument(
-        "--engine-workers",
-        type=int,
-        default=defaults.engine_workers,
-        help="worker processes of the engine (its ironshadow serve --workers); each worker "
-        "counts only what it received, so the swarm reads the $SYS counter of each and adds "
-        "them up (default %(default)s)",
-    )
-    parser.add_argument(
         "--client-prefix",
         default=defaults.client_prefix,
         help="client id and thing name prefix; device i is PREFIX + i (default %(default)s)",
@@ -477,5 +461,4 @@ def from_arguments(arguments: argparse.Namespace) -> SwarmOptions:
         username=arguments.username,
         password=arguments.password,
         source_addresses=arguments.source_addresses,
-        engine_workers=arguments.engine_workers,
     )

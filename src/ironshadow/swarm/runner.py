@@ -17,7 +17,6 @@ import os
 import signal
 import sys
 import time
-import zlib
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -204,25 +203,6 @@ class Observer(asyncio.Protocol):
             await asyncio.sleep(0.05)
 
 
-def observer_client_ids(options: SwarmOptions) -> list[str]:
-    """Return one observer client id per engine worker, each owned by a different worker.
-
-    ``ironshadow serve --workers N`` serves a client on the worker whose index is the CRC-32
-    of its client id's UTF-8 bytes modulo N (docs/workers.md), and its $SYS counters count
-    what that worker received. One observer on each worker covers the whole engine.
-    """
-    workers = options.engine_workers
-    if workers == 1:
-        return [f"{options.client_prefix}observer"]
-    found: dict[int, str] = {}
-    number = 0
-    while len(found) < workers:
-        client_id = f"{options.client_prefix}observer-{number}"
-        found.setdefault(zlib.crc32(client_id.encode()) % workers, client_id)
-        number += 1
-    return [found[index] for index in range(workers)]
-
-
 # --- results -------------------------------------------------------------------------------
 
 
@@ -292,8 +272,6 @@ class Coordinator:
         self.ack_latencies: list[float] = []
         self.connack_latencies: list[float] = []
         self.observer: Observer | None = None
-        # One observer per engine worker (--engine-workers); observers[0] is self.observer.
-        self.observers: list[Observer] = []
 
     # --- workers --------------------------------------------------------------------------
 
@@ -389,16 +367,11 @@ class Coordinator:
 
     # --- the observer ---------------------------------------------------------------------
 
-    async def open_observers(self) -> Observer:
-        """Connect one observer per engine worker and return the first, which also sets
-        desired state and probes for shadows."""
-        for client_id in observer_client_ids(self.options):
-            self.observers.append(await self.open_observer(client_id))
-        self.observer = self.observers[0]
-        return self.observer
-
-    async def open_observer(self, client_id: str) -> Observer:
+    async def open_observer(self) -> Observer:
+        """Connect the observer, which reads the broker's $SYS counter, sets desired state
+        and probes for shadows."""
         options = self.options
+        client_id = f"{options.client_prefix}observer"
         try:
             _, observer = await asyncio.wait_for(
                 self.loop.create_connection(Observer, options.host, options.port), 10
@@ -418,6 +391,7 @@ class Coordinator:
                 "check the broker's authentication settings"
             )
         observer.subscribe(SYS_RECEIVED)
+        self.observer = observer
         return observer
 
     async def serves_shadows(self) -> bool:
@@ -471,15 +445,9 @@ class Coordinator:
         end = time.monotonic()
         end_unix = time.time()
         # The load goes on until the broker publishes its counter once more after the window.
-        for observer in self.observers:
-            await observer.wait_sample_after(end, SYS_WAIT_AFTER_WINDOW)
+        await self.observer.wait_sample_after(end, SYS_WAIT_AFTER_WINDOW)
         await self.command("pause")
-        # With several engine workers each counts what it received: the rates add up.
-        rates = [observer.rate_between(load_start, started, end) for observer in self.observers]
-        achieved: float | None = None
-        span = max(rate_span for _, rate_span in rates)
-        if all(rate is not None for rate, _ in rates):
-            achieved = sum(rate for rate, _ in rates)  # type: ignore[misc]
+        achieved, span = self.observer.rate_between(load_start, started, end)
         note = ""
         if achieved is None:
             note = (
@@ -640,13 +608,7 @@ async def run_swarm(options: SwarmOptions) -> SwarmResult:
         return await _run_against_discard_server(options)
     options = dataclasses.replace(options, source_addresses=default_source_addresses(options))
     coordinator = Coordinator(options)
-    try:
-        await coordinator.open_observers()
-    except SwarmError:
-        for observer in coordinator.observers:
-            if observer.transport is not None:
-                observer.transport.close()
-        raise
+    await coordinator.open_observer()
     coordinator.start_workers()
     try:
         shadows = options.scenario in ("storm", "desired") and await coordinator.serves_shadows()
@@ -667,9 +629,9 @@ async def run_swarm(options: SwarmOptions) -> SwarmResult:
                 result.scenario_figures["storm_note"] = "the broker serves no shadows: no deltas"
     finally:
         await coordinator.stop_workers()
-        for observer in coordinator.observers:
-            if observer.transport is not None:
-                observer.transport.close()
+        observer = coordinator.observer
+        if observer is not None and observer.transport is not None:
+            observer.transport.close()
     result.sent_total = coordinator.total("sent")
     return result
 
