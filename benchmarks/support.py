@@ -41,8 +41,9 @@ except ImportError:  # The benchmark still runs, only with a slower generator.
 BROKER_HOST = "127.0.0.1"
 
 DEFAULT_MOSQUITTO = "/usr/sbin/mosquitto"
+# One process, so that its PID is the whole engine's CPU and memory.
 DEFAULT_IRONSHADOW_CMD = (
-    "{python} -m ironshadow serve --host {host} --mqtt-port {mqtt_port}"
+    "{python} -m ironshadow serve --workers 1 --host {host} --mqtt-port {mqtt_port}"
     " --http-port {http_port} --data-dir {data_dir}"
 )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -302,3 +303,18 @@ def test_settings_burst_needs_its_rate(burst, rate):
     values = resolve(parse(burst, "10"), {})
     with pytest.raises(SettingsError, match=f"set {rate} too"):
         broker_config(values)
+
+
+def test_default_workers_follow_cores_and_connections():
+    from ironshadow.broker.core import FILE_DESCRIPTOR_RESERVE
+    from ironshadow.cluster.supervisor import auto_workers
+
+    cores = len(os.sched_getaffinity(0))
+    assert resolve(parse(), {})["workers"] == 0
+    assert auto_workers(0) == cores
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no hard open-file limit: connections never need more workers")
+    per_worker = hard - FILE_DESCRIPTOR_RESERVE
+    assert auto_workers(per_worker) == cores
+    assert auto_workers(per_worker * (cores + 1) + 1) == cores + 2

@@ -29,7 +29,7 @@ from .broker.config import BrokerConfig
 from .broker.tls import TLSConfigError, TLSListenerError
 from .cluster import ClusterWorker, WorkerCountError, WorkerSpec, worker_data_dir
 from .cluster.reshard import prepare_data_dir
-from .cluster.supervisor import Supervisor, bind_listener
+from .cluster.supervisor import Supervisor, auto_workers, bind_listener
 from .engine import Engine, StorageConfig
 from .settings import (
     SETTINGS,
@@ -165,7 +165,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         print(f"ironshadow: error: {exc}", file=sys.stderr)
         return 2
     worker = WorkerSpec.from_environment()
-    workers = values["workers"]
+    workers = values["workers"] or auto_workers(values["max_connections"])
     role = f"worker-{worker.index} " if worker is not None else ""
     logging.basicConfig(
         level=values["log_level"],
@@ -225,6 +225,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     _install_event_loop_policy()
     try:
         if worker is None and workers > 1:
+            log.info("%s", access.describe_mode())
             access.close()
             return _supervise(args.argv, workers, config)
         asyncio.run(

@@ -102,10 +102,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tls_handshake_timeout", float, _defaults.tls_handshake_timeout,
             "seconds a TLS client may take to complete its handshake", minimum=0.001),
     Setting("data_dir", str, "./data", "folder for the engine's local data; created if missing"),
-    Setting("workers", int, 1,
+    Setting("workers", int, 0,
             "engine processes that serve together as one engine, each using one CPU core; "
             "above 1, a supervisor starts them and restarts any that exits (see "
-            "docs/workers.md)", minimum=1, maximum=1024),
+            "docs/workers.md). 0: one per CPU core, or more when --max-connections needs more "
+            "processes' open files", minimum=0, maximum=1024),
     Setting("log_level", str, "INFO", "logging level", ("DEBUG", "INFO", "WARNING", "ERROR")),
     Setting("max_packet_size", int, _defaults.max_packet_size,
             "largest MQTT packet accepted from a client, in bytes",

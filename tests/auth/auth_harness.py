@@ -10,6 +10,7 @@ can read its counters.
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import sys
 import time
@@ -70,6 +71,12 @@ def serving(data_dir: Path, *arguments: str) -> Iterator[EngineProcess]:
         yield engine
     finally:
         engine.stop()
+
+
+def worker_count(engine: EngineProcess) -> int:
+    """Return how many engine processes serve: the supervisor logs the count it starts."""
+    match = re.search(r"starting (\d+) workers", engine.log_text())
+    return int(match.group(1)) if match else 1
 
 
 def wait_for_log(engine: EngineProcess, text: str, count: int = 1, timeout: float = 10) -> None:

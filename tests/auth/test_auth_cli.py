@@ -20,6 +20,7 @@ from .auth_harness import (
     run_auth,
     serving,
     wait_for_log,
+    worker_count,
 )
 
 NOT_AUTHORIZED = 0x87
@@ -220,7 +221,8 @@ def test_serve_acl_rule_and_reload(tmp_path):
         dashboard.expect_none(0.5)
 
         acl.write_text(ACL_DENYING)
-        wait_for_log(engine, f"ACL file {acl} reloaded: 1 rules")
+        # Each worker reloads the file itself; the publisher's worker applies the rules.
+        wait_for_log(engine, f"ACL file {acl} reloaded: 1 rules", count=worker_count(engine))
         device.publish("factory/press-1/telemetry", b"22.0", qos=1)
         dashboard.expect_none(0.5)
 

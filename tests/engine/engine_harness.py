@@ -127,7 +127,8 @@ def running_engine(
     mqtt_port = free_port()
     http_port = free_port()
     command = [
-        sys.executable, "-m", "ironshadow", "serve",
+        # One process: /proc/<pid> of the engine's PID is then the whole engine.
+        sys.executable, "-m", "ironshadow", "serve", "--workers", "1",
         "--redis", redis_url, "--postgres", postgres_dsn,
         "--host", "127.0.0.1",
         "--mqtt-port", str(mqtt_port), "--http-port", str(http_port),

@@ -366,7 +366,8 @@ def test_redis_postgres_survive_kill(redis_server, postgres_server, tmp_path, st
     assert storage.redis_url is not None and storage.postgres_dsn is not None
     mqtt_port = free_port()
     command = [
-        sys.executable, "-m", "ironshadow", "serve",
+        # One process, so that SIGKILL of its PID is a crash of the whole engine.
+        sys.executable, "-m", "ironshadow", "serve", "--workers", "1",
         "--redis", storage.redis_url, "--postgres", storage.postgres_dsn,
         "--mqtt-port", str(mqtt_port), "--http-port", str(free_port()),
         "--data-dir", str(storage.data_dir),

@@ -359,7 +359,9 @@ def test_session_saved_before_kill(tmp_path, start_engine):
     """A change older than the save interval survives kill -9, without a graceful stop."""
     mqtt_port = free_port()
     command = [
-        sys.executable, "-m", "ironshadow", "serve", "--data-dir", str(tmp_path),
+        # One process, so that SIGKILL of its PID is a crash of the whole engine.
+        sys.executable, "-m", "ironshadow", "serve", "--workers", "1",
+        "--data-dir", str(tmp_path),
         "--mqtt-port", str(mqtt_port), "--http-port", str(free_port()),
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

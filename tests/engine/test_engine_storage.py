@@ -69,7 +69,9 @@ def test_shadows_survive_restart(tmp_path):
 def test_acknowledged_updates_survive_kill(tmp_path):
     mqtt_port = free_port()
     command = [
-        sys.executable, "-m", "ironshadow", "serve", "--data-dir", str(tmp_path),
+        # One process, so that SIGKILL of its PID is a crash of the whole engine.
+        sys.executable, "-m", "ironshadow", "serve", "--workers", "1",
+        "--data-dir", str(tmp_path),
         "--mqtt-port", str(mqtt_port), "--http-port", str(free_port()),
     ]
     engine = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

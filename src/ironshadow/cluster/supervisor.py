@@ -16,7 +16,9 @@ the supervisor stops every worker and exits with 2 as well.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -26,6 +28,7 @@ import time
 from dataclasses import dataclass
 from types import FrameType
 
+from ..broker.core import FILE_DESCRIPTOR_RESERVE
 from .worker import WORKER_ENVIRONMENT, WorkerSpec
 
 log = logging.getLogger("ironshadow.cluster")
@@ -54,6 +57,26 @@ class _Worker:
     started_at: float = 0.0
     exits_in_a_row: int = 0
     restart_at: float | None = None
+
+
+def auto_workers(max_connections: int) -> int:
+    """Return the worker count of ``--workers 0``: one per CPU core that this process may
+    run on, or more when ``max_connections`` needs the open-file limits of more processes.
+
+    Each worker raises its soft open-file limit to the hard limit, and keeps
+    FILE_DESCRIPTOR_RESERVE descriptors for itself.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    if max_connections <= 0:
+        return cores
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        return cores
+    per_worker = max(1, hard - FILE_DESCRIPTOR_RESERVE)
+    return max(cores, math.ceil(max_connections / per_worker))
 
 
 def bind_listener(host: str, port: int, backlog: int) -> socket.socket:
@@ -191,7 +214,9 @@ class Supervisor:
                 )
                 process.kill()
                 status = process.wait()
-            if status != 0:
+            # A worker that had not set its signal handlers yet (it was still starting) ends
+            # by the SIGTERM itself, before it opened anything.
+            if status not in (0, -signal.SIGTERM):
                 log.error(
                     "worker %d (pid %d) stopped with status %d", worker.index, process.pid, status
                 )

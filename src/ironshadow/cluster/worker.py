@@ -89,6 +89,9 @@ METRICS_CALL_TIMEOUT = 2.0
 # Retry-After, in seconds, of a 503 for a REST request whose owner cannot be reached or is
 # waiting for its store.
 HTTP_RETRY_AFTER = 1
+# Seconds that a starting worker waits for its bus links to every peer before it accepts
+# clients. The peers start at the same moment, and a start takes about a second.
+LINK_WAIT = 10.0
 # Seconds that stop() waits for the bus links to close.
 STOP_WAIT = 1.0
 # Seconds that a SUBACK waits for the peers to confirm its new topic filters (SYNCED)
@@ -377,6 +380,7 @@ class ClusterWorker:
         for peer in self._links:
             task = loop.create_task(self._keep_linked(peer))
             self._tasks.add(task)
+        await self._wait_for_links()
         await self.engine.start()
         foreign = self._forget_foreign_shadows()
         if foreign:
@@ -441,6 +445,23 @@ class ClusterWorker:
         deadline = time.monotonic() + STOP_WAIT
         while self._accepted and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+
+    async def _wait_for_links(self) -> None:
+        """Wait until a bus link to every peer is open, so that the first clients and HTTP
+        requests find their owners; start without them after LINK_WAIT seconds."""
+        deadline = time.monotonic() + LINK_WAIT
+        while self.linked_peers() < len(self._links):
+            if time.monotonic() >= deadline:
+                missing = [peer for peer, link in self._links.items() if link is None]
+                log.warning(
+                    "worker %d: no bus link to worker(s) %s after %.0f s; starting without "
+                    "them, and their things' requests fail until they are linked",
+                    self.index,
+                    ", ".join(map(str, missing)),
+                    LINK_WAIT,
+                )
+                return
+            await asyncio.sleep(RECONNECT_INTERVAL / 4)
 
     def linked_peers(self) -> int:
         """Return how many peers this worker's outgoing bus links reach now."""
