@@ -151,6 +151,15 @@ class TestClient:
         except queue.Empty:
             raise AssertionError(f"no message within {timeout} s") from None
 
+    def payloads_until_quiet(self, quiet: float = 0.5) -> list[bytes]:
+        """Return the payloads that arrive until none comes for ``quiet`` seconds."""
+        payloads = []
+        while True:
+            try:
+                payloads.append(self.messages.get(timeout=scaled(quiet)).payload)
+            except queue.Empty:
+                return payloads
+
     def expect_none(self, wait: float = 0.5) -> None:
         try:
             message = self.messages.get(timeout=scaled(wait))

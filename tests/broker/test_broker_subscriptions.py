@@ -57,16 +57,6 @@ def test_explicit_dollar_filter_matches(broker):
     assert subscriber.expect().topic == "$app/status"
 
 
-def collect(client: TestClient) -> list[bytes]:
-    """Return the payloads that reach ``client`` until none comes for 0.5 s."""
-    payloads = []
-    while True:
-        try:
-            payloads.append(client.expect(timeout=0.5).payload)
-        except AssertionError:
-            return payloads
-
-
 def share_among_three(port: int, qos: int) -> list[list[bytes]]:
     """Send 30 messages to a shared subscription of three members and return what each got."""
     members = [TestClient(port, f"member{index}") for index in range(3)]
@@ -75,7 +65,7 @@ def share_among_three(port: int, qos: int) -> list[list[bytes]]:
     publisher = TestClient(port, "pub")
     for index in range(30):
         publisher.publish("jobs/new", b"%02d" % index, 1)
-    return [collect(member) for member in members]
+    return [member.payloads_until_quiet() for member in members]
 
 
 def test_shared_subscription_one_member_each(broker):

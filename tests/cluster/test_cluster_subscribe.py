@@ -91,12 +91,12 @@ def test_shared_group_gets_each_message_once(cluster):
         payload = b"%02d" % number
         publishers[number % 3].publish("jobs/new", payload, 1)
         sent.append(payload)
-    received = [collect(member) for member in members]
+    received = [member.payloads_until_quiet() for member in members]
     everything = sorted(payload for payloads in received for payload in payloads)
     assert everything == sent
     assert all(received), [len(payloads) for payloads in received]
     for watcher in watchers:
-        assert sorted(collect(watcher)) == sent
+        assert sorted(watcher.payloads_until_quiet()) == sent
 
 
 def test_unsubscribed_member_gets_no_more(cluster):
@@ -108,15 +108,5 @@ def test_unsubscribed_member_gets_no_more(cluster):
     publisher = TestClient(cluster.port, client_of(2, "planner"))
     for number in range(10):
         publisher.publish("jobs/new", b"%d" % number, 1)
-    assert len(collect(stays)) == 10
-    assert collect(leaves) == []
-
-
-def collect(client: TestClient) -> list[bytes]:
-    """Return the payloads that reach ``client`` until none comes for 0.5 s."""
-    payloads = []
-    while True:
-        try:
-            payloads.append(client.expect(timeout=0.5).payload)
-        except AssertionError:
-            return payloads
+    assert len(stays.payloads_until_quiet()) == 10
+    assert leaves.payloads_until_quiet() == []

@@ -115,8 +115,8 @@ def move_stores(data_dir: Path, old: int, new: int) -> None:
         target.mkdir(exist_ok=True)
     sources = folders(data_dir, old)
     asyncio.run(_move_hot_stores(sources, targets))
-    _move_history(sources, targets)
-    _move_mqtt_state(sources, targets)
+    for name in SQLITE_MOVES:
+        _move_sqlite(sources, targets, name)
     complete = staging / COMPLETE_NAME
     with complete.open("w") as handle:
         json.dump({"from": old, "to": new}, handle)
@@ -172,46 +172,36 @@ async def _move_hot_store(
         await source.close()
 
 
-def _move_history(sources: list[Path], targets: list[Path]) -> None:
-    paths = [source / HISTORY_NAME for source in sources if (source / HISTORY_NAME).exists()]
+# The statements that copy each SQLite file's rows to the owner ``:owner``, by file name.
+# Retained messages go to every worker, and the first copy of a topic wins.
+SQLITE_MOVES = {
+    HISTORY_NAME: (
+        "INSERT INTO main.shadow_updates SELECT * FROM old.shadow_updates"
+        " WHERE owner_of(thing) = :owner",
+        "INSERT INTO main.shadow_values SELECT * FROM old.shadow_values"
+        " WHERE owner_of(thing) = :owner",
+    ),
+    SQLITE_FILE_NAME: (
+        "INSERT OR IGNORE INTO main.retained SELECT * FROM old.retained",
+        "INSERT OR IGNORE INTO main.sessions SELECT * FROM old.sessions"
+        " WHERE owner_of(client_id) = :owner",
+    ),
+}
+
+
+def _move_sqlite(sources: list[Path], targets: list[Path], name: str) -> None:
+    """Copy the rows of every source folder's SQLite file ``name`` to the new owners."""
+    paths = [source / name for source in sources if (source / name).exists()]
     if not paths:
         return
     for index, target in enumerate(targets):
-        store = SQLiteHistoryStore(target / HISTORY_NAME)
+        # The engine's own store creates the file, so that it has the engine's schema.
+        if name == HISTORY_NAME:
+            store: SQLiteHistoryStore | SQLiteMqttStateStore = SQLiteHistoryStore(target / name)
+        else:
+            store = SQLiteMqttStateStore(target / name)
         asyncio.run(_open_and_close(store))
-        _copy_rows(
-            target / HISTORY_NAME,
-            paths,
-            index,
-            len(targets),
-            [
-                "INSERT INTO main.shadow_updates SELECT * FROM old.shadow_updates"
-                " WHERE owner_of(thing) = :owner",
-                "INSERT INTO main.shadow_values SELECT * FROM old.shadow_values"
-                " WHERE owner_of(thing) = :owner",
-            ],
-        )
-
-
-def _move_mqtt_state(sources: list[Path], targets: list[Path]) -> None:
-    paths = [source / SQLITE_FILE_NAME for source in sources]
-    paths = [path for path in paths if path.exists()]
-    if not paths:
-        return
-    for index, target in enumerate(targets):
-        store = SQLiteMqttStateStore(target / SQLITE_FILE_NAME)
-        asyncio.run(_open_and_close(store))
-        _copy_rows(
-            target / SQLITE_FILE_NAME,
-            paths,
-            index,
-            len(targets),
-            [
-                "INSERT OR IGNORE INTO main.retained SELECT * FROM old.retained",
-                "INSERT OR IGNORE INTO main.sessions SELECT * FROM old.sessions"
-                " WHERE owner_of(client_id) = :owner",
-            ],
-        )
+        _copy_rows(target / name, paths, index, len(targets), SQLITE_MOVES[name])
 
 
 async def _open_and_close(store: SQLiteHistoryStore | SQLiteMqttStateStore) -> None:
@@ -221,7 +211,7 @@ async def _open_and_close(store: SQLiteHistoryStore | SQLiteMqttStateStore) -> N
 
 
 def _copy_rows(
-    target: Path, sources: list[Path], index: int, workers: int, statements: list[str]
+    target: Path, sources: list[Path], index: int, workers: int, statements: tuple[str, ...]
 ) -> None:
     """Run the INSERT ``statements`` from each source file into ``target``, one transaction
     per source. In them ``owner_of(name)`` is the owner among ``workers`` and ``:owner`` is
