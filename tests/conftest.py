@@ -97,7 +97,15 @@ class BrokerThread:
         self.loop.close()
 
     def start(self) -> None:
+        self.launch()
+        self.wait_started()
+
+    def launch(self) -> None:
+        """Start the thread, and with it the server, without waiting."""
         self._thread.start()
+
+    def wait_started(self) -> None:
+        """Wait until the server has started, and raise its error if it failed to."""
         self._ready.wait(scaled(10))
         if self._error is not None:
             raise self._error
@@ -183,7 +191,11 @@ class ClusterThreads:
                 worker = ClusterWorker(engine, spec, lambda: None)
                 thread = BrokerThread(config, _WorkerServer(engine, worker))
                 self.threads.append(thread)
-                thread.start()
+                # Each worker waits for its links to the others before it starts serving,
+                # so they all start at once.
+                thread.launch()
+            for thread in self.threads:
+                thread.wait_started()
             self._wait_until_linked()
         except BaseException:
             self.stop()
