@@ -530,6 +530,39 @@ def test_killed_worker_restarts(tmp_path: Path) -> None:
     assert status == 0, cluster.log_tail()
 
 
+def test_restarted_worker_catches_up_retained(tmp_path: Path) -> None:
+    """Retained messages set and cleared while a worker was down reach its clients after it
+    restarts, instead of the ones its folder had."""
+    cluster = Cluster(tmp_path / "data")
+    try:
+        cluster.wait_until_running()
+        publisher = TestClient(cluster.port, client_owned_by(0, "panel"))
+        publisher.publish("plant/a", b"1", qos=1, retain=True)
+        publisher.publish("plant/b", b"2", qos=1, retain=True)
+        # Worker 1 saves its MQTT state every 100 ms.
+        time.sleep(0.5)
+        pids = worker_figures(cluster.port, "pid")
+        os.kill(int(pids[1]), signal.SIGKILL)
+        publisher.publish("plant/a", b"3", qos=1, retain=True)
+        publisher.publish("plant/b", b"", qos=1, retain=True)
+        publisher.publish("plant/c", b"4", qos=1, retain=True)
+        deadline = time.monotonic() + scaled(START_TIMEOUT_S)
+        while "worker 1: took" not in cluster.log_text():
+            assert time.monotonic() < deadline, cluster.log_tail()
+            time.sleep(0.05)
+        reader = TestClient(cluster.port, client_owned_by(1, "reader"))
+        reader.subscribe("plant/#", qos=1)
+        retained = {}
+        for _ in range(2):
+            message = reader.expect(timeout=RESPONSE_TIMEOUT_S)
+            retained[message.topic] = message.payload
+        assert retained == {"plant/a": b"3", "plant/c": b"4"}
+        reader.expect_none(wait=0.5)
+    finally:
+        status = cluster.stop()
+    assert status == 0, cluster.log_tail()
+
+
 def test_sigterm_stops_every_worker(tmp_path: Path) -> None:
     cluster = Cluster(tmp_path / "data")
     try:

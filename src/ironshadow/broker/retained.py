@@ -39,6 +39,12 @@ class RetainedStore:
             self.count += 1
         node.message = message
 
+    def messages(self) -> list[Message]:
+        """Return every retained message, those of topics starting with ``$`` included."""
+        found: list[Message] = []
+        self._collect(self._root, found, False)
+        return found
+
     def get(self, topic: str) -> Message | None:
         node: _Node | None = self._root
         for level in topic.split("/"):

@@ -52,6 +52,10 @@ kind     name        rest of the body
                      keeps it
 22       FIGURES     the sender's own $SYS figures as a JSON object, topic to number, sent at
                      each $SYS interval, so that every worker publishes the engine's totals
+23       RETAINED_WANTED nothing: the sender has just started and asks for the receiver's
+                     retained messages
+24       RETAINED    one retained message of the receiver's answer, encoded as in PUBLISH
+25       RETAINED_END nothing: the answer to RETAINED_WANTED is complete
 ======== =========== ===========================================================================
 
 Shared subscriptions are announced whole (``$share/{group}/{filter}``). The worker where a
@@ -109,6 +113,9 @@ RESULT = 19
 FEED = 20
 CHANGES = 21
 FIGURES = 22
+RETAINED_WANTED = 23
+RETAINED = 24
+RETAINED_END = 25
 
 # The shadow operations of an HTTP_CALL frame, by their code in the frame.
 HTTP_OPERATIONS = ("get", "update", "delete")

@@ -89,8 +89,8 @@ METRICS_CALL_TIMEOUT = 2.0
 # Retry-After, in seconds, of a 503 for a REST request whose owner cannot be reached or is
 # waiting for its store.
 HTTP_RETRY_AFTER = 1
-# Seconds that a starting worker waits for its bus links to every peer before it accepts
-# clients. The peers start at the same moment, and a start takes about a second.
+# Seconds that a starting worker waits for its bus links to and from every peer before it
+# accepts clients. The peers start at the same moment, and a start takes about a second.
 LINK_WAIT = 10.0
 # Seconds that stop() waits for the bus links to close.
 STOP_WAIT = 1.0
@@ -317,6 +317,14 @@ class ClusterWorker:
         # whose FEED frame asked for this worker's shadow changes, or None.
         self._feed_wanted = False
         self._feed_peer: int | None = None
+        # While a peer's copy of its retained messages is on its way (see
+        # _catch_up_retained): the topics restored from this worker's folder at start, the
+        # topics set or cleared here since, and the topics of the copy received so far.
+        self._catching_up = False
+        self._storing_copy = False
+        self._stale_retained: set[str] = set()
+        self._touched_retained: set[str] = set()
+        self._copied_retained: set[str] = set()
         # $SYS figures: this worker's own at its last publication, and each peer's latest.
         self._own_figures: dict[str, float] = {}
         self._peer_figures: dict[int, dict[str, float]] = {}
@@ -390,6 +398,7 @@ class ClusterWorker:
         # From here on, and not for the retained messages restored at start, every retained
         # message set on this worker goes to every peer.
         self._retained.on_store = self._retained_stored
+        self._catch_up_retained()
         self._parent_timer = loop.call_later(PARENT_CHECK_INTERVAL, self._check_parent)
         interval = self.broker.config.sys_interval
         if interval > 0:
@@ -447,14 +456,21 @@ class ClusterWorker:
             await asyncio.sleep(0.01)
 
     async def _wait_for_links(self) -> None:
-        """Wait until a bus link to every peer is open, so that the first clients and HTTP
-        requests find their owners; start without them after LINK_WAIT seconds."""
+        """Wait until the bus links to and from every peer are open, or LINK_WAIT seconds.
+
+        Then the first clients and HTTP requests reach their owners and get the replies.
+        """
         deadline = time.monotonic() + LINK_WAIT
-        while self.linked_peers() < len(self._links):
+        peers = len(self._links)
+        while self.linked_peers() < peers or len(self._inbound_links) < peers:
             if time.monotonic() >= deadline:
-                missing = [peer for peer, link in self._links.items() if link is None]
+                missing = [
+                    peer
+                    for peer, link in self._links.items()
+                    if link is None or peer not in self._inbound_links
+                ]
                 log.warning(
-                    "worker %d: no bus link to worker(s) %s after %.0f s; starting without "
+                    "worker %d: no bus links with worker(s) %s after %.0f s; starting without "
                     "them, and their things' requests fail until they are linked",
                     self.index,
                     ", ".join(map(str, missing)),
@@ -616,6 +632,71 @@ class ClusterWorker:
         if self._feed_wanted:
             link.send(bus.frame(bus.FEED, b"\x01"))
 
+    # --- retained messages of a restarted worker --------------------------------------
+
+    def _catch_up_retained(self) -> None:
+        """Ask a peer for its retained messages, which replace those restored from this
+        worker's folder: the peers kept running while this worker was down, and its folder
+        misses what was set or cleared meanwhile."""
+        linked = [peer for peer, link in self._links.items() if link is not None]
+        if not linked:
+            return
+        self._catching_up = True
+        self._stale_retained = {
+            message.topic
+            for message in self._retained.messages()
+            if not _own_sys_topic(message.topic)
+        }
+        self._send_to(linked[0], bus.frame(bus.RETAINED_WANTED))
+
+    def _send_retained(self, peer: int) -> None:
+        """Answer RETAINED_WANTED: every retained message but this worker's own $SYS."""
+        for message in self._retained.messages():
+            if not _own_sys_topic(message.topic):
+                self._send_message(peer, bus.RETAINED, message)
+        self._send_to(peer, bus.frame(bus.RETAINED_END))
+
+    def _retained_copied(self, message: Message) -> None:
+        """Keep a message of a peer's copy, unless its topic was set or cleared here since
+        the start, which is newer."""
+        if not self._catching_up:
+            return
+        self._copied_retained.add(message.topic)
+        if message.topic not in self._touched_retained:
+            self._store_retained_quietly(message)
+
+    def _retained_copy_done(self) -> None:
+        """Clear the restored retained messages that the peer's copy does not have."""
+        if not self._catching_up:
+            return
+        gone = self._stale_retained - self._copied_retained - self._touched_retained
+        for topic in gone:
+            self._store_retained_quietly(Message(topic, b"", 0, True))
+        if gone or self._copied_retained:
+            log.info(
+                "worker %d: took %d retained messages from a peer and cleared %d that it no "
+                "longer has",
+                self.index,
+                len(self._copied_retained),
+                len(gone),
+            )
+        self._catching_up = False
+        self._stale_retained = set()
+        self._touched_retained = set()
+        self._copied_retained = set()
+
+    def _store_retained_quietly(self, message: Message) -> None:
+        """Store or clear a retained message without routing it or sending it to the
+        peers, and mark it for this worker's saved MQTT state."""
+        self._storing_copy = True
+        try:
+            self._retained.store(message)
+        finally:
+            self._storing_copy = False
+        changes = self.broker.state_changes
+        if changes is not None:
+            changes.retained[message.topic] = None
+
     # --- the /ws feed -----------------------------------------------------------------
 
     def feed_listening(self, listening: bool) -> None:
@@ -775,6 +856,15 @@ class ClusterWorker:
         if kind == bus.SYNCED:
             self._synced(peer, int.from_bytes(body[pos:end], "big"))
             return
+        if kind == bus.RETAINED:
+            self._retained_copied(bus.decode_message(body, pos, end))
+            return
+        if kind == bus.RETAINED_END:
+            self._retained_copy_done()
+            return
+        if kind == bus.RETAINED_WANTED:
+            self._send_retained(peer)
+            return
         if kind == bus.FIGURES:
             self._peer_figures[peer] = orjson.loads(bytes(body[pos:end]))
             return
@@ -857,7 +947,9 @@ class ClusterWorker:
     def _retained_stored(self, message: Message) -> None:
         """Send a retained message set on this worker to every peer, subscribed or not, so
         that a later subscriber on any worker receives it."""
-        if message is self._inbound:
+        if self._catching_up and not self._storing_copy:
+            self._touched_retained.add(message.topic)
+        if message is self._inbound or self._storing_copy:
             return
         topic = message.topic
         if topic.startswith("$SYS/") and not topic.startswith(WORKER_SYS_PREFIX):
@@ -1315,6 +1407,11 @@ class ClusterWorker:
         )
         for name, value in figures:
             broker.publish(Message(prefix + name, str(value).encode(), 0, True))
+
+
+def _own_sys_topic(topic: str) -> bool:
+    """Return whether ``topic`` is one of the $SYS topics that each worker sets itself."""
+    return topic.startswith("$SYS/") and not topic.startswith(WORKER_SYS_PREFIX)
 
 
 class _TakeoverHooks(BrokerHooks):
