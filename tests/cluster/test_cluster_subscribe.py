@@ -110,3 +110,21 @@ def test_unsubscribed_member_gets_no_more(cluster):
         publisher.publish("jobs/new", b"%d" % number, 1)
     assert len(stays.payloads_until_quiet()) == 10
     assert leaves.payloads_until_quiet() == []
+
+
+def test_subacks_keep_subscribe_order(cluster):
+    """A SUBACK for a filter that the peers already have waits behind the SUBACK that waits
+    for the peers, so the client gets them in the order of its SUBSCRIBEs."""
+    other = RawClient(cluster.port, MQTT_5)
+    other.connect(client_of(0, "early"))
+    other.subscribe("known/topic", 0)
+    client = RawClient(cluster.port, MQTT_5)
+    client.connect(client_of(0, "ordered"))
+    client.send(
+        Subscribe(1, [Subscription("new/topic", 0)]),
+        Subscribe(2, [Subscription("known/topic", 0)]),
+    )
+    assert client.receive(Suback).packet_id == 1
+    assert client.receive(Suback).packet_id == 2
+    other.close()
+    client.close()

@@ -290,10 +290,12 @@ class ClusterWorker:
         self._held: dict[int, dict[int, Message]] = {peer: {} for peer in peers}
         self._next_request = 0
         # Whether a filter was announced since the last SYNC, and the SUBACKs that wait for
-        # SYNCED frames: by SYNC number, the peers yet to reply, the SUBACK's sender and
-        # the timer that sends it anyway.
+        # SYNCED frames: by SYNC number, the peers yet to reply, the SUBACKs' senders and
+        # the timer that sends them anyway.
         self._announced = False
-        self._syncs: dict[int, tuple[set[int], Callable[[], None], asyncio.TimerHandle]] = {}
+        self._syncs: dict[
+            int, tuple[set[int], list[Callable[[], None]], asyncio.TimerHandle]
+        ] = {}
         self._next_sync = 0
         # Session takeover across workers. On the owner of a client id: the peer and claim
         # number of the latest connection with that id on another worker. On that worker:
@@ -582,10 +584,17 @@ class ClusterWorker:
 
     def _hold_suback(self, send: Callable[[], None]) -> bool:
         """Hold a SUBACK until every peer that was sent a new filter has replied to the SYNC
-        that follows it (the broker's subscribe barrier). Return False when nothing was
-        announced."""
+        that follows it (the broker's subscribe barrier).
+
+        A SUBACK without a new filter waits behind the latest SYNC still pending, so that
+        SUBACKs keep the order of their SUBSCRIBEs. Return False when nothing is pending.
+        """
         if not self._announced:
-            return False
+            pending = self._syncs.get(self._next_sync)
+            if pending is None:
+                return False
+            pending[1].append(send)
+            return True
         self._announced = False
         self._next_sync = self._next_sync % MAX_REQUEST_NUMBER + 1
         number = self._next_sync
@@ -597,7 +606,7 @@ class ClusterWorker:
         if not waiting:
             return False
         timer = asyncio.get_running_loop().call_later(SYNC_TIMEOUT, self._sync_done, number)
-        self._syncs[number] = (waiting, send, timer)
+        self._syncs[number] = (waiting, [send], timer)
         return True
 
     def _synced(self, peer: int, number: int) -> None:
@@ -608,11 +617,12 @@ class ClusterWorker:
                 self._sync_done(number)
 
     def _sync_done(self, number: int) -> None:
-        """Send the SUBACK of SYNC ``number``: every peer replied, or the timeout passed."""
+        """Send the SUBACKs of SYNC ``number``: every peer replied, or the timeout passed."""
         entry = self._syncs.pop(number, None)
         if entry is not None:
             entry[2].cancel()
-            entry[1]()
+            for send in entry[1]:
+                send()
 
     def _forget_syncs(self, peer: int) -> None:
         """Stop waiting for ``peer``'s SYNCED frames: its link closed."""
