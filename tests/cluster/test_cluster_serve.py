@@ -20,12 +20,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from paho.mqtt.packettypes import PacketTypes
 
 from conftest import free_port, open_clients, scaled
 from ironshadow.cluster import owner_of
 from ironshadow.mqtt.packets import Disconnect, Puback, Publish
 from ironshadow.mqtt.reason_codes import ReasonCode
-from mqtt_client import V5, V311, TestClient
+from mqtt_client import V5, V311, TestClient, properties
 from raw_client import RawClient
 
 HOST = "127.0.0.1"
@@ -33,6 +34,8 @@ WORKERS = 3
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 20.0
 RESPONSE_TIMEOUT_S = 10.0
+# Will Delay Interval of the delayed-will tests, in seconds.
+WILL_DELAY_S = 3
 # Seconds between two publications of the per-worker $SYS figures, and how long a monitor
 # reads them.
 SYS_INTERVAL_S = 0.5
@@ -303,6 +306,34 @@ def test_takeover_between_websocket_and_tcp(cluster: Cluster) -> None:
     assert tcp.disconnected.wait(scaled(RESPONSE_TIMEOUT_S)), "the TCP client stayed"
     assert tcp.disconnect_reason == ReasonCode.SESSION_TAKEN_OVER
     assert web_again.client.is_connected()
+
+
+@pytest.mark.parametrize("clean", [False, True])
+def test_delayed_will_follows_reconnect_elsewhere(cluster: Cluster, clean: bool) -> None:
+    """A client with a delayed will drops on worker 0 (WebSocket) and comes back over TCP to
+    its owner, worker 1: without Clean Start the will is cancelled, with it the old session
+    ends and the will is sent at once, as on one engine."""
+    client_id = client_owned_by(1, "crane")
+    watcher = TestClient(cluster.port, client_owned_by(2, "watcher"))
+    watcher.subscribe(f"wills/{client_id}", qos=1)
+    web = TestClient(
+        cluster.http_port,
+        client_id,
+        V5,
+        clean=False,
+        properties=properties(PacketTypes.CONNECT, SessionExpiryInterval=60),
+        will=(f"wills/{client_id}", b"gone", 1, False),
+        will_properties=properties(PacketTypes.WILLMESSAGE, WillDelayInterval=WILL_DELAY_S),
+        transport="websockets",
+    )
+    web.drop()
+    # The will waits on worker 0 for WILL_DELAY_S; the client is back well before.
+    time.sleep(0.3)
+    TestClient(cluster.port, client_id, V5, clean=clean)
+    if clean:
+        assert watcher.expect(timeout=WILL_DELAY_S - 1).payload == b"gone"
+    else:
+        watcher.expect_none(wait=WILL_DELAY_S + 1)
 
 
 def test_delta_reaches_device_on_owner(cluster: Cluster) -> None:

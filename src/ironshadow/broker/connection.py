@@ -76,6 +76,7 @@ class MQTTConnection(asyncio.Protocol):
         "aliases_out",
         "broker",
         "certificate_name",
+        "clean_start",
         "client_id",
         "decisions_generation",
         "decoder",
@@ -117,6 +118,8 @@ class MQTTConnection(asyncio.Protocol):
         self.state = CONNECTING
         self.version = 4
         self.client_id = ""
+        # The Clean Start flag (Clean Session in 3.1.1) of the accepted CONNECT.
+        self.clean_start = False
         self.username: str | None = None
         self.session: Session | None = None
         self.peer = ""

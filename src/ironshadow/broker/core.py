@@ -421,6 +421,29 @@ class Broker:
             )
         self._mark_session(session.client_id)
 
+    def connected_elsewhere(self, client_id: str, clean_start: bool) -> None:
+        """Let an offline session give way to a connection with its client id that another
+        engine process (a cluster worker's peer) accepted.
+
+        As for a connection here, Clean Start ends the session and sends a pending delayed
+        will now, and otherwise the delayed will is cancelled [MQTT-3.1.3-9]. The session's
+        other state stays here: sessions do not move between processes.
+        """
+        session = self.sessions.get(client_id)
+        if session is None or session.connection is not None:
+            return
+        if clean_start:
+            self._end_session(session)
+        elif session.will is not None:
+            if session.will_handle is not None:
+                session.will_handle.cancel()
+                session.will_handle = None
+            session.will = None
+            session.will_at = None
+            log.info("client %s connected through another worker; its delayed will is "
+                     "cancelled", client_id)
+            self._mark_session(client_id)
+
     def _publish_will(self, will, client_id: str) -> None:  # type: ignore[no-untyped-def]
         # Will Delay Interval belongs to CONNECT and is not valid in a PUBLISH, so a
         # subscriber would reject the message as malformed.
@@ -717,6 +740,7 @@ class Broker:
             old.disconnect_reason = reasons.DUPLICATE_CLIENT_ID
             old.close(ReasonCode.SESSION_TAKEN_OVER)
             session = self.sessions.get(client_id)
+        connection.clean_start = connect.clean_start
         if session is not None and connect.clean_start:
             self._end_session(session)
             session = None

@@ -34,10 +34,12 @@ kind     name        rest of the body
                      client subscribed to the delta of a thing that the receiver owns
 14       DELTA       a client id and a topic (MQTT strings), then the current delta message
                      to the end: the answer to a REPLAY when the shadow has a delta
-15       CLAIM       a 4-byte claim number, then a client id: a client whose id the receiver
-                     owns connected to the sender without being handed off (TLS, WebSocket)
-16       TAKEOVER    a 4-byte claim number, then a client id: a newer connection took over
-                     that client's session, so the receiver closes the claimed connection
+15       CLAIM       a 4-byte claim number, a flags byte (1: Clean Start), then a client id:
+                     a client whose id the receiver owns connected to the sender without
+                     being handed off (TLS, WebSocket)
+16       TAKEOVER    a 4-byte claim number, a flags byte (1: Clean Start), then a client id:
+                     a newer connection with that id was made, so the receiver closes the
+                     claimed connection, or lets its offline session give way
 17       SHARED      a shared subscription filter ``$share/{group}/{filter}`` (MQTT string),
                      then a message as in PUBLISH, for one of the receiver's members of it
 18       CALL        a 4-byte call number, a procedure name (MQTT string), then its arguments

@@ -888,10 +888,12 @@ class ClusterWorker:
             self._shared_arrived(body, pos, end)
             return
         if kind == bus.CLAIM:
-            self._claimed(peer, bytes(body[pos : pos + 4]), bytes(body[pos + 4 : end]).decode())
+            client_id = bytes(body[pos + 5 : end]).decode()
+            self._claimed(peer, bytes(body[pos : pos + 4]), body[pos + 4], client_id)
             return
         if kind == bus.TAKEOVER:
-            self._taken_over(bytes(body[pos : pos + 4]), bytes(body[pos + 4 : end]).decode())
+            client_id = bytes(body[pos + 5 : end]).decode()
+            self._taken_over(bytes(body[pos : pos + 4]), body[pos + 4], client_id)
             return
         if kind == bus.REPLAY:
             self._replay_asked(peer, body, pos, end)
@@ -1014,47 +1016,60 @@ class ClusterWorker:
 
     # --- session takeover -------------------------------------------------------------
 
-    def client_connected(self, client_id: str) -> None:
+    def client_connected(self, client_id: str, clean_start: bool) -> None:
         """Make a new connection take over any older one with the same id on another worker.
 
-        The owner of the id learns of every connection with it that another worker holds
-        (CLAIM), closes its own one, and sends TAKEOVER to the worker of the previous claim.
-        A handed-off client costs one dictionary lookup on its owner and no frame.
+        The owner of the id learns of every connection with it that another worker accepted
+        (CLAIM), closes its own one or lets its offline session give way, and sends TAKEOVER
+        to the worker of the previous claim, which does the same. A handed-off client costs
+        one dictionary lookup on its owner and no frame.
         """
+        flags = b"\x01" if clean_start else b"\x00"
         owner = owner_of(client_id, self.workers)
         if owner == self.index:
             previous = self._remote_clients.pop(client_id, None)
             if previous is not None:
-                self._send_takeover(previous, client_id)
+                self._send_takeover(previous, flags, client_id)
             return
         self._next_claim = self._next_claim % MAX_REQUEST_NUMBER + 1
         claim = self._next_claim.to_bytes(4, "big")
         self._claims[client_id] = claim
-        self._send_to(owner, bus.frame(bus.CLAIM, claim + client_id.encode()))
+        self._send_to(owner, bus.frame(bus.CLAIM, claim + flags + client_id.encode()))
 
     def client_disconnected(self, client_id: str) -> None:
         self._claims.pop(client_id, None)
 
-    def _claimed(self, peer: int, claim: bytes, client_id: str) -> None:
-        session = self.broker.sessions.get(client_id)
-        if session is not None and session.connection is not None:
-            self._close_taken_over(session.connection, client_id, peer)
+    def _claimed(self, peer: int, claim: bytes, flags: int, client_id: str) -> None:
+        self._give_way(client_id, bool(flags & 1), peer)
         previous = self._remote_clients.get(client_id)
         if previous is not None and previous[0] != peer:
-            self._send_takeover(previous, client_id)
+            self._send_takeover(previous, bytes((flags,)), client_id)
         self._remote_clients[client_id] = (peer, claim)
 
-    def _send_takeover(self, claim: tuple[int, bytes], client_id: str) -> None:
-        """Tell the worker of ``claim`` (its index and number) to close that connection."""
-        self._send_to(claim[0], bus.frame(bus.TAKEOVER, claim[1] + client_id.encode()))
+    def _send_takeover(self, claim: tuple[int, bytes], flags: bytes, client_id: str) -> None:
+        """Tell the worker of ``claim`` (its index and number) that a newer connection with
+        ``client_id`` was made."""
+        data = claim[1] + flags + client_id.encode()
+        self._send_to(claim[0], bus.frame(bus.TAKEOVER, data))
 
-    def _taken_over(self, claim: bytes, client_id: str) -> None:
-        """Close the connection with ``client_id`` if it is still the one of ``claim``."""
-        if self._claims.get(client_id) != claim:
-            return
+    def _taken_over(self, claim: bytes, flags: int, client_id: str) -> None:
+        """Give way to a newer connection, unless this worker's connection with
+        ``client_id`` is newer than ``claim``."""
         session = self.broker.sessions.get(client_id)
-        if session is not None and session.connection is not None:
-            self._close_taken_over(session.connection, client_id, owner_of(client_id, self.workers))
+        if session is None:
+            return
+        if session.connection is not None and self._claims.get(client_id) != claim:
+            return
+        self._give_way(client_id, bool(flags & 1), owner_of(client_id, self.workers))
+
+    def _give_way(self, client_id: str, clean_start: bool, worker: int) -> None:
+        """Close this worker's connection with ``client_id``, then let its session give way."""
+        session = self.broker.sessions.get(client_id)
+        if session is None:
+            return
+        if session.connection is not None:
+            self._close_taken_over(session.connection, client_id, worker)
+        self.broker.connected_elsewhere(client_id, clean_start)
 
     def _close_taken_over(self, connection: MQTTConnection, client_id: str, worker: int) -> None:
         log.info(
@@ -1433,7 +1448,7 @@ class _TakeoverHooks(BrokerHooks):
     def client_connected(self, connection: MQTTConnection) -> None:
         session = connection.session
         if session is not None and not session.client_id.startswith(INTERNAL_CLIENT_PREFIX):
-            self.worker.client_connected(session.client_id)
+            self.worker.client_connected(session.client_id, connection.clean_start)
 
     def client_disconnected(self, connection: MQTTConnection, reason: str) -> None:
         session = connection.session
