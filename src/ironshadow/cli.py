@@ -106,10 +106,7 @@ async def _serve(
             await engine.start()
     except TLSListenerError as exc:
         if exc.errno == errno.EADDRINUSE:
-            raise PortInUseError(
-                f"MQTT TLS port {config.tls_port} on {config.host} is already in use; "
-                "choose a free port with --tls-port"
-            ) from exc
+            raise _tls_port_in_use(config) from exc
         raise
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
@@ -208,10 +205,6 @@ def _run_serve(args: argparse.Namespace) -> int:
         data_dir = worker_data_dir(data_dir, worker.index)
         if not values["memory_only"]:
             data_dir.mkdir(exist_ok=True)
-        if worker.index != 0:
-            # NOTE: only worker 0 opens the TLS listener, because the workers cannot all bind
-            # its port; TLS clients are served by worker 0.
-            config.tls_cert = config.tls_key = config.tls_ca = ""
     storage = None
     if not values["memory_only"]:
         storage = StorageConfig(
@@ -260,6 +253,13 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tls_port_in_use(config: BrokerConfig) -> PortInUseError:
+    return PortInUseError(
+        f"MQTT TLS port {config.tls_port} on {config.host} is already in use; "
+        "choose a free port with --tls-port"
+    )
+
+
 def _mqtt_port_in_use(config: BrokerConfig) -> PortInUseError:
     return PortInUseError(
         f"MQTT port {config.port} on {config.host} is already in use; "
@@ -275,6 +275,17 @@ def _supervise(argv: list[str], workers: int, config: BrokerConfig) -> int:
         if exc.errno == errno.EADDRINUSE:
             raise _mqtt_port_in_use(config) from exc
         raise
+    tls_listener = None
+    if config.tls_cert:
+        # Every worker serves TLS on this socket. A TLS connection stays on the worker
+        # that accepted it, because its TLS state cannot be passed on.
+        try:
+            tls_listener = bind_listener(config.host, config.tls_port, config.listen_backlog)
+        except OSError as exc:
+            listener.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise _tls_port_in_use(config) from exc
+            raise
     log.info(
         "supervisor (pid %d) listening on %s:%d; starting %d workers",
         os.getpid(),
@@ -282,7 +293,8 @@ def _supervise(argv: list[str], workers: int, config: BrokerConfig) -> int:
         listener.getsockname()[1],
         workers,
     )
-    return Supervisor([sys.executable, "-m", "ironshadow", *argv], workers, listener).run()
+    command = [sys.executable, "-m", "ironshadow", *argv]
+    return Supervisor(command, workers, listener, tls_listener).run()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -336,6 +336,37 @@ def test_delayed_will_follows_reconnect_elsewhere(cluster: Cluster, clean: bool)
         watcher.expect_none(wait=WILL_DELAY_S + 1)
 
 
+def test_every_worker_serves_tls(tmp_path: Path) -> None:
+    """Each worker serves the TLS port, and TLS clients reach subscribers on any worker."""
+    from tls.certificates import make_certificates
+
+    certificates = make_certificates(tmp_path / "certificates")
+    tls_port = free_port()
+    cluster = Cluster(
+        tmp_path / "data",
+        2,
+        "--tls-port", str(tls_port),
+        "--tls-cert", str(certificates.server.cert),
+        "--tls-key", str(certificates.server.key),
+    )  # fmt: skip
+    try:
+        cluster.wait_until_running()
+        assert cluster.log_text().count("MQTT TLS listener open on") == 2, cluster.log_tail()
+        subscriber = TestClient(cluster.port, "tls-watcher")
+        subscriber.subscribe("secure/#", qos=1)
+        for number in range(6):
+            client = TestClient(tls_port, f"tls-sensor-{number}", connect=False)
+            client.client.tls_set(ca_certs=str(certificates.ca))
+            client.connect()
+            client.publish(f"secure/{number}", b"%d" % number, qos=1)
+            client.close()
+        received = {subscriber.expect(timeout=RESPONSE_TIMEOUT_S).topic for _ in range(6)}
+        assert received == {f"secure/{number}" for number in range(6)}
+    finally:
+        status = cluster.stop()
+    assert status == 0, cluster.log_tail()
+
+
 def test_delta_reaches_device_on_owner(cluster: Cluster) -> None:
     thing = client_owned_by(1, "boiler")
     device = TestClient(cluster.port, thing)

@@ -142,6 +142,8 @@ class Broker:
         # and False to have it called now. ``finish`` sends the SUBACK and the retained
         # messages.
         self.listen_socket: socket.socket | None = None
+        # The same for the TLS port, which the supervisor binds too.
+        self.tls_listen_socket: socket.socket | None = None
         self.tcp_connection_class: type[MQTTConnection] = MQTTConnection
         self.connect_router: Callable[[MQTTConnection, Connect], bool] | None = None
         self.subscribe_barrier: Callable[[Callable[[], None]], bool] | None = None
@@ -270,15 +272,24 @@ class Broker:
     async def _open_tls_listener(self, context: ssl.SSLContext) -> asyncio.base_events.Server:
         config = self.config
         try:
-            server = await self.loop.create_server(
-                lambda: MQTTConnection(self),
-                config.host,
-                config.tls_port,
-                ssl=context,
-                ssl_handshake_timeout=config.tls_handshake_timeout,
-                backlog=config.listen_backlog,
-                reuse_address=True,
-            )
+            if self.tls_listen_socket is not None:
+                server = await self.loop.create_server(
+                    lambda: MQTTConnection(self),
+                    sock=self.tls_listen_socket,
+                    ssl=context,
+                    ssl_handshake_timeout=config.tls_handshake_timeout,
+                    backlog=config.listen_backlog,
+                )
+            else:
+                server = await self.loop.create_server(
+                    lambda: MQTTConnection(self),
+                    config.host,
+                    config.tls_port,
+                    ssl=context,
+                    ssl_handshake_timeout=config.tls_handshake_timeout,
+                    backlog=config.listen_backlog,
+                    reuse_address=True,
+                )
         except OSError as exc:
             raise tls.TLSListenerError(
                 exc.errno,

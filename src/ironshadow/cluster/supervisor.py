@@ -99,9 +99,17 @@ def bind_listener(host: str, port: int, backlog: int) -> socket.socket:
 class Supervisor:
     """Runs ``command`` as ``workers`` worker processes until SIGINT or SIGTERM."""
 
-    def __init__(self, command: list[str], workers: int, listener: socket.socket) -> None:
+    def __init__(
+        self,
+        command: list[str],
+        workers: int,
+        listener: socket.socket,
+        tls_listener: socket.socket | None = None,
+    ) -> None:
         self.command = command
         self.listener = listener
+        # The MQTT TLS port's socket, which every worker serves too, or None without TLS.
+        self.tls_listener = tls_listener
         self.workers = [_Worker(index) for index in range(workers)]
         self.directory = ""
         self._stopping = False
@@ -133,21 +141,26 @@ class Supervisor:
                 signal.signal(signum, handler)
             shutil.rmtree(self.directory, ignore_errors=True)
             self.listener.close()
+            if self.tls_listener is not None:
+                self.tls_listener.close()
         return self.status
 
     def _start(self, worker: _Worker) -> None:
+        tls_fd = self.tls_listener.fileno() if self.tls_listener is not None else -1
         spec = WorkerSpec(
             worker.index,
             len(self.workers),
             self.listener.fileno(),
             self.directory,
             os.getpid(),
+            tls_fd,
         )
         environment = {**os.environ, WORKER_ENVIRONMENT: spec.to_environment()}
+        inherited = (self.listener.fileno(),) if tls_fd < 0 else (self.listener.fileno(), tls_fd)
         worker.process = subprocess.Popen(
             self.command,
             env=environment,
-            pass_fds=(self.listener.fileno(),),
+            pass_fds=inherited,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )

@@ -133,6 +133,8 @@ class WorkerSpec:
     # Folder of the bus and hand-off Unix sockets.
     directory: str
     supervisor_pid: int
+    # Descriptor of the MQTT TLS listening socket, or -1 without TLS.
+    tls_listen_fd: int = -1
 
     def to_environment(self) -> str:
         return json.dumps(
@@ -142,6 +144,7 @@ class WorkerSpec:
                 "listen_fd": self.listen_fd,
                 "directory": self.directory,
                 "supervisor_pid": self.supervisor_pid,
+                "tls_listen_fd": self.tls_listen_fd,
             }
         )
 
@@ -158,6 +161,7 @@ class WorkerSpec:
             int(fields["listen_fd"]),
             str(fields["directory"]),
             int(fields["supervisor_pid"]),
+            int(fields.get("tls_listen_fd", -1)),
         )
 
     def bus_path(self, index: int) -> str:
@@ -366,6 +370,8 @@ class ClusterWorker:
         assert not broker.retained.count
         broker.retained = self._retained
         broker.listen_socket = socket.socket(fileno=self.spec.listen_fd)
+        if self.spec.tls_listen_fd >= 0:
+            broker.tls_listen_socket = socket.socket(fileno=self.spec.tls_listen_fd)
         broker.tcp_connection_class = ClusterConnection
         broker.connect_router = self._route_connect
         broker.subscribe_barrier = self._hold_suback
