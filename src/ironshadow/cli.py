@@ -268,7 +268,8 @@ def _mqtt_port_in_use(config: BrokerConfig) -> PortInUseError:
 
 
 def _supervise(argv: list[str], workers: int, config: BrokerConfig) -> int:
-    """Bind the MQTT port and run ``workers`` copies of this command under a supervisor."""
+    """Bind the MQTT port (and the TLS port) and run ``workers`` copies of this command
+    under a supervisor."""
     try:
         listener = bind_listener(config.host, config.port, config.listen_backlog)
     except OSError as exc:
