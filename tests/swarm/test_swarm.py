@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import shutil
 import signal
@@ -15,6 +16,13 @@ import orjson
 import pytest
 
 from conftest import free_port, scaled
+from ironshadow.swarm.runner import (
+    engine_cpu_seconds,
+    engine_rss_bytes,
+    process_cpu_seconds,
+    process_rss_bytes,
+    process_tree,
+)
 
 SWARM = [sys.executable, "-m", "ironshadow", "swarm", "--warmup", "0.5s", "--processes", "2"]
 
@@ -266,3 +274,21 @@ def test_stopped_swarm_leaves_no_workers(make_engine, stop_signal):
         if swarm.poll() is None:
             swarm.kill()
             swarm.wait()
+
+
+def test_engine_figures_include_child_processes():
+    """--engine-pid of ironshadow serve names the supervisor; its workers are its children,
+    and the engine's CPU and RSS include theirs."""
+    own_pid = os.getpid()
+    busy = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
+    child = subprocess.Popen([sys.executable, "-c", busy + "time.sleep(30)"])
+    try:
+        assert child.pid in process_tree(own_pid)
+        deadline = time.monotonic() + scaled(10)
+        while engine_cpu_seconds(own_pid) - process_cpu_seconds(own_pid) < 0.3:
+            assert time.monotonic() < deadline, "the child's CPU time never showed"
+            time.sleep(0.05)
+        assert engine_rss_bytes(own_pid) > process_rss_bytes(own_pid)
+    finally:
+        child.kill()
+        child.wait()

@@ -367,7 +367,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--engine-pid",
         type=int,
         default=None,
-        help="PID of a local engine or broker, to report its CPU and memory",
+        help="PID of a local engine or broker, to report its CPU and memory (with those of "
+        "its child processes, such as the workers of ironshadow serve)",
     )
     parser.add_argument(
         "--client-prefix",

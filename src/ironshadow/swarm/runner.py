@@ -71,6 +71,42 @@ def process_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
+def process_tree(pid: int) -> list[int]:
+    """Return ``pid`` and the PIDs of its live descendants, such as the workers of
+    ``ironshadow serve`` under their supervisor."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat_file:
+                parent = int(stat_file.read().rpartition(b")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # the process ended meanwhile
+        children.setdefault(parent, []).append(int(entry))
+    tree = [pid]
+    for member in tree:
+        tree.extend(children.get(member, ()))
+    return tree
+
+
+def engine_cpu_seconds(pid: int) -> float | None:
+    """Return the CPU seconds of the engine process ``pid`` and its live descendants, or
+    None if it is gone."""
+    own = process_cpu_seconds(pid)
+    if own is None:
+        return None
+    return own + sum(process_cpu_seconds(child) or 0.0 for child in process_tree(pid)[1:])
+
+
+def engine_rss_bytes(pid: int) -> int | None:
+    """Return the RSS of the engine process ``pid`` and its live descendants, or None."""
+    own = process_rss_bytes(pid)
+    if own is None:
+        return None
+    return own + sum(process_rss_bytes(child) or 0 for child in process_tree(pid)[1:])
+
+
 def process_rss_bytes(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/status", "rb") as status_file:
@@ -434,12 +470,12 @@ class Coordinator:
         started = time.monotonic()
         started_unix = time.time()
         sent_before = self.total("sent")
-        engine_before = process_cpu_seconds(options.engine_pid) if options.engine_pid else None
+        engine_before = engine_cpu_seconds(options.engine_pid) if options.engine_pid else None
         generator_before = self.generator_cpu_seconds()
         await self.progress(options.duration, "window")
         window = time.monotonic() - started
         sent = self.total("sent") - sent_before
-        engine_after = process_cpu_seconds(options.engine_pid) if options.engine_pid else None
+        engine_after = engine_cpu_seconds(options.engine_pid) if options.engine_pid else None
         generator_cpu = self.generator_cpu_seconds() - generator_before
         latencies = list(self.ack_latencies)
         end = time.monotonic()
@@ -465,7 +501,7 @@ class Coordinator:
         engine_rss = None
         if engine_before is not None and engine_after is not None:
             engine_cpu = engine_after - engine_before
-            rss = process_rss_bytes(options.engine_pid)  # type: ignore[arg-type]
+            rss = engine_rss_bytes(options.engine_pid)  # type: ignore[arg-type]
             engine_rss = None if rss is None else rss / 2**20
         cpus = os.cpu_count() or 1
         counted = achieved * window if achieved else None
