@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import secrets
 import socket
@@ -77,6 +78,9 @@ def default_max_connections() -> int:
         return 1_000_000
     return max(1, soft - FILE_DESCRIPTOR_RESERVE)
 
+# Share of its connection limit below which a broker that stopped accepting from a shared
+# listening socket accepts again. The margin keeps it from switching on every close.
+ACCEPT_RESUME_SHARE = 0.95
 # Client ids of the engine's internal consumers; clients may not use them.
 INTERNAL_CLIENT_PREFIX = "$internal/"
 # Shortest interval between two batches of queued CONNECTs, in seconds.
@@ -144,6 +148,13 @@ class Broker:
         self.listen_socket: socket.socket | None = None
         # The same for the TLS port, which the supervisor binds too.
         self.tls_listen_socket: socket.socket | None = None
+        # With a shared TCP listening socket, a broker at its connection limit stops
+        # accepting and leaves new connections to the other workers, instead of rejecting
+        # them. ``_listen_fd`` is a copy of the socket's descriptor to accept from again.
+        self._listen_fd: int | None = None
+        self._accept_stopped = False
+        self._accept_resuming = False
+        self._resume_task: asyncio.Task[None] | None = None
         self.tcp_connection_class: type[MQTTConnection] = MQTTConnection
         self.connect_router: Callable[[MQTTConnection, Connect], bool] | None = None
         self.subscribe_barrier: Callable[[Callable[[], None]], bool] | None = None
@@ -221,6 +232,7 @@ class Broker:
             tls_context = self._tls_context()
         connection_class = self.tcp_connection_class
         if self.listen_socket is not None:
+            self._listen_fd = os.dup(self.listen_socket.fileno())
             server = await self.loop.create_server(
                 lambda: connection_class(self),
                 sock=self.listen_socket,
@@ -352,6 +364,9 @@ class Broker:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+        if self._listen_fd is not None:
+            os.close(self._listen_fd)
+            self._listen_fd = None
         for session in self.sessions.values():
             session.cancel_timers()
         log.info("broker stopped; %d connection(s) closed", count)
@@ -392,14 +407,57 @@ class Broker:
             return
         self.stats.connections_accepted += 1
         self.connections.add(connection)
+        if self._listen_fd is not None and len(self.connections) >= limit:
+            self._stop_accepting()
         if self.reading_paused:
             connection.transport.pause_reading()
             self.release_after_pause(connection)
+
+    def _stop_accepting(self) -> None:
+        """Stop accepting from the shared listening socket: its other workers take the new
+        connections until this one is below ACCEPT_RESUME_SHARE of its limit again."""
+        if self._accept_stopped or not self._servers:
+            return
+        self._accept_stopped = True
+        self._servers[0].close()
+        log.info(
+            "%d connections open, the maximum: accepting none until some close; the other "
+            "workers accept new connections meanwhile",
+            len(self.connections),
+        )
+
+    async def _resume_accepting(self) -> None:
+        assert self._listen_fd is not None
+        sock = socket.socket(fileno=os.dup(self._listen_fd))
+        connection_class = self.tcp_connection_class
+        try:
+            server = await self.loop.create_server(
+                lambda: connection_class(self), sock=sock, backlog=self.config.listen_backlog
+            )
+        except OSError as exc:
+            sock.close()
+            log.error("cannot accept connections again: %s; restart the engine", exc)
+            return
+        finally:
+            self._accept_resuming = False
+        if self._listen_fd is None:  # the broker shut down meanwhile
+            server.close()
+            return
+        self._servers[0] = server
+        self._accept_stopped = False
+        log.info("%d connections open: accepting again", len(self.connections))
 
     def connection_lost(self, connection: MQTTConnection) -> None:
         if connection in self.connections:
             self.limits.connection_closed(connection)
         self.connections.discard(connection)
+        if (
+            self._accept_stopped
+            and not self._accept_resuming
+            and len(self.connections) < self.max_connections * ACCEPT_RESUME_SHARE
+        ):
+            self._accept_resuming = True
+            self._resume_task = self.loop.create_task(self._resume_accepting())
         self.held_in_pause.pop(connection, None)
         session = connection.session
         if session is None or session.connection is not connection:

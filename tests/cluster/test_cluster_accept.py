@@ -1,0 +1,83 @@
+"""A worker at its connection limit leaves new connections to the other workers.
+
+Every worker accepts from one shared listening socket, and connections wait there until a
+worker accepts them. The cluster runs in this process (``ClusterThreads`` in conftest.py).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import ClusterThreads, free_port, scaled
+from ironshadow.broker.config import BrokerConfig
+
+WORKERS = 2
+LIMIT = 3
+
+
+@pytest.fixture
+def cluster() -> Iterator[ClusterThreads]:
+    # A long CONNECT timeout: the test's sockets send nothing.
+    config = BrokerConfig(
+        port=free_port(), sys_interval=0, max_connections=LIMIT, connect_timeout=30
+    )
+    threads = ClusterThreads(config, WORKERS)
+    yield threads
+    threads.stop()
+
+
+def still_open(sock: socket.socket) -> bool:
+    """Return whether the broker has left ``sock`` open: it neither closed nor reset it."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) != b""
+    except BlockingIOError:
+        return True
+    except ConnectionError:
+        return False
+
+
+def open_connections(cluster: ClusterThreads) -> int:
+    return sum(
+        thread.call(lambda thread=thread: len(thread.broker.connections))
+        for thread in cluster.threads
+    )
+
+
+def connect_one_by_one(port: int, count: int, cluster: ClusterThreads) -> list[socket.socket]:
+    """Open ``count`` connections, each once the workers hold the one before."""
+    sockets = []
+    for number in range(count):
+        sockets.append(socket.create_connection(("127.0.0.1", port)))
+        deadline = time.monotonic() + scaled(5)
+        while open_connections(cluster) < number + 1:
+            assert time.monotonic() < deadline, f"connection {number + 1} was not accepted"
+            time.sleep(0.01)
+    return sockets
+
+
+def test_full_worker_leaves_connections_to_others(cluster):
+    sockets = connect_one_by_one(cluster.port, WORKERS * LIMIT, cluster)
+    try:
+        time.sleep(0.2)
+        assert all(still_open(sock) for sock in sockets)
+        held = [
+            thread.call(lambda thread=thread: len(thread.broker.connections))
+            for thread in cluster.threads
+        ]
+        assert held == [LIMIT] * WORKERS
+        # A worker below its limit again accepts again.
+        sockets.pop().close()
+        sockets.append(socket.create_connection(("127.0.0.1", cluster.port)))
+        deadline = time.monotonic() + scaled(5)
+        while open_connections(cluster) < WORKERS * LIMIT:
+            assert time.monotonic() < deadline, "no worker accepted after one closed"
+            time.sleep(0.01)
+        assert still_open(sockets[-1])
+    finally:
+        for sock in sockets:
+            sock.close()
