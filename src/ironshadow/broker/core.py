@@ -78,9 +78,12 @@ def default_max_connections() -> int:
         return 1_000_000
     return max(1, soft - FILE_DESCRIPTOR_RESERVE)
 
-# Share of its connection limit below which a broker that stopped accepting from a shared
-# listening socket accepts again. The margin keeps it from switching on every close.
-ACCEPT_RESUME_SHARE = 0.95
+# Shares of its connection limit at which a broker that shares its listening socket with
+# other workers stops accepting from it, and below which it accepts again. The rest of the
+# limit is kept for the connections that the other workers hand to it (its own clients),
+# and the gap between the two keeps it from switching on every close.
+ACCEPT_STOP_SHARE = 0.9
+ACCEPT_RESUME_SHARE = 0.85
 # Client ids of the engine's internal consumers; clients may not use them.
 INTERNAL_CLIENT_PREFIX = "$internal/"
 # Shortest interval between two batches of queued CONNECTs, in seconds.
@@ -407,7 +410,7 @@ class Broker:
             return
         self.stats.connections_accepted += 1
         self.connections.add(connection)
-        if self._listen_fd is not None and len(self.connections) >= limit:
+        if self._listen_fd is not None and len(self.connections) >= limit * ACCEPT_STOP_SHARE:
             self._stop_accepting()
         if self.reading_paused:
             connection.transport.pause_reading()
@@ -421,9 +424,11 @@ class Broker:
         self._accept_stopped = True
         self._servers[0].close()
         log.info(
-            "%d connections open, the maximum: accepting none until some close; the other "
-            "workers accept new connections meanwhile",
+            "%d connections open of at most %d: accepting none until some close, and keeping "
+            "the rest for clients handed over by the other workers, which accept new "
+            "connections meanwhile",
             len(self.connections),
+            self.max_connections,
         )
 
     async def _resume_accepting(self) -> None:

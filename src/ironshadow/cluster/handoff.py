@@ -45,6 +45,8 @@ RECEIVE_FDS = 16
 # recvmsg calls per readiness callback at most. One call returns one hand-off, so reading one
 # per callback would let the sender's buffer fill in a reconnect storm.
 READS_PER_CALLBACK = 1_024
+# Stands in the queue of received descriptors for one that the kernel could not pass.
+LOST_SOCKET = -1
 # Hand-offs waiting for the peer's socket buffer at most; beyond, connections stay where they
 # landed. Each keeps a duplicate descriptor open until it is sent.
 MAX_QUEUED_HANDOFFS = 4_096
@@ -263,6 +265,8 @@ class _HandoffReader:
         self._on_closed = on_closed
         self._buffer = bytearray()
         self._fds: deque[int] = deque()
+        # Handed-over connections whose socket the kernel could not pass to this process.
+        self.lost = 0
 
     def read(self) -> None:
         for _ in range(READS_PER_CALLBACK):
@@ -275,7 +279,7 @@ class _HandoffReader:
         if sock is None:
             return False
         try:
-            data, ancillary, _flags, _address = sock.recvmsg(
+            data, ancillary, flags, _address = sock.recvmsg(
                 RECEIVE_BYTES, socket.CMSG_SPACE(RECEIVE_FDS * array.array("i").itemsize)
             )
         except BlockingIOError:
@@ -289,6 +293,11 @@ class _HandoffReader:
                 fds = array.array("i")
                 fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
                 self._fds.extend(fds)
+        if flags & socket.MSG_CTRUNC and not ancillary:
+            # The kernel could not give this process the socket (no free descriptor): the
+            # record that it came with is lost, and its client reconnects. Linux returns at
+            # most one sender's descriptors per read, so the loss is this read's record.
+            self._fds.append(LOST_SOCKET)
         if not data:
             self.close()
             return False
@@ -304,7 +313,17 @@ class _HandoffReader:
                 log.error("hand-off record of %d bytes came without a socket; closing", length)
                 self.close()
                 return False
-            self._on_connection(self._fds.popleft(), saved)
+            fd = self._fds.popleft()
+            if fd == LOST_SOCKET:
+                self.lost += 1
+                if self.lost == 1 or self.lost % 1000 == 0:
+                    log.warning(
+                        "a connection handed over by another worker was lost: this worker has "
+                        "no free file descriptor (%d lost in all); its client reconnects",
+                        self.lost,
+                    )
+                continue
+            self._on_connection(fd, saved)
         return True
 
     def close(self) -> None:
@@ -313,5 +332,7 @@ class _HandoffReader:
             asyncio.get_running_loop().remove_reader(sock.fileno())
             sock.close()
         while self._fds:
-            os.close(self._fds.popleft())
+            fd = self._fds.popleft()
+            if fd != LOST_SOCKET:
+                os.close(fd)
         self._on_closed(self)
