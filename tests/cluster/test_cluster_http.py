@@ -186,6 +186,32 @@ def test_thing_reads_cover_every_worker(cluster: Cluster) -> None:
         assert missing.status_code == 404, missing.text
 
 
+def test_engine_status_adds_up_workers(cluster: Cluster) -> None:
+    """GET /api/engine, which the dashboard's engine view reads, covers every worker and
+    lists each worker's own figures."""
+    with http(cluster) as client:
+        before = client.get("/api/engine").json()
+        publishers = [
+            TestClient(cluster.port, client_owned_by(worker, "gauge")) for worker in range(WORKERS)
+        ]
+        for publisher in publishers:
+            for number in range(5):
+                publisher.publish("plant/gauge", b"%d" % number, qos=1)
+        after = client.get("/api/engine").json()
+    assert len(after["workers"]) == WORKERS
+    received = after["counters"]["publishReceived"] - before["counters"]["publishReceived"]
+    assert received == 5 * WORKERS
+    per_worker = [
+        status["counters"]["publishReceived"] - earlier["counters"]["publishReceived"]
+        for status, earlier in zip(after["workers"], before["workers"], strict=True)
+    ]
+    assert per_worker == [5] * WORKERS
+    assert after["connections"]["mqtt"] >= WORKERS
+    assert after["connections"]["mqtt"] == sum(
+        status["connections"]["mqtt"] for status in after["workers"]
+    )
+
+
 def test_feed_shows_changes_of_every_worker(cluster: Cluster) -> None:
     """The /ws feed on worker 0 gets the changes of things that the other workers own,
     while it has subscribers."""

@@ -8,7 +8,8 @@ through :class:`Peers`, which is worker 0's :class:`~ironshadow.cluster.ClusterW
   thing, with a CALL frame when that is another worker. History is read in place when all
   workers share one history store (PostgreSQL).
 - ``GET /things`` asks every worker for a page of its own things and merges the pages
-  (:func:`merge_pages`).
+  (:func:`merge_pages`), and ``GET /api/engine`` adds up every worker's figures
+  (:func:`merge_statuses`).
 
 :func:`register_procedures` installs the procedures that the CALL frames run, on every
 worker. A worker that does not reply makes the request fail with 503 and Retry-After.
@@ -79,8 +80,17 @@ def register_procedures(worker: ClusterWorker, engine: Engine) -> None:
         )
         return [row._asdict() for row in rows]
 
+    async def status(_arguments: dict[str, Any]) -> dict[str, Any]:
+        from .dashboard import engine_status
+
+        return engine_status(engine, None)
+
     worker.procedures.update(
-        describe=describe, named_shadows=named_shadows, list_page=list_page, history=history
+        describe=describe,
+        named_shadows=named_shadows,
+        list_page=list_page,
+        history=history,
+        engine_status=status,
     )
 
 
@@ -121,6 +131,56 @@ async def list_everywhere(
         )
     )
     return merge_pages([local, *((page["things"], page["cursor"]) for page in results)], page_size)
+
+
+async def status_everywhere(peers: Peers, local: dict[str, Any]) -> dict[str, Any]:
+    """Return the engine's figures over every worker, given this worker's ``local`` ones.
+
+    Raises PeerCallError when a worker does not reply.
+    """
+    others = await asyncio.gather(
+        *(
+            peers.call(peer, "engine_status", {})
+            for peer in range(peers.workers)
+            if peer != peers.index
+        )
+    )
+    statuses = list(others)
+    statuses.insert(peers.index, local)
+    return merge_statuses(statuses)
+
+
+def merge_statuses(statuses: list[dict[str, Any]]) -> dict[str, Any]:
+    """Add up the workers' ``GET /api/engine`` figures; keep each worker's under ``workers``.
+
+    Counts and queue sizes add up, ``readingPaused`` and ``pressure`` hold when they hold on
+    any worker, and ``pressureSeconds`` is the longest of any worker.
+    """
+    first = statuses[0]
+    total: dict[str, Any] = {
+        "timestamp": first["timestamp"],
+        "connections": {
+            name: sum(status["connections"][name] for status in statuses)
+            for name in first["connections"]
+        },
+        "counters": {
+            name: sum(status["counters"][name] for status in statuses)
+            for name in first["counters"]
+        },
+        "readingPaused": any(status["readingPaused"] for status in statuses),
+        "store": None,
+        "workers": statuses,
+    }
+    stores = [status["store"] for status in statuses if status["store"] is not None]
+    if stores:
+        total["store"] = {
+            "pendingWrites": sum(store["pendingWrites"] for store in stores),
+            "pendingBytes": sum(store["pendingBytes"] for store in stores),
+            "historyOutboxRows": sum(store["historyOutboxRows"] for store in stores),
+            "pressure": any(store["pressure"] for store in stores),
+            "pressureSeconds": max(store["pressureSeconds"] for store in stores),
+        }
+    return total
 
 
 def merge_pages(pages: list[ThingPage], page_size: int) -> ThingPage:

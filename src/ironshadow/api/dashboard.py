@@ -19,6 +19,8 @@ from pydantic import BaseModel, Field
 from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.staticfiles import StaticFiles
 
+from ..cluster import PeerCallError
+from .cluster_reads import status_everywhere, unavailable
 from .errors import JSON_MEDIA_TYPE
 
 if TYPE_CHECKING:
@@ -69,11 +71,16 @@ class EngineStatus(BaseModel):
     store: EngineStore | None = Field(
         description="The write-behind queue to the hot store. Null with --memory-only."
     )
+    workers: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="With several worker processes: each worker's own figures, in worker "
+        "order, while the fields above add them up. Null for a single process.",
+    )
 
 
-def engine_status(engine: Engine, app: FastAPI) -> dict[str, Any]:
+def engine_status(engine: Engine, app: FastAPI | None) -> dict[str, Any]:
     """Collect the figures of ``EngineStatus`` from the engine and the app's WebSocket
-    endpoints."""
+    endpoints (none without ``app``, as on a worker that serves no HTTP)."""
     broker = engine.broker
     stats = broker.stats
     connected = 0
@@ -84,8 +91,9 @@ def engine_status(engine: Engine, app: FastAPI) -> dict[str, Any]:
         elif session.consumer is None:  # not one of the engine's own consumers
             offline += 1
 
-    mqtt_websockets = getattr(app.state, "mqtt_websockets", None)
-    feed = getattr(app.state, "feed", None)
+    state = app.state if app is not None else None
+    mqtt_websockets = getattr(state, "mqtt_websockets", None)
+    feed = getattr(state, "feed", None)
     status: dict[str, Any] = {
         "timestamp": time.time(),
         "connections": {
@@ -133,7 +141,14 @@ def add_dashboard_routes(app: FastAPI, engine: Engine) -> None:
         responses={200: {"description": "The engine's figures now."}},
     )
     async def get_engine_status() -> Response:
-        return Response(orjson.dumps(engine_status(engine, app)), media_type=JSON_MEDIA_TYPE)
+        status = engine_status(engine, app)
+        peers = app.state.peers
+        if peers is not None:
+            try:
+                status = await status_everywhere(peers, status)
+            except PeerCallError as error:
+                return unavailable(error)
+        return Response(orjson.dumps(status), media_type=JSON_MEDIA_TYPE)
 
     @app.get("/docs", include_in_schema=False)
     async def openapi_page() -> HTMLResponse:
