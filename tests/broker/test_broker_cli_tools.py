@@ -41,7 +41,7 @@ def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 def subscribed(broker, client_id: str, topic_filter: str) -> Callable[[], bool]:
-    """Return a check that the client subscribed and every worker knows its filter."""
+    """Return a check that the client subscribed and every worker routes by its filter."""
     owner = broker.owner(client_id)
 
     def check() -> bool:

@@ -65,11 +65,11 @@ def test_full_worker_leaves_connections_to_others(cluster):
     try:
         time.sleep(0.2)
         assert all(still_open(sock) for sock in sockets)
-        held = [
+        per_worker = [
             thread.call(lambda thread=thread: len(thread.broker.connections))
             for thread in cluster.threads
         ]
-        assert held == [LIMIT] * WORKERS
+        assert per_worker == [LIMIT] * WORKERS
         # A worker below its limit again accepts again.
         sockets.pop().close()
         sockets.append(socket.create_connection(("127.0.0.1", cluster.port)))

@@ -222,7 +222,7 @@ def test_feed_shows_changes_of_every_worker(cluster: Cluster) -> None:
         assert json.loads(feed.recv(timeout=scaled(RESPONSE_TIMEOUT_S))) == {
             "subscriptions": ["oven-*"]
         }
-        # Worker 0 asks the others for their changes when its first subscription is made,
+        # Worker 0 requests the others' changes when its first subscription is made,
         # so an update stored in the moment after may not reach the feed: each device
         # updates until the feed shows its thing.
         for number, thing in enumerate(things):

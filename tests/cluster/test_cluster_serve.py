@@ -311,8 +311,8 @@ def test_takeover_between_websocket_and_tcp(cluster: Cluster) -> None:
 @pytest.mark.parametrize("clean", [False, True])
 def test_delayed_will_follows_reconnect_elsewhere(cluster: Cluster, clean: bool) -> None:
     """A client with a delayed will drops on worker 0 (WebSocket) and comes back over TCP to
-    its owner, worker 1: without Clean Start the will is cancelled, with it the old session
-    ends and the will is sent at once, as on one engine."""
+    its owner, worker 1. As on one engine, without Clean Start the will is cancelled. With
+    Clean Start the old session ends and the will is sent at once."""
     client_id = client_owned_by(1, "crane")
     watcher = TestClient(cluster.port, client_owned_by(2, "watcher"))
     watcher.subscribe(f"wills/{client_id}", qos=1)

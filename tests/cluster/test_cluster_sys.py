@@ -25,16 +25,16 @@ def cluster() -> Iterator[ClusterThreads]:
     threads.stop()
 
 
-def latest_figures(watcher: TestClient, wanted: dict[str, int]) -> dict[str, int]:
-    """Read $SYS messages until each topic of ``wanted`` has reached its value, or 5 s
+def latest_figures(watcher: TestClient, expected: dict[str, int]) -> dict[str, int]:
+    """Read $SYS messages until each topic of ``expected`` has reached its value, or 5 s
     have passed; return the latest value of each."""
     latest: dict[str, int] = {}
     deadline = time.monotonic() + scaled(5)
     while time.monotonic() < deadline:
         message = watcher.expect(timeout=2)
-        if message.topic in wanted:
+        if message.topic in expected:
             latest[message.topic] = int(message.payload)
-        if all(latest.get(topic, -1) >= value for topic, value in wanted.items()):
+        if all(latest.get(topic, -1) >= value for topic, value in expected.items()):
             break
     return latest
 
@@ -51,7 +51,7 @@ def test_every_worker_publishes_engine_totals(cluster):
         watcher = TestClient(cluster.port, client_of(worker, "watcher"))
         watcher.subscribe("$SYS/broker/#", 0)
         latest = latest_figures(watcher, expected)
-        # Each worker alone received a third of the messages and holds at most two clients.
+        # Each worker alone received a third of the messages and has at most two clients.
         assert latest["$SYS/broker/publish/messages/received"] == 30, (worker, latest)
         assert latest["$SYS/broker/clients/connected"] >= WORKERS + 1, (worker, latest)
         watcher.close()

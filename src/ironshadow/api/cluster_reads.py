@@ -7,7 +7,7 @@ through :class:`Peers`, which is worker 0's :class:`~ironshadow.cluster.ClusterW
 - ``GET /things/{thing}``, ``.../shadows`` and ``.../history`` run on the owner of the
   thing, with a CALL frame when that is another worker. History is read in place when all
   workers share one history store (PostgreSQL).
-- ``GET /things`` asks every worker for a page of its own things and merges the pages
+- ``GET /things`` requests a page of its own things from every worker and merges the pages
   (:func:`merge_pages`), and ``GET /api/engine`` adds up every worker's figures
   (:func:`merge_statuses`).
 

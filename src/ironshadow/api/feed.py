@@ -225,7 +225,7 @@ class ShadowFeed:
         # Called after each client joins ``clients``; api/security.py starts its checks here.
         self.client_added: Callable[[], None] | None = None
         # Called with True when the first subscription is made and with False when the last
-        # one ends; a cluster's worker 0 then asks the other workers for their changes.
+        # one ends. A cluster's worker 0 then requests the other workers' changes.
         self.listening_changed: Callable[[bool], None] | None = None
 
     # --- changes from the shadow service ------------------------------------------------

@@ -8,65 +8,66 @@ index from the first frame.
 A frame is a 4-byte big-endian body length, then the body. The body starts with one kind
 byte:
 
-======== =========== ===========================================================================
-kind     name        rest of the body
-======== =========== ===========================================================================
-0        HELLO       the sender's worker index, 2 bytes big-endian; the first frame on a link
-1        RESET       nothing: forget every topic filter that the sender announced before
-2        SUBSCRIBE   a topic filter (UTF-8) that the sender's clients now subscribe to
-3        UNSUBSCRIBE a topic filter that none of the sender's clients subscribes to any more
-4        PUBLISH     a message for the receiver's subscribers (see :func:`encode_message`)
-5        REQUEST     a 4-byte request number, then a shadow request for a thing that the
-                     receiver owns, encoded as in PUBLISH. A number other than 0 asks for
-                     RELEASED once the request is stored
-6        RELEASED    the 4-byte number of a REQUEST that the sender has stored
-7        HTTP_CALL   a 4-byte call number, then a shadow request made over HTTP to the sender
-                     for a thing that the receiver owns (see :func:`encode_http_call`)
-8        HTTP_REPLY  the 4-byte number of an HTTP_CALL, its 2-byte HTTP status, a 2-byte
-                     Retry-After in seconds (0 for none), then the JSON body to the end
-9        METRICS     a 4-byte call number: the sender asks for the receiver's metrics
-10       METRICS_OF  the 4-byte number of a METRICS frame, then the receiver's metrics
-                     (see :meth:`~ironshadow.api.metrics.Exposition.to_bytes`)
-11       SYNC        a 4-byte number: the receiver answers SYNCED with it, having handled
-                     every frame that the sender sent before
-12       SYNCED      the 4-byte number of a SYNC frame
-13       REPLAY      a client id (MQTT string), then the ``update/delta`` topic to the end: the
-                     client subscribed to the delta of a thing that the receiver owns
-14       DELTA       a client id and a topic (MQTT strings), then the current delta message
-                     to the end: the answer to a REPLAY when the shadow has a delta
-15       CLAIM       a 4-byte claim number, a flags byte (1: Clean Start), then a client id:
-                     a client whose id the receiver owns connected to the sender without
-                     being handed off (TLS, WebSocket)
-16       TAKEOVER    a 4-byte claim number, a flags byte (1: Clean Start), then a client id:
-                     a newer connection with that id was made, so the receiver closes the
-                     claimed connection, or lets its offline session give way
-17       SHARED      a shared subscription filter ``$share/{group}/{filter}`` (MQTT string),
-                     then a message as in PUBLISH, for one of the receiver's members of it
-18       CALL        a 4-byte call number, a procedure name (MQTT string), then its arguments
-                     as a JSON object to the end: run it on the receiver (an API read)
-19       RESULT      the 4-byte number of a CALL, one byte 0 when it succeeded, then its
-                     result as JSON; or 1 when it failed, then the reason (UTF-8)
-20       FEED        one byte: 1 when the sender's ``/ws`` feed has subscribers, so the
-                     receiver sends it CHANGES, and 0 when it has none any more
-21       CHANGES     shadow changes stored by the sender: per change the thing name and the
-                     shadow name ('' for the classic shadow) as MQTT strings, a 4-byte
-                     timestamp, a 4-byte length and the shadow document as the hot store
-                     keeps it
-22       FIGURES     the sender's own $SYS figures as a JSON object, topic to number, sent at
-                     each $SYS interval, so that every worker publishes the engine's totals
-23       RETAINED_WANTED nothing: the sender has just started and asks for the receiver's
-                     retained messages
-24       RETAINED    one retained message of the receiver's answer, encoded as in PUBLISH
-25       RETAINED_END nothing: the answer to RETAINED_WANTED is complete
-======== =========== ===========================================================================
+======== ================ ======================================================================
+kind     name             rest of the body
+======== ================ ======================================================================
+0        HELLO            the sender's worker index, 2 bytes big-endian; the first frame on a link
+1        RESET            nothing: forget every topic filter that the sender announced before
+2        SUBSCRIBE        a topic filter (UTF-8) that the sender's clients now subscribe to
+3        UNSUBSCRIBE      a topic filter that none of the sender's clients subscribes to any more
+4        PUBLISH          a message for the receiver's subscribers (see :func:`encode_message`)
+5        REQUEST          a 4-byte request number, then a shadow request for a thing that the
+                          receiver owns, encoded as in PUBLISH. A number other than 0 asks for
+                          RELEASED once the request is stored
+6        RELEASED         the 4-byte number of a REQUEST that the sender has stored
+7        HTTP_CALL        a 4-byte call number, then a shadow request made over HTTP to the sender
+                          for a thing that the receiver owns (see :func:`encode_http_call`)
+8        HTTP_REPLY       the 4-byte number of an HTTP_CALL, its 2-byte HTTP status, a 2-byte
+                          Retry-After in seconds (0 for none), then the JSON body to the end
+9        METRICS          a 4-byte call number: the sender asks for the receiver's metrics
+10       METRICS_OF       the 4-byte number of a METRICS frame, then the receiver's metrics
+                          (see :meth:`~ironshadow.api.metrics.Exposition.to_bytes`)
+11       SYNC             a 4-byte number: the receiver answers SYNCED with it, having handled
+                          every frame that the sender sent before
+12       SYNCED           the 4-byte number of a SYNC frame
+13       REPLAY           a client id (MQTT string), then the ``update/delta`` topic to the end: the
+                          client subscribed to the delta of a thing that the receiver owns
+14       DELTA            a client id and a topic (MQTT strings), then the current delta message
+                          to the end: the reply to a REPLAY when the shadow has a delta
+15       CLAIM            a 4-byte claim number, a flags byte (1: Clean Start), then a client id:
+                          a client whose id the receiver owns connected to the sender without
+                          being handed off (TLS, WebSocket)
+16       TAKEOVER         a 4-byte claim number, a flags byte (1: Clean Start), then a client id:
+                          a newer connection with that id was made, so the receiver closes the
+                          claimed connection, or lets its offline session give way
+17       SHARED           a shared subscription filter ``$share/{group}/{filter}`` (MQTT string),
+                          then a message as in PUBLISH, for one of the receiver's members of it
+18       CALL             a 4-byte call number, a procedure name (MQTT string), then its arguments
+                          as a JSON object to the end: run it on the receiver (an API read)
+19       RESULT           the 4-byte number of a CALL, one byte 0 when it succeeded, then its
+                          result as JSON; or 1 when it failed, then the reason (UTF-8)
+20       FEED             one byte: 1 when the sender's ``/ws`` feed has subscribers, so the
+                          receiver sends it CHANGES, and 0 when it has none any more
+21       CHANGES          shadow changes stored by the sender: per change the thing name and the
+                          shadow name ('' for the classic shadow) as MQTT strings, a 4-byte
+                          timestamp, a 4-byte length and the shadow document as the hot store
+                          keeps it
+22       FIGURES          the sender's own $SYS figures as a JSON object, topic to number, sent at
+                          each $SYS interval, so that every worker publishes the engine's totals
+23       RETAINED_REQUEST nothing: the sender has just started and requests the receiver's
+                          retained messages
+24       RETAINED         one retained message of the reply to RETAINED_REQUEST, encoded as
+                          in PUBLISH
+25       RETAINED_END     nothing: the reply to RETAINED_REQUEST is complete
+======== ================ ======================================================================
 
 Shared subscriptions are announced whole (``$share/{group}/{filter}``). The worker where a
 message is published picks one member of each matching group, counting each peer with
 members as one, and sends the message in a SHARED frame when it picks a peer. PUBLISH copies
 are routed to plain subscriptions only, so every group gets each message once.
 
-A worker sends SYNC after announcing a new topic filter, and holds the client's SUBACK until
-every peer has answered: a message published on any worker after the SUBACK then reaches the
+A worker sends SYNC after announcing a new topic filter, and delays the client's SUBACK until
+every peer has replied. A message published on any worker after the SUBACK then reaches the
 new subscriber.
 
 Call numbers are the sender's own, counted separately from REQUEST numbers: a reply carries
@@ -115,7 +116,7 @@ RESULT = 19
 FEED = 20
 CHANGES = 21
 FIGURES = 22
-RETAINED_WANTED = 23
+RETAINED_REQUEST = 23
 RETAINED = 24
 RETAINED_END = 25
 

@@ -319,9 +319,9 @@ class ClusterWorker:
         # arguments as a dict and returns a JSON-serialisable result. Set by the command line,
         # which builds them with the HTTP API's code.
         self.procedures: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {}
-        # The /ws feed: on worker 0, whether it has subscribers; on the others, the worker
-        # whose FEED frame asked for this worker's shadow changes, or None.
-        self._feed_wanted = False
+        # The /ws feed. On worker 0: whether it has subscribers. On the other workers: the
+        # worker whose FEED frame requested this worker's shadow changes, or None.
+        self._feed_listening = False
         self._feed_peer: int | None = None
         # While a peer's copy of its retained messages is on its way (see
         # _catch_up_retained): the topics restored from this worker's folder at start, the
@@ -645,7 +645,7 @@ class ClusterWorker:
         link.send(bus.frame(bus.RESET))
         for topic_filter in self.broker.index.filters:
             link.send(bus.frame(bus.SUBSCRIBE, topic_filter.encode()))
-        if self._feed_wanted:
+        if self._feed_listening:
             link.send(bus.frame(bus.FEED, b"\x01"))
 
     # --- retained messages of a restarted worker --------------------------------------
@@ -663,10 +663,10 @@ class ClusterWorker:
             for message in self._retained.messages()
             if not _own_sys_topic(message.topic)
         }
-        self._send_to(linked[0], bus.frame(bus.RETAINED_WANTED))
+        self._send_to(linked[0], bus.frame(bus.RETAINED_REQUEST))
 
     def _send_retained(self, peer: int) -> None:
-        """Answer RETAINED_WANTED: every retained message but this worker's own $SYS."""
+        """Reply to RETAINED_REQUEST with every retained message but this worker's own $SYS."""
         for message in self._retained.messages():
             if not _own_sys_topic(message.topic):
                 self._send_message(peer, bus.RETAINED, message)
@@ -685,16 +685,16 @@ class ClusterWorker:
         """Clear the restored retained messages that the peer's copy does not have."""
         if not self._catching_up:
             return
-        gone = self._stale_retained - self._copied_retained - self._touched_retained
-        for topic in gone:
+        cleared = self._stale_retained - self._copied_retained - self._touched_retained
+        for topic in cleared:
             self._store_retained_quietly(Message(topic, b"", 0, True))
-        if gone or self._copied_retained:
+        if cleared or self._copied_retained:
             log.info(
                 "worker %d: took %d retained messages from a peer and cleared %d that it no "
                 "longer has",
                 self.index,
                 len(self._copied_retained),
-                len(gone),
+                len(cleared),
             )
         self._catching_up = False
         self._stale_retained = set()
@@ -717,13 +717,13 @@ class ClusterWorker:
 
     def feed_listening(self, listening: bool) -> None:
         """Ask every peer for its shadow changes while this worker's feed has subscribers."""
-        self._feed_wanted = listening
+        self._feed_listening = listening
         data = bus.frame(bus.FEED, b"\x01" if listening else b"\x00")
         for link in self._links.values():
             if link is not None:
                 link.send(data)
 
-    def _feed_asked(self, peer: int, listening: bool) -> None:
+    def _feed_requested(self, peer: int, listening: bool) -> None:
         service = self.engine.shadows
         if listening:
             self._feed_peer = peer
@@ -878,7 +878,7 @@ class ClusterWorker:
         if kind == bus.RETAINED_END:
             self._retained_copy_done()
             return
-        if kind == bus.RETAINED_WANTED:
+        if kind == bus.RETAINED_REQUEST:
             self._send_retained(peer)
             return
         if kind == bus.FIGURES:
@@ -888,7 +888,7 @@ class ClusterWorker:
             self._changes_arrived(body, pos, end)
             return
         if kind == bus.FEED:
-            self._feed_asked(peer, body[pos] == 1)
+            self._feed_requested(peer, body[pos] == 1)
             return
         if kind == bus.SHARED:
             self._shared_arrived(body, pos, end)
@@ -902,7 +902,7 @@ class ClusterWorker:
             self._taken_over(bytes(body[pos : pos + 4]), body[pos + 4], client_id)
             return
         if kind == bus.REPLAY:
-            self._replay_asked(peer, body, pos, end)
+            self._replay_requested(peer, body, pos, end)
             return
         if kind == bus.DELTA:
             client_id, pos = decode_string(body, pos, end)
@@ -940,7 +940,7 @@ class ClusterWorker:
             held.clear()
             self._disconnect_publishers(messages, f"worker {link.peer} went away")
             # A feed that went away with its worker wants no more changes.
-            self._feed_asked(link.peer, False)
+            self._feed_requested(link.peer, False)
             self._fail_calls(link.peer, "its bus link closed before it replied")
 
     # --- routing ----------------------------------------------------------------------
@@ -1025,10 +1025,10 @@ class ClusterWorker:
     def client_connected(self, client_id: str, clean_start: bool) -> None:
         """Make a new connection take over any older one with the same id on another worker.
 
-        The owner of the id learns of every connection with it that another worker accepted
-        (CLAIM), closes its own one or lets its offline session give way, and sends TAKEOVER
-        to the worker of the previous claim, which does the same. A handed-off client costs
-        one dictionary lookup on its owner and no frame.
+        The owner of the id receives a CLAIM for every connection with it that another worker
+        accepted. It closes its own connection or lets its offline session give way, and
+        sends TAKEOVER to the worker of the previous claim, which does the same. A handed-off
+        client costs one dictionary lookup on its owner and no frame.
         """
         flags = b"\x01" if clean_start else b"\x00"
         owner = owner_of(client_id, self.workers)
@@ -1098,7 +1098,7 @@ class ClusterWorker:
             link.send(bus.frame(bus.REPLAY, encode_string(client_id) + topic.encode()))
         return True
 
-    def _replay_asked(self, peer: int, body: bytearray, pos: int, end: int) -> None:
+    def _replay_requested(self, peer: int, body: bytearray, pos: int, end: int) -> None:
         client_id, pos = decode_string(body, pos, end)
         topic = bytes(body[pos:end]).decode()
         payload = self.engine.shadows.delta_for(topic)
