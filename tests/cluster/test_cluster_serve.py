@@ -336,6 +336,113 @@ def test_delayed_will_follows_reconnect_elsewhere(cluster: Cluster, clean: bool)
         watcher.expect_none(wait=WILL_DELAY_S + 1)
 
 
+def resume(
+    port: int, client_id: str, protocol: int, transport: str = "tcp", ca: Path | None = None
+) -> TestClient:
+    """Connect ``client_id`` without Clean Start, keeping its session for 5 minutes; over TLS
+    when the certificate authority ``ca`` is given."""
+    client = TestClient(
+        port,
+        client_id,
+        protocol,
+        clean=False,
+        properties=(
+            properties(PacketTypes.CONNECT, SessionExpiryInterval=300) if protocol == V5 else None
+        ),
+        connect=False,
+        transport=transport,
+    )
+    if ca is not None:
+        client.client.tls_set(ca_certs=str(ca))
+    client.connect()
+    return client
+
+
+def expect_resumed(client: TestClient, payloads: list[bytes]) -> None:
+    """Check that ``client`` resumed its session and got exactly ``payloads``, in order."""
+    assert client.connack is not None and client.connack[0].session_present, (
+        f"{client.client._client_id!r}: CONNACK without Session Present"
+    )
+    assert [client.expect(timeout=RESPONSE_TIMEOUT_S).payload for _ in payloads] == payloads
+    client.expect_none(wait=0.3)
+
+
+@pytest.mark.parametrize("protocol", [V311, V5], ids=["v311", "v5"])
+def test_session_moves_between_websocket_and_tcp(cluster: Cluster, protocol: int) -> None:
+    """A persistent session follows its client from worker 0 (WebSocket) to worker 1 (TCP,
+    handed to the owner of the id) and back, with its subscription and the messages queued
+    while the client was away."""
+    client_id = client_owned_by(1, "crane")
+    topic = f"moves/{client_id}"
+    publisher = TestClient(cluster.port, client_owned_by(2, "line"))
+
+    web = resume(cluster.http_port, client_id, protocol, "websockets")
+    web.subscribe(topic, qos=1)
+    web.disconnect()
+    for payload in (b"a1", b"a2", b"a3"):
+        publisher.publish(topic, payload, qos=1)
+
+    tcp = resume(cluster.port, client_id, protocol)
+    expect_resumed(tcp, [b"a1", b"a2", b"a3"])
+    # The subscription is on worker 1 now, and only there: one copy per message.
+    publisher.publish(topic, b"live", qos=1)
+    assert tcp.expect(timeout=RESPONSE_TIMEOUT_S).payload == b"live"
+    tcp.expect_none(wait=0.5)
+    tcp.disconnect()
+    for payload in (b"b1", b"b2"):
+        publisher.publish(topic, payload, qos=1)
+
+    web_again = resume(cluster.http_port, client_id, protocol, "websockets")
+    expect_resumed(web_again, [b"b1", b"b2"])
+
+
+def test_session_moves_through_three_workers(tmp_path: Path) -> None:
+    """TLS clients stay on the worker that accepted them, any of the three. A persistent
+    session alternates between a WebSocket connection on worker 0 and TLS connections,
+    until a TLS connection landed on worker 2: then the session went from worker 2 to worker
+    0 through the owner of the id, worker 1, which had neither connection."""
+    from tls.certificates import make_certificates
+
+    certificates = make_certificates(tmp_path / "certificates")
+    tls_port = free_port()
+    cluster = Cluster(
+        tmp_path / "data",
+        WORKERS,
+        "--tls-port", str(tls_port),
+        "--tls-cert", str(certificates.server.cert),
+        "--tls-key", str(certificates.server.key),
+    )  # fmt: skip
+    client_id = client_owned_by(1, "press")
+    topic = f"moves/{client_id}"
+    # Logged by the worker that sends the session.
+    through_owner = f"worker-2 ironshadow.cluster: client {client_id}: its session moves to "
+    through_owner += "worker 0"
+    try:
+        cluster.wait_until_running()
+        publisher = TestClient(cluster.port, client_owned_by(1, "line"))
+        # With a certificate, the HTTP port serves HTTPS and MQTT over secure WebSocket.
+        web = resume(cluster.http_port, client_id, V5, "websockets", certificates.ca)
+        web.subscribe(topic, qos=1)
+        web.disconnect()
+        # A TLS connection lands on worker 2 with a chance of one in three each time.
+        for attempt in range(20):
+            publisher.publish(topic, b"to tls %d" % attempt, qos=1)
+            secure = resume(tls_port, client_id, V5, ca=certificates.ca)
+            expect_resumed(secure, [b"to tls %d" % attempt])
+            secure.disconnect()
+            publisher.publish(topic, b"to web %d" % attempt, qos=1)
+            web = resume(cluster.http_port, client_id, V5, "websockets", certificates.ca)
+            expect_resumed(web, [b"to web %d" % attempt])
+            web.disconnect()
+            if through_owner in cluster.log_text():
+                break
+        else:
+            raise AssertionError("no TLS connection of 20 landed on worker 2")
+    finally:
+        status = cluster.stop()
+    assert status == 0, cluster.log_tail()
+
+
 def test_every_worker_serves_tls(tmp_path: Path) -> None:
     """Each worker serves the TLS port, and TLS clients reach subscribers on any worker."""
     from tls.certificates import make_certificates

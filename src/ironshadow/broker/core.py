@@ -107,8 +107,9 @@ class Broker:
         # Who may connect and which topics they may use; the default allows everything.
         # Replace it before start() or between connections; see ``access``.
         self.access = access or AccessPolicy()
-        # Connections whose CONNECT waits for the access policy, on hold meanwhile.
-        self._authenticating: set[MQTTConnection] = set()
+        # Connections whose CONNECT waits, on hold meanwhile: for the access policy, or for
+        # their session to come from another worker (``session_fetch``).
+        self._connects_waiting: set[MQTTConnection] = set()
         self.sessions: dict[str, Session] = {}
         self.connections: set[MQTTConnection] = set()
         self.index = SubscriptionIndex()
@@ -161,6 +162,11 @@ class Broker:
         self.tcp_connection_class: type[MQTTConnection] = MQTTConnection
         self.connect_router: Callable[[MQTTConnection, Connect], bool] | None = None
         self.subscribe_barrier: Callable[[Callable[[], None]], bool] | None = None
+        # ``session_fetch(client_id)`` may bring the session of a client that connects
+        # without Clean Start from the worker that holds it. It returns a future that is done
+        # once the session is in ``sessions`` or is known not to exist, or None when no other
+        # worker can hold it. The CONNECT waits for the future.
+        self.session_fetch: Callable[[str], asyncio.Future[None] | None] | None = None
         # ``sys_totals(topics)`` may turn this broker's $SYS figures into figures for the
         # whole engine before they are published, as a cluster worker does.
         self.sys_totals: Callable[[list[tuple[str, str]]], list[tuple[str, str]]] | None = None
@@ -501,7 +507,7 @@ class Broker:
 
         As for a connection here, Clean Start ends the session and sends a pending delayed
         will now, and otherwise the delayed will is cancelled [MQTT-3.1.3-9]. The session's
-        other state stays here: sessions do not move between processes.
+        other state stays here until :meth:`release_session` moves it.
         """
         session = self.sessions.get(client_id)
         if session is None or session.connection is not None:
@@ -517,6 +523,31 @@ class Broker:
             log.info("client %s connected through another worker; its delayed will is "
                      "cancelled", client_id)
             self._mark_session(client_id)
+
+    def release_session(self, session: Session) -> None:
+        """Remove an offline session that moves to another engine process (a cluster
+        worker's peer), where a connection resumes it.
+
+        Its subscriptions leave the index, and a pending delayed will is dropped, not sent:
+        the resuming connection cancels it [MQTT-3.1.3-9].
+        """
+        session.will = None
+        session.will_at = None
+        session.cancel_timers()
+        self._end_session(session)
+
+    def adopt_session(self, session: Session) -> None:
+        """Take in an offline session that another engine process released, with its
+        subscriptions and queued messages. Its expiry runs on from its saved end."""
+        self.sessions[session.client_id] = session
+        for topic_filter, record in session.subscriptions.items():
+            _group, inner = parse_shared_subscription(topic_filter)
+            self.index.add(inner, record)
+        if session.ends_at is not None:
+            session.expiry_handle = self.loop.call_later(
+                max(0.0, session.ends_at - time.time()), self._expire_session, session
+            )
+        self._mark_session(session.client_id)
 
     def _publish_will(self, will, client_id: str) -> None:  # type: ignore[no-untyped-def]
         # Will Delay Interval belongs to CONNECT and is not valid in a PUBLISH, so a
@@ -611,7 +642,8 @@ class Broker:
             if not self.reading_paused:
                 connection.transport.resume_reading()
             self._accept_connect(connection, connect)
-            # Still CONNECTING means authentication is under way, which releases it later.
+            # Still CONNECTING means that authentication or a session fetch is under way,
+            # which releases it later.
             if connection.state != CONNECTING:
                 if self.reading_paused:
                     self.release_after_pause(connection)
@@ -639,12 +671,27 @@ class Broker:
         future: asyncio.Future[AuthenticationResult],
     ) -> None:
         """Hold the connection until the access policy's ``future`` is done."""
+        self._hold_connect(connection)
+        future.add_done_callback(partial(self._authentication_done, connection, connect))
+
+    def _hold_connect(self, connection: MQTTConnection) -> None:
+        """Stop reading from a connection whose CONNECT waits, until _release_connect."""
         connection.transport.pause_reading()
         if connection.held is None:
             # Packets sent right after CONNECT wait for its outcome, as during admission.
             connection.held = []
-        self._authenticating.add(connection)
-        future.add_done_callback(partial(self._authentication_done, connection, connect))
+        self._connects_waiting.add(connection)
+
+    def _release_connect(self, connection: MQTTConnection) -> None:
+        """Read again from a connection whose CONNECT waited, and handle what it held."""
+        if connection.state == CLOSED or connection in self._connects_waiting:
+            return
+        if self.reading_paused:
+            self.release_after_pause(connection)
+            return
+        if not connection.reading_paused:
+            connection.transport.resume_reading()
+        connection.release_held()
 
     def _authentication_done(
         self,
@@ -652,7 +699,7 @@ class Broker:
         connect: Connect,
         future: asyncio.Future[AuthenticationResult],
     ) -> None:
-        self._authenticating.discard(connection)
+        self._connects_waiting.discard(connection)
         if connection.state != CONNECTING or connection.transport is None:
             return  # the client left while it waited
         error = None if future.cancelled() else future.exception()
@@ -671,14 +718,7 @@ class Broker:
         else:
             result = future.result()
         self._authenticated(connection, connect, result)
-        if connection.state == CLOSED:
-            return
-        if self.reading_paused:
-            self.release_after_pause(connection)
-            return
-        if not connection.reading_paused:
-            connection.transport.resume_reading()
-        connection.release_held()
+        self._release_connect(connection)
 
     def _authenticated(
         self, connection: MQTTConnection, connect: Connect, result: AuthenticationResult
@@ -695,6 +735,31 @@ class Broker:
             # A dict here, even an empty one, turns on the topic checks of this connection.
             connection.publish_decisions = {}
             connection.decisions_generation = self.access.generation
+        fetch = self.session_fetch
+        client_id = connect.client_id
+        if (
+            fetch is not None
+            and not connect.clean_start
+            and client_id
+            and client_id not in self.sessions
+        ):
+            future = fetch(client_id)
+            if future is not None:
+                self._hold_connect(connection)
+                future.add_done_callback(partial(self._session_fetched, connection, connect))
+                return
+        self._connect_checked(connection, connect)
+
+    def _session_fetched(
+        self, connection: MQTTConnection, connect: Connect, _future: asyncio.Future[None]
+    ) -> None:
+        self._connects_waiting.discard(connection)
+        if connection.state != CONNECTING or connection.transport is None:
+            return  # the client left while it waited
+        self._connect_checked(connection, connect)
+        self._release_connect(connection)
+
+    def _connect_checked(self, connection: MQTTConnection, connect: Connect) -> None:
         try:
             self._connect(connection, connect)
         except MQTTProtocolError as exc:
@@ -1280,7 +1345,7 @@ class Broker:
         now = time.monotonic()
         queued = {id(connection) for connection, _ in self._admission}
         # Connections waiting for authentication are released when it ends.
-        queued.update(id(connection) for connection in self._authenticating)
+        queued.update(id(connection) for connection in self._connects_waiting)
         # A copy, because packets released from hold can close connections.
         for connection in list(self.connections):
             # The pause does not count against keep alive.
@@ -1310,7 +1375,7 @@ class Broker:
         """
         held = self.held_in_pause
         queued = {id(connection) for connection, _ in self._admission}
-        queued.update(id(connection) for connection in self._authenticating)
+        queued.update(id(connection) for connection in self._connects_waiting)
         for connection in list(held):
             if self.reading_paused:
                 return
@@ -1332,7 +1397,7 @@ class Broker:
         connect_timeout = self.config.connect_timeout
         queued = {id(connection) for connection, _ in self._admission}
         # A client whose CONNECT is being authenticated has sent it in time.
-        queued.update(id(connection) for connection in self._authenticating)
+        queued.update(id(connection) for connection in self._connects_waiting)
         for connection in list(self.connections):
             if connection.state == CONNECTING:
                 if now - connection.opened_at > connect_timeout and id(connection) not in queued:

@@ -34,12 +34,15 @@ kind     name             rest of the body
                           client subscribed to the delta of a thing that the receiver owns
 14       DELTA            a client id and a topic (MQTT strings), then the current delta message
                           to the end: the reply to a REPLAY when the shadow has a delta
-15       CLAIM            a 4-byte claim number, a flags byte (1: Clean Start), then a client id:
-                          a client whose id the receiver owns connected to the sender without
-                          being handed off (TLS, WebSocket)
-16       TAKEOVER         a 4-byte claim number, a flags byte (1: Clean Start), then a client id:
-                          a newer connection with that id was made, so the receiver closes the
-                          claimed connection, or lets its offline session give way
+15       CLAIM            a 4-byte claim number, a flags byte (CLEAN_START, WANTS_SESSION), a client
+                          id: a client whose id the receiver owns connected to the sender
+                          without being handed off (TLS, WebSocket). With WANTS_SESSION the
+                          sender waits for SESSION with the claim number
+16       TAKEOVER         a 4-byte claim number, a flags byte, a 2-byte worker index and a
+                          4-byte number, then a client id: a newer connection with that id was
+                          made, so the receiver closes the claimed connection, or lets its
+                          offline session give way. With WANTS_SESSION it sends the session to
+                          that worker in SESSION with that number
 17       SHARED           a shared subscription filter ``$share/{group}/{filter}`` (MQTT string),
                           then a message as in PUBLISH, for one of the receiver's members of it
 18       CALL             a 4-byte call number, a procedure name (MQTT string), then its arguments
@@ -59,6 +62,10 @@ kind     name             rest of the body
 24       RETAINED         one retained message of the reply to RETAINED_REQUEST, encoded as
                           in PUBLISH
 25       RETAINED_END     nothing: the reply to RETAINED_REQUEST is complete
+26       SESSION          the 4-byte number of a CLAIM or TAKEOVER with WANTS_SESSION, a client id
+                          (MQTT string), then the client's session as the MQTT state store
+                          saves it (:func:`~ironshadow.broker.persistence.encode_session`), or
+                          nothing when the sender has none. The sender no longer has it
 ======== ================ ======================================================================
 
 Shared subscriptions are announced whole (``$share/{group}/{filter}``). The worker where a
@@ -69,6 +76,11 @@ are routed to plain subscriptions only, so every group gets each message once.
 A worker sends SYNC after announcing a new topic filter, and delays the client's SUBACK until
 every peer has replied. A message published on any worker after the SUBACK then reaches the
 new subscriber.
+
+A session lives on one worker at a time. A client that connects without Clean Start to a
+worker that does not have its session gets it from the worker that has it, before CONNACK:
+the owner of the client id knows which worker that is (itself, or the one of the latest
+CLAIM), and requests it with TAKEOVER when that is another worker.
 
 Call numbers are the sender's own, counted separately from REQUEST numbers: a reply carries
 the number of the frame it answers, so that the sender can match it to the waiting caller.
@@ -119,6 +131,11 @@ FIGURES = 22
 RETAINED_REQUEST = 23
 RETAINED = 24
 RETAINED_END = 25
+SESSION = 26
+
+# Flags of CLAIM and TAKEOVER.
+CLEAN_START = 0x01
+WANTS_SESSION = 0x02
 
 # The shadow operations of an HTTP_CALL frame, by their code in the frame.
 HTTP_OPERATIONS = ("get", "update", "delete")

@@ -7,7 +7,9 @@ and changes five things:
   :class:`~.handoff.ClusterConnection` as the protocol. At CONNECT, a client whose id another
   worker owns (see :func:`~.ownership.owner_of`) is passed to that worker. Empty client ids,
   TLS and WebSocket connections stay where they are, and their worker claims their id at
-  the owner, so that a newer connection with the id closes them (session takeover).
+  the owner, so that a newer connection with the id closes them (session takeover). A
+  client that resumes its session on another worker than before gets it from there: the
+  session moves, with its subscriptions and queued messages, before CONNACK.
 - Subscriptions. The broker's index is a :class:`ClusterIndex`, which counts the clients'
   subscriptions per topic filter and tells every peer over the bus when a filter gains its
   first subscriber or loses its last one. A peer that connects gets the whole set.
@@ -33,6 +35,7 @@ import json
 import logging
 import os
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -45,6 +48,12 @@ from ..broker.connection import CLOSED, CONNECTED, MQTTConnection
 from ..broker.core import INTERNAL_CLIENT_PREFIX
 from ..broker.hooks import DUPLICATE_CLIENT_ID, BrokerHooks
 from ..broker.message import Message
+from ..broker.persistence import (
+    StateDecodeError,
+    decode_session,
+    encode_session,
+    wall_clock_offset,
+)
 from ..broker.retained import RetainedStore
 from ..broker.session import Delivery, Session
 from ..broker.subscriptions import SubscriptionIndex, SubscriptionRecord
@@ -98,6 +107,9 @@ STOP_WAIT = 1.0
 # before it is sent anyway. A running peer replies within one loop iteration, and a stopped
 # or stuck one must not delay the client's subscription for long.
 SYNC_TIMEOUT = 1.0
+# Seconds that a CONNECT without Clean Start waits for its session from another worker
+# before it goes on without it. The worker that has the session sends it at once.
+SESSION_WAIT = 2.0
 # $SYS topics whose figures every worker publishes for the whole engine, as the sum of
 # every worker's own figure. The retained message count is the same on every worker and
 # the version and uptime are this worker's own.
@@ -309,6 +321,17 @@ class ClusterWorker:
         self._remote_clients: dict[str, tuple[int, bytes]] = {}
         self._claims: dict[str, bytes] = {}
         self._next_claim = 0
+        # Connections that wait for their session from a peer: by the number of the CLAIM or
+        # TAKEOVER that requested it, the client id, the future that the broker waits for,
+        # and the timer that ends the wait.
+        self._session_waits: dict[
+            bytes, tuple[str, asyncio.Future[None], asyncio.TimerHandle]
+        ] = {}
+        # Client ids whose CLAIM was sent with the request for their session, before
+        # CONNACK, so that the connection does not claim its id again.
+        # NOTE: an entry stays when the CONNECT fails after the session arrived (for
+        # example a will that the client may not publish), until the id connects again.
+        self._early_claims: set[str] = set()
         # HTTP_CALL and METRICS frames sent whose reply has not arrived yet, by call number.
         self._calls: dict[int, _Call] = {}
         self._next_call = 0
@@ -375,6 +398,7 @@ class ClusterWorker:
         broker.tcp_connection_class = ClusterConnection
         broker.connect_router = self._route_connect
         broker.subscribe_barrier = self._hold_suback
+        broker.session_fetch = self._fetch_session
         broker.sys_totals = self._sys_totals
         broker.add_hooks(_TakeoverHooks(self))
         shadows = self.engine.shadows
@@ -898,8 +922,17 @@ class ClusterWorker:
             self._claimed(peer, bytes(body[pos : pos + 4]), body[pos + 4], client_id)
             return
         if kind == bus.TAKEOVER:
-            client_id = bytes(body[pos + 5 : end]).decode()
-            self._taken_over(bytes(body[pos : pos + 4]), body[pos + 4], client_id)
+            claim = bytes(body[pos : pos + 4])
+            flags = body[pos + 4]
+            reply_to = int.from_bytes(body[pos + 5 : pos + 7], "big")
+            number = bytes(body[pos + 7 : pos + 11])
+            client_id = bytes(body[pos + 11 : end]).decode()
+            self._taken_over(claim, flags, client_id, reply_to, number)
+            return
+        if kind == bus.SESSION:
+            number = bytes(body[pos : pos + 4])
+            client_id, pos = decode_string(body, pos + 4, end)
+            self._session_arrived(number, client_id, bytes(body[pos:end]))
             return
         if kind == bus.REPLAY:
             self._replay_requested(peer, body, pos, end)
@@ -1030,43 +1063,108 @@ class ClusterWorker:
         sends TAKEOVER to the worker of the previous claim, which does the same. A handed-off
         client costs one dictionary lookup on its owner and no frame.
         """
-        flags = b"\x01" if clean_start else b"\x00"
+        if client_id in self._early_claims:
+            self._early_claims.discard(client_id)
+            return
+        flags = bus.CLEAN_START if clean_start else 0
         owner = owner_of(client_id, self.workers)
         if owner == self.index:
             previous = self._remote_clients.pop(client_id, None)
             if previous is not None:
                 self._send_takeover(previous, flags, client_id)
             return
-        self._next_claim = self._next_claim % MAX_REQUEST_NUMBER + 1
-        claim = self._next_claim.to_bytes(4, "big")
-        self._claims[client_id] = claim
-        self._send_to(owner, bus.frame(bus.CLAIM, claim + flags + client_id.encode()))
+        self._send_claim(owner, flags, client_id)
 
     def client_disconnected(self, client_id: str) -> None:
         self._claims.pop(client_id, None)
 
+    def _send_claim(self, owner: int, flags: int, client_id: str) -> bytes:
+        claim = self._new_claim()
+        self._claims[client_id] = claim
+        self._send_to(owner, bus.frame(bus.CLAIM, claim + bytes((flags,)) + client_id.encode()))
+        return claim
+
+    def _new_claim(self) -> bytes:
+        self._next_claim = self._next_claim % MAX_REQUEST_NUMBER + 1
+        return self._next_claim.to_bytes(4, "big")
+
+    def _fetch_session(self, client_id: str) -> asyncio.Future[None] | None:
+        """Bring the session of ``client_id`` here from the worker that has it, for a
+        connection without Clean Start that found none here (the broker's session fetch).
+
+        A worker that does not own the id claims it with WANTS_SESSION, and the owner replies
+        with its own session or has the worker of the latest claim send that one. The owner
+        itself asks the worker of the latest claim, if there is one, and otherwise the
+        session does not exist. Return the future that the CONNECT waits for, or None.
+        """
+        if client_id.startswith(INTERNAL_CLIENT_PREFIX):
+            return None
+        owner = owner_of(client_id, self.workers)
+        if owner == self.index:
+            previous = self._remote_clients.pop(client_id, None)
+            if previous is None or self._links[previous[0]] is None:
+                return None
+            number = self._new_claim()
+            self._send_takeover(previous, bus.WANTS_SESSION, client_id, self.index, number)
+        else:
+            if self._links[owner] is None:
+                return None
+            number = self._send_claim(owner, bus.WANTS_SESSION, client_id)
+            self._early_claims.add(client_id)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        timer = loop.call_later(SESSION_WAIT, self._session_wait_over, number)
+        self._session_waits[number] = (client_id, future, timer)
+        return future
+
+    def _session_wait_over(self, number: bytes) -> None:
+        wait = self._session_waits.pop(number, None)
+        if wait is not None:
+            log.warning(
+                "client %s: fetching its session from another worker timed out after %.0f s; "
+                "the client gets a new session",
+                wait[0],
+                SESSION_WAIT,
+            )
+            wait[1].set_result(None)
+
     def _claimed(self, peer: int, claim: bytes, flags: int, client_id: str) -> None:
-        self._give_way(client_id, bool(flags & 1), peer)
+        self._give_way(client_id, bool(flags & bus.CLEAN_START), peer)
         previous = self._remote_clients.get(client_id)
-        if previous is not None and previous[0] != peer:
-            self._send_takeover(previous, bytes((flags,)), client_id)
         self._remote_clients[client_id] = (peer, claim)
+        if previous is not None and previous[0] != peer:
+            # The session, if any, is on the worker of the previous claim.
+            self._send_takeover(previous, flags, client_id, peer, claim)
+        elif flags & bus.WANTS_SESSION:
+            self._send_session(peer, claim, client_id)
 
-    def _send_takeover(self, claim: tuple[int, bytes], flags: bytes, client_id: str) -> None:
+    def _send_takeover(
+        self,
+        claim: tuple[int, bytes],
+        flags: int,
+        client_id: str,
+        reply_to: int = 0,
+        number: bytes = bytes(4),
+    ) -> None:
         """Tell the worker of ``claim`` (its index and number) that a newer connection with
-        ``client_id`` was made."""
-        data = claim[1] + flags + client_id.encode()
-        self._send_to(claim[0], bus.frame(bus.TAKEOVER, data))
+        ``client_id`` was made; with WANTS_SESSION in ``flags``, it sends the session to
+        worker ``reply_to`` in a SESSION frame with ``number``."""
+        data = claim[1] + bytes((flags,)) + reply_to.to_bytes(2, "big") + number
+        self._send_to(claim[0], bus.frame(bus.TAKEOVER, data + client_id.encode()))
 
-    def _taken_over(self, claim: bytes, flags: int, client_id: str) -> None:
+    def _taken_over(
+        self, claim: bytes, flags: int, client_id: str, reply_to: int, number: bytes
+    ) -> None:
         """Give way to a newer connection, unless this worker's connection with
         ``client_id`` is newer than ``claim``."""
         session = self.broker.sessions.get(client_id)
-        if session is None:
-            return
-        if session.connection is not None and self._claims.get(client_id) != claim:
-            return
-        self._give_way(client_id, bool(flags & 1), owner_of(client_id, self.workers))
+        if session is not None and (
+            session.connection is None or self._claims.get(client_id) == claim
+        ):
+            owner = owner_of(client_id, self.workers)
+            self._give_way(client_id, bool(flags & bus.CLEAN_START), owner)
+        if flags & bus.WANTS_SESSION:
+            self._send_session(reply_to, number, client_id)
 
     def _give_way(self, client_id: str, clean_start: bool, worker: int) -> None:
         """Close this worker's connection with ``client_id``, then let its session give way."""
@@ -1076,6 +1174,54 @@ class ClusterWorker:
         if session.connection is not None:
             self._close_taken_over(session.connection, client_id, worker)
         self.broker.connected_elsewhere(client_id, clean_start)
+
+    def _send_session(self, peer: int, number: bytes, client_id: str) -> None:
+        """Move this worker's offline session of ``client_id`` to ``peer``, where a
+        connection waits for it; send an empty SESSION frame when there is none."""
+        data = b""
+        session = self.broker.sessions.get(client_id)
+        if session is not None and session.connection is None and session.consumer is None:
+            data = encode_session(session, wall_clock_offset())
+            self.broker.release_session(session)
+            log.info("client %s: its session moves to worker %d", client_id, peer)
+        self._send_to(peer, bus.frame(bus.SESSION, number + encode_string(client_id) + data))
+
+    def _session_arrived(self, number: bytes, client_id: str, data: bytes) -> None:
+        """Take in a session that a peer released (see _send_session), and let the CONNECT
+        that waits for it go on once the peers have its subscriptions.
+
+        A session that comes after its connection stopped waiting is kept offline, unless
+        the client has a session here again by then.
+        """
+        wait = self._session_waits.pop(number, None)
+        if wait is not None:
+            wait[2].cancel()
+        broker = self.broker
+        if data:
+            try:
+                session = decode_session(client_id, data, wall_clock_offset())
+            except (StateDecodeError, struct.error) as exc:
+                # NOTE: not expected, because the peer runs the same code.
+                log.error("client %s: cannot read its session from a peer: %s", client_id, exc)
+            else:
+                if client_id in broker.sessions:
+                    log.warning(
+                        "client %s: dropped its session from a peer, which came after the "
+                        "client had connected without it",
+                        client_id,
+                    )
+                else:
+                    broker.adopt_session(session)
+        if wait is None:
+            return
+        future = wait[1]
+
+        def resume() -> None:
+            if not future.done():
+                future.set_result(None)
+
+        if not self._hold_suback(resume):
+            resume()
 
     def _close_taken_over(self, connection: MQTTConnection, client_id: str, worker: int) -> None:
         log.info(
