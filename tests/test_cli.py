@@ -171,12 +171,19 @@ def test_serve_port_in_use_is_clear_error(tmp_path):
     assert "Traceback" not in output
 
 
-def test_serve_http_port_in_use_is_clear_error(tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_http_port_in_use_is_clear_error(tmp_path, workers):
+    # One process binds the HTTP port itself; with two, the supervisor binds it.
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        engine = start_engine(tmp_path, "--mqtt-port", str(free_port()), "--http-port", str(port))
+        engine = start_engine(
+            tmp_path,
+            "--mqtt-port", str(free_port()),
+            "--http-port", str(port),
+            "--workers", workers,
+        )  # fmt: skip
         output, _ = engine.communicate(timeout=scaled(30))
     assert engine.returncode == 2
     assert f"HTTP port {port}" in output

@@ -22,6 +22,8 @@ from .api.cluster_reads import register_procedures
 from .api.feed import FeedConfig
 from .api.metrics import collect as collect_metrics
 from .api.security import HttpAuth
+from .api.server import LISTEN_BACKLOG as HTTP_LISTEN_BACKLOG
+from .api.server import bind_sockets
 from .auth import AclError, AuthPolicy, UserStoreError
 from .auth import command as auth_command
 from .auth.tokens import DEFAULT_TOKEN_LIFETIME
@@ -112,35 +114,40 @@ async def _serve(
         if exc.errno == errno.EADDRINUSE:
             raise _mqtt_port_in_use(config) from exc
         raise
-    api = None
-    # With several workers only worker 0 serves the HTTP API. Its shadow requests and
-    # /metrics reach the other workers over the bus (cluster/worker.py).
-    if worker is None or worker.index == 0:
-        http_auth = HttpAuth(access, token_lifetime) if access is not None else None
-        api = ApiServer(
-            engine, config.host, http_port, feed=feed, ssl_context=http_ssl, auth=http_auth
-        )
+    # With several workers, each serves the HTTP API on the sockets that the supervisor
+    # bound. Requests for another worker's things, /metrics and the /ws feed reach the
+    # other workers over the bus (cluster/worker.py).
+    http_auth = HttpAuth(access, token_lifetime) if access is not None else None
+    api = ApiServer(
+        engine,
+        config.host,
+        http_port,
+        feed=feed,
+        ssl_context=http_ssl,
+        auth=http_auth,
+        sockets=(
+            [socket.socket(fileno=fd) for fd in worker.http_listen_fds]
+            if worker is not None
+            else None
+        ),
+    )
+    if cluster is not None:
+        api.app.state.peer_metrics = cluster.gather_metrics
+        api.app.state.peers = cluster
+        api.app.state.feed.attach_listener = cluster.set_feed_listener
+    try:
+        await api.start()
+    except OSError as exc:
         if cluster is not None:
-            api.app.state.peer_metrics = cluster.gather_metrics
-            api.app.state.peers = cluster
-            api.app.state.feed.listening_changed = cluster.feed_listening
-        try:
-            await api.start()
-        except OSError as exc:
-            if cluster is not None:
-                await cluster.stop()
-            await engine.shutdown()
-            if exc.errno == errno.EADDRINUSE:
-                raise PortInUseError(
-                    f"HTTP port {http_port} on {config.host} is already in use; "
-                    "choose a free port with --http-port"
-                ) from exc
-            raise
+            await cluster.stop()
+        await engine.shutdown()
+        if exc.errno == errno.EADDRINUSE:
+            raise _http_port_in_use(config, http_port) from exc
+        raise
     log.info("IronShadow %s running; stop with Ctrl-C or SIGTERM", __version__)
     await stop.wait()
     log.info("shutting down")
-    if api is not None:
-        await api.stop()
+    await api.stop()
     if cluster is not None:
         await cluster.stop()
     await engine.shutdown()
@@ -220,7 +227,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         if worker is None and workers > 1:
             log.info("%s", access.describe_mode())
             access.close()
-            return _supervise(args.argv, workers, config)
+            return _supervise(args.argv, workers, config, values["http_port"])
         asyncio.run(
             _serve(
                 config, limits, values["http_port"], storage, feed, http_ssl, access,
@@ -253,6 +260,13 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _http_port_in_use(config: BrokerConfig, http_port: int) -> PortInUseError:
+    return PortInUseError(
+        f"HTTP port {http_port} on {config.host} is already in use; "
+        "choose a free port with --http-port"
+    )
+
+
 def _tls_port_in_use(config: BrokerConfig) -> PortInUseError:
     return PortInUseError(
         f"MQTT TLS port {config.tls_port} on {config.host} is already in use; "
@@ -267,9 +281,9 @@ def _mqtt_port_in_use(config: BrokerConfig) -> PortInUseError:
     )
 
 
-def _supervise(argv: list[str], workers: int, config: BrokerConfig) -> int:
-    """Bind the MQTT port (and the TLS port) and run ``workers`` copies of this command
-    under a supervisor."""
+def _supervise(argv: list[str], workers: int, config: BrokerConfig, http_port: int) -> int:
+    """Bind the MQTT port, the TLS port and the HTTP port, and run ``workers`` copies of
+    this command under a supervisor."""
     try:
         listener = bind_listener(config.host, config.port, config.listen_backlog)
     except OSError as exc:
@@ -277,16 +291,33 @@ def _supervise(argv: list[str], workers: int, config: BrokerConfig) -> int:
             raise _mqtt_port_in_use(config) from exc
         raise
     tls_listener = None
-    if config.tls_cert:
-        # Every worker serves TLS on this socket. A TLS connection stays on the worker
-        # that accepted it, because its TLS state cannot be passed on.
+    http_listeners: list[socket.socket] = []
+    try:
+        if config.tls_cert:
+            # Every worker serves TLS on this socket. A TLS connection stays on the worker
+            # that accepted it, because its TLS state cannot be passed on.
+            try:
+                tls_listener = bind_listener(config.host, config.tls_port, config.listen_backlog)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise _tls_port_in_use(config) from exc
+                raise
+        # Every worker serves HTTP too; a request or WebSocket stays where it landed.
         try:
-            tls_listener = bind_listener(config.host, config.tls_port, config.listen_backlog)
+            http_listeners = bind_sockets(config.host, http_port)
         except OSError as exc:
-            listener.close()
             if exc.errno == errno.EADDRINUSE:
-                raise _tls_port_in_use(config) from exc
+                raise _http_port_in_use(config, http_port) from exc
             raise
+        for sock in http_listeners:
+            # Listening now keeps connections made while the workers start in the queue.
+            sock.listen(HTTP_LISTEN_BACKLOG)
+            sock.set_inheritable(True)
+    except BaseException:
+        for sock in (listener, tls_listener, *http_listeners):
+            if sock is not None:
+                sock.close()
+        raise
     log.info(
         "supervisor (pid %d) listening on %s:%d; starting %d workers",
         os.getpid(),
@@ -295,7 +326,7 @@ def _supervise(argv: list[str], workers: int, config: BrokerConfig) -> int:
         workers,
     )
     command = [sys.executable, "-m", "ironshadow", *argv]
-    return Supervisor(command, workers, listener, tls_listener).run()
+    return Supervisor(command, workers, listener, tls_listener, http_listeners).run()
 
 
 def build_parser() -> argparse.ArgumentParser:

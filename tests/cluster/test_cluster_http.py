@@ -1,9 +1,10 @@
 """The HTTP API of ``ironshadow serve --workers 3``: REST shadow requests and /metrics for
-things and figures of every worker, all through worker 0's HTTP port.
+things and figures of every worker, through the HTTP port that every worker serves.
 
 Thing names are chosen with ``owner_of``, so each test decides which worker owns which thing.
-Worker 0 owns some of them and handles their requests itself, as a single engine does: its
-replies are the reference that the forwarded ones must match.
+Each request opens its own connection, so it lands on any worker. A worker handles the
+requests for its own things itself, as a single engine does, and forwards the others to
+their owners: the replies must not depend on where a request landed.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from test_cluster_serve import (
     client_owned_by,
     worker_figures,
 )
-from websockets.sync.client import connect
+from websockets.sync.client import ClientConnection, connect
 
 from conftest import open_clients, scaled
 from ironshadow.cluster import owner_of
@@ -57,10 +58,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def http(cluster: Cluster) -> httpx.Client:
+    """Return an HTTP client that opens a new connection for each request, so that the
+    requests land on any worker, as separate clients' requests do."""
     return httpx.Client(
         base_url=f"http://{HOST}:{cluster.http_port}",
         timeout=scaled(RESPONSE_TIMEOUT_S),
         trust_env=False,
+        limits=httpx.Limits(max_keepalive_connections=0),
     )
 
 
@@ -212,38 +216,55 @@ def test_engine_status_adds_up_workers(cluster: Cluster) -> None:
     )
 
 
+# /ws feed clients of the feed test, each on its own connection, which lands on any worker.
+FEED_CLIENTS = 4
+
+
 def test_feed_shows_changes_of_every_worker(cluster: Cluster) -> None:
-    """The /ws feed on worker 0 gets the changes of things that the other workers own,
-    while it has subscribers."""
+    """Every /ws feed, whichever worker serves it, gets the changes of the things that every
+    worker owns while it has subscribers."""
     url = f"ws://{HOST}:{cluster.http_port}/ws"
     things = [client_owned_by(worker, "oven") for worker in range(WORKERS)]
-    with connect(url, open_timeout=scaled(RESPONSE_TIMEOUT_S)) as feed:
-        feed.send(json.dumps({"subscribe": ["oven-*"]}))
-        assert json.loads(feed.recv(timeout=scaled(RESPONSE_TIMEOUT_S))) == {
-            "subscriptions": ["oven-*"]
-        }
-        # Worker 0 requests the others' changes when its first subscription is made,
-        # so an update stored in the moment after may not reach the feed: each device
-        # updates until the feed shows its thing.
+    with contextlib.ExitStack() as stack:
+        feeds = [
+            stack.enter_context(connect(url, open_timeout=scaled(RESPONSE_TIMEOUT_S)))
+            for _ in range(FEED_CLIENTS)
+        ]
+        for feed in feeds:
+            feed.send(json.dumps({"subscribe": ["oven-*"]}))
+            assert json.loads(feed.recv(timeout=scaled(RESPONSE_TIMEOUT_S))) == {
+                "subscriptions": ["oven-*"]
+            }
         for number, thing in enumerate(things):
             device = TestClient(cluster.port, thing)
-            frame = None
-            deadline = time.monotonic() + scaled(RESPONSE_TIMEOUT_S)
-            while frame is None and time.monotonic() < deadline:
-                device.publish(
-                    f"$aws/things/{thing}/shadow/update",
-                    json.dumps({"state": {"reported": {"heat": number}}}).encode(),
-                    qos=1,
-                )
-                with contextlib.suppress(TimeoutError):
-                    received = json.loads(feed.recv(timeout=0.5))
-                    # A held frame of the previous thing may come late.
-                    if received["thing"] == thing:
-                        frame = received
+            frames = [wait_for_change(feed, device, thing, number) for feed in feeds]
             device.close()
-            assert frame is not None, f"no change of {thing} in the feed"
-            assert frame["thing"] == thing
-            assert frame["state"]["reported"] == {"heat": number}
+            for frame in frames:
+                assert frame["thing"] == thing
+                assert frame["state"]["reported"] == {"heat": number}
+
+
+def wait_for_change(
+    feed: ClientConnection, device: TestClient, thing: str, heat: int
+) -> dict[str, Any]:
+    """Have ``device`` report ``heat`` until ``feed`` shows the change of ``thing``.
+
+    A worker requests its peers' changes when its feed's first subscription is made, so an
+    update stored in the moment after may not reach the feed: the device reports again.
+    """
+    deadline = time.monotonic() + scaled(RESPONSE_TIMEOUT_S)
+    while time.monotonic() < deadline:
+        device.publish(
+            f"$aws/things/{thing}/shadow/update",
+            json.dumps({"state": {"reported": {"heat": heat}}}).encode(),
+            qos=1,
+        )
+        with contextlib.suppress(TimeoutError):
+            received = json.loads(feed.recv(timeout=0.5))
+            # A held frame of the previous thing or report may come late.
+            if received["thing"] == thing and received["state"]["reported"] == {"heat": heat}:
+                return received
+    raise AssertionError(f"no change of {thing} in the feed")
 
 
 def wait_for_points(client: httpx.Client, thing: str, count: int) -> list[dict[str, Any]]:
@@ -348,6 +369,52 @@ def wait_for_status(client: httpx.Client, path: str, status: int) -> httpx.Respo
         time.sleep(0.1)
         response = client.get(path)
     return response
+
+
+def test_http_served_while_worker_0_is_stopped(tmp_path: Path) -> None:
+    """Every worker serves the HTTP port: with worker 0 stopped, the others answer REST
+    requests, the /ws feed and MQTT over WebSocket."""
+    cluster = Cluster(tmp_path / "data")
+    try:
+        cluster.wait_until_running()
+        pid = int(worker_figures(cluster.port, "pid")[0])
+        things = [client_owned_by(worker, "kiln") for worker in (1, 2)]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with http(cluster) as client:
+                for thing in things:
+                    response = client.post(
+                        f"/things/{thing}/shadow", json={"state": {"desired": {"on": True}}}
+                    )
+                    assert response.status_code == 200, response.text
+                    response = client.get(f"/things/{thing}/shadow")
+                    assert response.status_code == 200, response.text
+                    assert response.json()["state"]["desired"] == {"on": True}
+
+            url = f"ws://{HOST}:{cluster.http_port}/ws"
+            with connect(url, open_timeout=scaled(RESPONSE_TIMEOUT_S)) as feed:
+                feed.send(json.dumps({"subscribe": ["kiln-*"]}))
+                assert json.loads(feed.recv(timeout=scaled(RESPONSE_TIMEOUT_S))) == {
+                    "subscriptions": ["kiln-*"]
+                }
+                for heat, thing in enumerate(things):
+                    device = TestClient(cluster.port, thing)
+                    frame = wait_for_change(feed, device, thing, heat)
+                    assert frame["state"]["reported"] == {"heat": heat}
+                    device.close()
+
+            panel = TestClient(
+                cluster.http_port, client_owned_by(1, "panel"), transport="websockets"
+            )
+            panel.subscribe("kiln/alarm", qos=1)
+            line = TestClient(cluster.port, client_owned_by(2, "line"))
+            line.publish("kiln/alarm", b"hot", qos=1)
+            assert panel.expect(timeout=RESPONSE_TIMEOUT_S).payload == b"hot"
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    finally:
+        status = cluster.stop()
+    assert status == 0, cluster.log_tail()
 
 
 def test_stopped_owner_gives_503(tmp_path: Path) -> None:

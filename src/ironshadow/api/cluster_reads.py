@@ -1,8 +1,8 @@
 """Thing reads over every worker of ``ironshadow serve --workers N``.
 
-Worker 0 serves the HTTP API, but each worker keeps the shadows, sessions and (with the
-embedded stores) the history of the things it owns. The thing endpoints therefore read
-through :class:`Peers`, which is worker 0's :class:`~ironshadow.cluster.ClusterWorker`:
+Every worker serves the HTTP API, but each keeps the shadows, sessions and (with the
+embedded stores) the history of only the things it owns. The thing endpoints therefore read
+through :class:`Peers`, the serving worker's :class:`~ironshadow.cluster.ClusterWorker`:
 
 - ``GET /things/{thing}``, ``.../shadows`` and ``.../history`` run on the owner of the
   thing, with a CALL frame when that is another worker. History is read in place when all
@@ -37,7 +37,7 @@ ThingPage = tuple[list[dict[str, Any]], str | None]
 
 
 class Peers(Protocol):
-    """The other workers of a cluster, as worker 0's HTTP API uses them."""
+    """The other workers of a cluster, as a worker's HTTP API uses them."""
 
     index: int
     workers: int
@@ -49,7 +49,8 @@ class Peers(Protocol):
 
 
 def register_procedures(worker: ClusterWorker, engine: Engine) -> None:
-    """Install the thing reads that worker 0 runs on ``worker`` through CALL frames."""
+    """Install the thing reads that the other workers run on ``worker`` through CALL
+    frames."""
     directory = ThingDirectory(engine.shadows, engine.broker)
 
     async def describe(arguments: dict[str, Any]) -> dict[str, Any] | None:

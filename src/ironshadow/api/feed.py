@@ -46,7 +46,7 @@ from fastapi import FastAPI, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
 from ..broker.access import ROLE_DEVICE
-from ..engine.service import ShadowChange, ShadowService
+from ..engine.service import ChangeListener, ShadowChange, ShadowService
 from ..shadow import ShadowError, shadow_key, validate_thing_name
 from ..shadow.delta import compute_delta
 
@@ -224,9 +224,11 @@ class ShadowFeed:
         self.clients_dropped = 0
         # Called after each client joins ``clients``; api/security.py starts its checks here.
         self.client_added: Callable[[], None] | None = None
-        # Called with True when the first subscription is made and with False when the last
-        # one ends. A cluster's worker 0 then requests the other workers' changes.
-        self.listening_changed: Callable[[bool], None] | None = None
+        # Called with the feed's listener for stored shadow changes when the first
+        # subscription is made, and with None when the last one ends. By default it sets the
+        # shadow service's change listener; a cluster worker also requests its peers' changes.
+        self.attach_listener: Callable[[ChangeListener | None], None] = self._attach
+        self._listening = False
 
     # --- changes from the shadow service ------------------------------------------------
 
@@ -398,10 +400,12 @@ class ShadowFeed:
     def _index_changed(self) -> None:
         self._prefix_lengths = sorted({len(prefix) for prefix in self._by_prefix})
         listening = bool(self._by_thing or self._by_prefix)
-        was_listening = self.service.change_listener is not None
-        self.service.change_listener = self._on_changes if listening else None
-        if listening != was_listening and self.listening_changed is not None:
-            self.listening_changed(listening)
+        if listening != self._listening:
+            self._listening = listening
+            self.attach_listener(self._on_changes if listening else None)
+
+    def _attach(self, listener: ChangeListener | None) -> None:
+        self.service.change_listener = listener
 
     def _forget(self, client: FeedClient) -> None:
         """Remove the client with its subscriptions and waiting frames."""

@@ -368,7 +368,7 @@ def _process_usage() -> tuple[float, int]:
     return cpu_seconds, rss_pages * _PAGE_SIZE
 
 
-# Set in ``app.state.peer_metrics`` by a cluster's worker 0: returns the encoded metrics
+# Set in ``app.state.peer_metrics`` by a cluster's worker: returns the encoded metrics
 # (Exposition.to_bytes) of every other worker by index, None for a worker that did not send
 # them in time.
 PeerMetrics = Callable[[], Awaitable[dict[int, bytes | None]]]
@@ -439,7 +439,8 @@ def add_metrics_routes(app: FastAPI, engine: Engine) -> None:
         out = collect(engine)
         collect_websockets(out, app)
         if peers is not None:
-            out = merge_workers({0: out, **_decode_peer_metrics(peers)})
+            own = app.state.peers.index if app.state.peers is not None else 0
+            out = merge_workers({own: out, **_decode_peer_metrics(peers)})
         out.gauge(
             "ironshadow_metrics_collect_seconds",
             time.perf_counter() - started,

@@ -184,7 +184,7 @@ def create_app(
         # Added before the error handlers' middleware, so that it runs inside it.
         app.add_middleware(AuthMiddleware, auth=auth)
     install_error_handlers(app)
-    # Worker 0 of a cluster sets the other workers here (api/cluster_reads.py).
+    # A cluster's worker sets its peers here (api/cluster_reads.py).
     app.state.peers = None
     _install_openapi_without_422(app)
     if auth is not None:
@@ -205,8 +205,8 @@ def create_app(
         operation: str, request: Request, thing: str, name: str | None
     ) -> Response:
         pipeline = engine.pipeline
-        # NOTE: in a cluster this is worker 0's store, so it also rejects writes for things
-        # of other workers. Their owners check their own stores as well.
+        # NOTE: in a cluster this is the serving worker's store, so it also rejects writes
+        # for things of other workers. Their owners check their own stores as well.
         if operation != "get" and pipeline is not None and pipeline.pressure:
             return error_response(
                 503,

@@ -51,7 +51,8 @@ class ApiServer:
     ``port`` 0 picks a free port, and ``ports`` returns it after ``start()``. ``feed``
     configures the ``/ws`` feed of the app built here; it is ignored when ``app`` is given.
     With ``ssl_context`` every endpoint is served over HTTPS, and the WebSocket ones as wss.
-    ``auth`` turns on tokens and roles for the app built here.
+    ``auth`` turns on tokens and roles for the app built here. ``sockets`` are HTTP sockets
+    bound already (by a cluster's supervisor) to serve instead of binding ``host``:``port``.
     """
 
     def __init__(
@@ -63,6 +64,7 @@ class ApiServer:
         feed: FeedConfig | None = None,
         ssl_context: ssl.SSLContext | None = None,
         auth: HttpAuth | None = None,
+        sockets: list[socket.socket] | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -75,6 +77,7 @@ class ApiServer:
         )
         self._server: uvicorn.Server | None = None
         self._sockets: list[socket.socket] = []
+        self._bound = sockets
         self._ticks: asyncio.Task[None] | None = None
 
     @property
@@ -89,7 +92,8 @@ class ApiServer:
         """
         if self._server is not None:
             raise RuntimeError("the REST API server is already running")
-        sockets = bind_sockets(self.host, self.port)
+        sockets = self._bound if self._bound is not None else bind_sockets(self.host, self.port)
+        self._bound = None
         ssl_context = self.ssl_context
         config = uvicorn.Config(
             self.app,

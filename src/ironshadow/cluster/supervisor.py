@@ -105,11 +105,14 @@ class Supervisor:
         workers: int,
         listener: socket.socket,
         tls_listener: socket.socket | None = None,
+        http_listeners: list[socket.socket] | None = None,
     ) -> None:
         self.command = command
         self.listener = listener
         # The MQTT TLS port's socket, which every worker serves too, or None without TLS.
         self.tls_listener = tls_listener
+        # The HTTP port's sockets (one per address of the host), served by every worker.
+        self.http_listeners = http_listeners or []
         self.workers = [_Worker(index) for index in range(workers)]
         self.directory = ""
         self._stopping = False
@@ -143,10 +146,13 @@ class Supervisor:
             self.listener.close()
             if self.tls_listener is not None:
                 self.tls_listener.close()
+            for sock in self.http_listeners:
+                sock.close()
         return self.status
 
     def _start(self, worker: _Worker) -> None:
         tls_fd = self.tls_listener.fileno() if self.tls_listener is not None else -1
+        http_fds = tuple(sock.fileno() for sock in self.http_listeners)
         spec = WorkerSpec(
             worker.index,
             len(self.workers),
@@ -154,9 +160,12 @@ class Supervisor:
             self.directory,
             os.getpid(),
             tls_fd,
+            http_fds,
         )
         environment = {**os.environ, WORKER_ENVIRONMENT: spec.to_environment()}
-        inherited = (self.listener.fileno(),) if tls_fd < 0 else (self.listener.fileno(), tls_fd)
+        inherited = (self.listener.fileno(), *http_fds)
+        if tls_fd >= 0:
+            inherited += (tls_fd,)
         worker.process = subprocess.Popen(
             self.command,
             env=environment,

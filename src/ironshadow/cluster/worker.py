@@ -21,11 +21,13 @@ and changes five things:
   REQUEST frame, and this worker's shadow service ignores it. The publisher's acknowledgement
   of a QoS 1 or 2 request waits for the owner's RELEASED frame. The owner's replies reach the
   requester through the requester's worker's subscriptions, like any message.
-- HTTP. Worker 0 serves the HTTP API. A REST shadow request for a thing that another worker
-  owns goes to the owner as an HTTP_CALL frame, and the owner's shadow service sends its
-  reply back in an HTTP_REPLY frame. ``/metrics`` asks every peer for its metrics with a
-  METRICS frame. Each call waits a bounded time, so a stopped peer costs a 503 or a missing
-  worker in the metrics, never a request that hangs.
+- HTTP. Every worker serves the HTTP API on the sockets that the supervisor bound. A REST
+  shadow request for a thing that another worker owns goes to the owner as an HTTP_CALL
+  frame, and the owner's shadow service sends its reply back in an HTTP_REPLY frame.
+  ``/metrics`` requests every peer's metrics with a METRICS frame, and a ``/ws`` feed with
+  subscribers has every peer send its stored shadow changes (FEED, CHANGES). Each call
+  waits a bounded time, so a stopped peer costs a 503 or a missing worker in the metrics,
+  never a request that hangs.
 """
 
 from __future__ import annotations
@@ -57,7 +59,13 @@ from ..broker.persistence import (
 from ..broker.retained import RetainedStore
 from ..broker.session import Delivery, Session
 from ..broker.subscriptions import SubscriptionIndex, SubscriptionRecord
-from ..engine.service import Reply, ShadowChange, document_bytes, restore_shadow
+from ..engine.service import (
+    ChangeListener,
+    Reply,
+    ShadowChange,
+    document_bytes,
+    restore_shadow,
+)
 from ..engine.topics import REQUEST_OPERATIONS, parse_shadow_topic
 from ..mqtt.encoding import decode_string, encode_string
 from ..mqtt.packets import Connect
@@ -84,7 +92,7 @@ PARENT_CHECK_INTERVAL = 1.0
 # the highest number before the numbers start again at 1.
 NO_RELEASE = bytes(4)
 MAX_REQUEST_NUMBER = 2**32 - 1
-# Seconds that worker 0 waits for the owner's reply to a REST shadow request before it
+# Seconds that a worker waits for the owner's reply to a REST shadow request before it
 # returns 503. A healthy owner replies after one write to its store.
 # The limit stays below the 5 s default timeout of httpx, so that such a client reads the 503
 # and its reason instead of timing out itself.
@@ -147,6 +155,8 @@ class WorkerSpec:
     supervisor_pid: int
     # Descriptor of the MQTT TLS listening socket, or -1 without TLS.
     tls_listen_fd: int = -1
+    # Descriptors of the HTTP listening sockets, one per address of the host.
+    http_listen_fds: tuple[int, ...] = ()
 
     def to_environment(self) -> str:
         return json.dumps(
@@ -157,6 +167,7 @@ class WorkerSpec:
                 "directory": self.directory,
                 "supervisor_pid": self.supervisor_pid,
                 "tls_listen_fd": self.tls_listen_fd,
+                "http_listen_fds": list(self.http_listen_fds),
             }
         )
 
@@ -174,6 +185,7 @@ class WorkerSpec:
             str(fields["directory"]),
             int(fields["supervisor_pid"]),
             int(fields.get("tls_listen_fd", -1)),
+            tuple(int(fd) for fd in fields.get("http_listen_fds", ())),
         )
 
     def bus_path(self, index: int) -> str:
@@ -342,10 +354,10 @@ class ClusterWorker:
         # arguments as a dict and returns a JSON-serialisable result. Set by the command line,
         # which builds them with the HTTP API's code.
         self.procedures: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {}
-        # The /ws feed. On worker 0: whether it has subscribers. On the other workers: the
-        # worker whose FEED frame requested this worker's shadow changes, or None.
-        self._feed_listening = False
-        self._feed_peer: int | None = None
+        # The /ws feed: this worker's feed's listener while it has subscribers, and the
+        # peers whose FEED frames requested this worker's shadow changes.
+        self._local_feed: ChangeListener | None = None
+        self._feed_peers: set[int] = set()
         # While a peer's copy of its retained messages is on its way (see
         # _catch_up_retained): the topics restored from this worker's folder at start, the
         # topics set or cleared here since, and the topics of the copy received so far.
@@ -669,7 +681,7 @@ class ClusterWorker:
         link.send(bus.frame(bus.RESET))
         for topic_filter in self.broker.index.filters:
             link.send(bus.frame(bus.SUBSCRIBE, topic_filter.encode()))
-        if self._feed_listening:
+        if self._local_feed is not None:
             link.send(bus.frame(bus.FEED, b"\x01"))
 
     # --- retained messages of a restarted worker --------------------------------------
@@ -739,28 +751,37 @@ class ClusterWorker:
 
     # --- the /ws feed -----------------------------------------------------------------
 
-    def feed_listening(self, listening: bool) -> None:
-        """Ask every peer for its shadow changes while this worker's feed has subscribers."""
-        self._feed_listening = listening
-        data = bus.frame(bus.FEED, b"\x01" if listening else b"\x00")
+    def set_feed_listener(self, listener: ChangeListener | None) -> None:
+        """Pass stored shadow changes to this worker's /ws feed while it has subscribers
+        (``listener``), and ask every peer for its changes meanwhile."""
+        was_listening = self._local_feed is not None
+        self._local_feed = listener
+        self._update_change_listener()
+        if (listener is not None) == was_listening:
+            return
+        data = bus.frame(bus.FEED, b"\x01" if listener is not None else b"\x00")
         for link in self._links.values():
             if link is not None:
                 link.send(data)
 
     def _feed_requested(self, peer: int, listening: bool) -> None:
-        service = self.engine.shadows
         if listening:
-            self._feed_peer = peer
-            service.change_listener = self._forward_changes
-        elif self._feed_peer == peer:
-            self._feed_peer = None
-            service.change_listener = None
+            self._feed_peers.add(peer)
+        else:
+            self._feed_peers.discard(peer)
+        self._update_change_listener()
+
+    def _update_change_listener(self) -> None:
+        """Give the shadow service the listener that reaches every feed that wants changes:
+        none, this worker's feed alone, or the peers' feeds too."""
+        listener = self._forward_changes if self._feed_peers else self._local_feed
+        self.engine.shadows.change_listener = listener
 
     def _forward_changes(self, changes: list[ShadowChange]) -> None:
-        """Send stored shadow changes to the worker whose feed asked for them."""
-        peer = self._feed_peer
-        if peer is None:
-            return
+        """Pass stored shadow changes to this worker's feed and to every peer whose feed
+        requested them."""
+        if self._local_feed is not None:
+            self._local_feed(changes)
         parts = [len(changes).to_bytes(4, "big")]
         for change in changes:
             document = document_bytes(change.shadow, change.timestamp)
@@ -769,10 +790,12 @@ class ClusterWorker:
             parts.append(change.timestamp.to_bytes(4, "big"))
             parts.append(len(document).to_bytes(4, "big"))
             parts.append(document)
-        self._send_to(peer, bus.frame(bus.CHANGES, b"".join(parts)))
+        data = bus.frame(bus.CHANGES, b"".join(parts))
+        for peer in self._feed_peers:
+            self._send_to(peer, data)
 
     def _changes_arrived(self, body: bytearray, pos: int, end: int) -> None:
-        listener = self.engine.shadows.change_listener
+        listener = self._local_feed
         if listener is None:
             return  # the feed lost its last subscriber meanwhile
         count = int.from_bytes(body[pos : pos + 4], "big")
@@ -887,6 +910,8 @@ class ClusterWorker:
         if kind == bus.RESET:
             self._inbound_links[peer] = link
             self._forget_peer_filters(peer)
+            # A feed that still has subscribers sends FEED again after RESET.
+            self._feed_requested(peer, False)
             return
         if kind == bus.SYNC:
             link = self._links[peer]

@@ -94,6 +94,10 @@ class ShadowChange(NamedTuple):
     timestamp: int
 
 
+# Receives the shadow changes of one stored batch; see ShadowService.change_listener.
+ChangeListener = Callable[[list[ShadowChange]], None]
+
+
 class Reply(NamedTuple):
     """The result of a shadow request made over HTTP: a status and a JSON body."""
 
@@ -142,7 +146,7 @@ class ShadowService(BrokerHooks):
         # Called with each batch's stored changes, in the order they were applied, once they
         # are durable (at once when shadows live in memory only). While it is None no change
         # is collected: the WebSocket feed sets it only while a client subscribes.
-        self.change_listener: Callable[[list[ShadowChange]], None] | None = None
+        self.change_listener: ChangeListener | None = None
         self._changes: list[ShadowChange] = []
         self.updates_applied = 0
         self.messages_published = 0
