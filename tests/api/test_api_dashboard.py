@@ -7,17 +7,23 @@ Python package and downloads no browser. It is skipped when either is missing. W
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from api_harness import EngineApiThread, http_client, running_engine
 
-from conftest import scaled
+from conftest import free_port, scaled
+from ironshadow.cluster import owner_of
 from ironshadow.engine import StorageConfig
 from mqtt_client import TestClient
 
@@ -193,6 +199,74 @@ def test_dashboard_views_follow_mqtt_device(browser: Any, tmp_path: Path) -> Non
                 page.wait_for_timeout(250)
         screenshot(page, "engine")
         page.close()
+
+
+def test_engine_view_lists_workers(browser: Any, tmp_path: Path) -> None:
+    """With two worker processes the engine view adds up the workers and shows each one's
+    clients in a row of its own."""
+    from playwright.sync_api import expect
+
+    timeout_ms = scaled(10) * 1000
+    mqtt_port, http_port = free_port(), free_port()
+    engine = subprocess.Popen(
+        [
+            sys.executable, "-m", "ironshadow", "serve",
+            "--workers", "2",
+            "--mqtt-port", str(mqtt_port),
+            "--http-port", str(http_port),
+            "--data-dir", str(tmp_path / "data"),
+            "--memory-only",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        base_url = f"http://127.0.0.1:{http_port}"
+        _wait_for_http(base_url, engine)
+        # A plain TCP client is handed to the worker that owns its id: two on worker 0,
+        # one on worker 1.
+        owners = [0, 0, 1]
+        for number, owner in enumerate(owners):
+            TestClient(mqtt_port, client_id=_client_owned_by(owner, 2, f"lathe{number}"))
+
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(timeout_ms)
+        page.goto(base_url + "/#/engine")
+        expect(page.locator("#engine-mqtt")).to_have_text("3", timeout=timeout_ms)
+        rows = page.locator("#workers tr[data-worker]")
+        expect(rows).to_have_count(2, timeout=timeout_ms)
+        for worker in (0, 1):
+            row = page.locator(f'#workers tr[data-worker="{worker}"]')
+            expect(row.locator("td.clients")).to_have_text(str(owners.count(worker)))
+            expect(row.locator("td.pressure")).to_have_text("normal")
+            # Rates appear from the second reading on.
+            expect(row.locator("td.received")).to_have_text(
+                re.compile(r"^[0-9.,]+$"), timeout=timeout_ms
+            )
+        screenshot(page, "engine-workers")
+        page.close()
+    finally:
+        engine.terminate()
+        assert engine.wait(scaled(30)) == 0
+
+
+def _wait_for_http(base_url: str, engine: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + scaled(20)
+    while time.monotonic() < deadline:
+        assert engine.poll() is None, f"the engine exited with {engine.returncode}"
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(base_url + "/api/engine", timeout=2, trust_env=False).is_success:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"{base_url} did not answer within 20 s")
+
+
+def _client_owned_by(worker: int, workers: int, prefix: str) -> str:
+    number = 0
+    while owner_of(f"{prefix}-{number}", workers) != worker:
+        number += 1
+    return f"{prefix}-{number}"
 
 
 def _url(engine: EngineApiThread, path: str) -> str:

@@ -1,5 +1,6 @@
 // The engine view: GET /api/engine every REFRESH_SECONDS. Rates are the change of a counter
-// between two readings divided by the time between them.
+// between two readings divided by the time between them. With several worker processes the
+// figures are the engine's totals, and a table shows each worker's own.
 import { getJson } from "./api.js";
 import { TimeChart } from "./chart.js";
 import { element, formatNumber } from "./format.js";
@@ -16,6 +17,31 @@ export function mountEngine(root) {
   }
 
   const error = element("p", { class: "message error" });
+  const workerRows = element("tbody", { id: "workers" });
+  const workersSection = element(
+    "section",
+    { hidden: true },
+    element("h2", { text: "Workers" }),
+    element(
+      "table",
+      {},
+      element(
+        "thead",
+        {},
+        element(
+          "tr",
+          {},
+          element("th", { text: "worker" }),
+          element("th", { class: "number", text: "MQTT clients" }),
+          element("th", { class: "number", text: "PUBLISH received/s" }),
+          element("th", { class: "number", text: "shadow updates/s" }),
+          element("th", { class: "number", text: "shadow writes waiting" }),
+          element("th", { text: "backpressure" }),
+        ),
+      ),
+      workerRows,
+    ),
+  );
   const chartBox = element("div", { class: "panel" });
   root.append(
     element("h1", { text: "Engine" }),
@@ -48,6 +74,7 @@ export function mountEngine(root) {
       card("pendingBytes", "bytes waiting"),
       card("historyOutboxRows", "history rows waiting"),
     ),
+    workersSection,
   );
   const chart = new TimeChart(chartBox, "messages per second", ["received", "sent"], CHART_POINTS);
 
@@ -96,7 +123,39 @@ export function mountEngine(root) {
       show("pressure", status.readingPaused ? "reading paused" : "normal (memory only)", status.readingPaused);
       for (const key of ["pendingWrites", "pendingBytes", "historyOutboxRows"]) show(key, "–");
     }
+    showWorkers(status, previous);
     previous = status;
+  }
+
+  // One row per worker; its rates need the same worker's previous reading.
+  function showWorkers(status, previous) {
+    const workers = status.workers;
+    workersSection.hidden = !workers;
+    if (!workers) return;
+    const seconds = previous ? status.timestamp - previous.timestamp : 0;
+    const rows = workers.map((worker, index) => {
+      const before = previous?.workers?.[index];
+      const rate = (name) =>
+        before && seconds > 0 ? formatNumber((worker.counters[name] - before.counters[name]) / seconds, 1) : "–";
+      const store = worker.store;
+      let pressure = "normal";
+      if (store?.pressure) {
+        pressure = "PRESSURE";
+      } else if (worker.readingPaused) {
+        pressure = "reading paused";
+      }
+      return element(
+        "tr",
+        { "data-worker": String(index) },
+        element("td", { text: String(index) }),
+        element("td", { class: "number clients", text: formatNumber(worker.connections.mqtt) }),
+        element("td", { class: "number received", text: rate("publishReceived") }),
+        element("td", { class: "number updates", text: rate("shadowUpdates") }),
+        element("td", { class: "number writes", text: store ? formatNumber(store.pendingWrites) : "–" }),
+        element("td", { class: "pressure", text: pressure }),
+      );
+    });
+    workerRows.replaceChildren(...rows);
   }
 
   load();
