@@ -49,15 +49,51 @@ def open_connections(cluster: ClusterThreads) -> int:
 
 
 def connect_one_by_one(port: int, count: int, cluster: ClusterThreads) -> list[socket.socket]:
-    """Open ``count`` connections, each once the workers hold the one before."""
+    """Open ``count`` more connections, each once the workers hold the one before."""
+    opened = open_connections(cluster)
     sockets = []
     for number in range(count):
         sockets.append(socket.create_connection(("127.0.0.1", port)))
         deadline = time.monotonic() + scaled(5)
-        while open_connections(cluster) < number + 1:
+        while open_connections(cluster) < opened + number + 1:
             assert time.monotonic() < deadline, f"connection {number + 1} was not accepted"
             time.sleep(0.01)
     return sockets
+
+
+def per_worker(cluster: ClusterThreads) -> list[int]:
+    return [
+        thread.call(lambda thread=thread: len(thread.broker.connections))
+        for thread in cluster.threads
+    ]
+
+
+def test_held_descriptors_count_toward_limit(cluster):
+    """Descriptors that a worker holds outside its connections (copies of connections that
+    wait to be handed off) count toward the share of its limit at which it stops accepting,
+    and it accepts again once they are released."""
+    first = cluster.threads[0]
+    held = [LIMIT - 1]
+    first.call(lambda: setattr(first.broker, "held_descriptors", lambda: held[0]))
+    # Worker 0 stops at its first connection, and the second worker at its limit.
+    sockets = connect_one_by_one(cluster.port, LIMIT + 1, cluster)
+    try:
+        # These wait in the listening socket's queue.
+        for _ in range(LIMIT - 1):
+            sockets.append(socket.create_connection(("127.0.0.1", cluster.port)))
+        time.sleep(0.3)
+        assert per_worker(cluster) == [1, LIMIT]
+        held[0] = 0
+        first.call(first.broker.descriptors_released)
+        deadline = time.monotonic() + scaled(5)
+        while open_connections(cluster) < WORKERS * LIMIT:
+            assert time.monotonic() < deadline, "worker 0 did not accept again"
+            time.sleep(0.01)
+        assert per_worker(cluster) == [LIMIT, LIMIT]
+        assert all(still_open(sock) for sock in sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def test_full_worker_leaves_connections_to_others(cluster):
@@ -65,11 +101,7 @@ def test_full_worker_leaves_connections_to_others(cluster):
     try:
         time.sleep(0.2)
         assert all(still_open(sock) for sock in sockets)
-        per_worker = [
-            thread.call(lambda thread=thread: len(thread.broker.connections))
-            for thread in cluster.threads
-        ]
-        assert per_worker == [LIMIT] * WORKERS
+        assert per_worker(cluster) == [LIMIT] * WORKERS
         # A worker below its limit again accepts again.
         sockets.pop().close()
         sockets.append(socket.create_connection(("127.0.0.1", cluster.port)))

@@ -101,7 +101,9 @@ def test_handoff_passes_socket_and_bytes(tmp_path: Path) -> None:
 
 def test_handoff_burst_waits_for_a_full_socket(tmp_path: Path) -> None:
     """A burst larger than the Unix socket's buffer, sent without yielding to the event loop,
-    is queued, not refused: every connection reaches the listener, paired with its bytes."""
+    is queued, not refused: every connection reaches the listener, paired with its bytes.
+    The sender counts the queued hand-offs, whose descriptors it holds, and reports when
+    they are sent."""
     count = 2_000
 
     async def scenario() -> None:
@@ -111,6 +113,8 @@ def test_handoff_burst_waits_for_a_full_socket(tmp_path: Path) -> None:
         )
         listener.start()
         sender = HandoffSender(str(tmp_path / "handoff.sock"))
+        released: list[int] = []
+        sender.released = lambda: released.append(sender.queued)
         clients = []
         with socket.create_server(("127.0.0.1", 0), backlog=count) as server:
             try:
@@ -121,7 +125,11 @@ def test_handoff_burst_waits_for_a_full_socket(tmp_path: Path) -> None:
                     saved = f"connect-{number:05d}".encode() * 20
                     assert sender.send(accepted.fileno(), saved), f"hand-off {number} refused"
                     accepted.close()
+                assert sender.queued > 0, "the burst fitted in the socket's buffer"
                 await received(got, count)
+                assert sender.queued == 0
+                assert released, "the sender never reported sent hand-offs"
+                assert released[-1] == 0
                 for number, (fd, data) in enumerate(got):
                     assert data == f"connect-{number:05d}".encode() * 20
                     adopted = socket.socket(fileno=fd)

@@ -158,6 +158,12 @@ class Broker:
         self._listen_fd: int | None = None
         self._accept_stopped = False
         self._accept_resuming = False
+        # ``held_descriptors()`` returns how many descriptors this process holds for
+        # connections that are not in ``connections``, such as a cluster worker's copies of
+        # connections waiting to be handed off. They count toward the share of the limit
+        # at which the broker stops accepting; call ``descriptors_released()`` when some
+        # are closed.
+        self.held_descriptors: Callable[[], int] | None = None
         self._resume_task: asyncio.Task[None] | None = None
         self.tcp_connection_class: type[MQTTConnection] = MQTTConnection
         self.connect_router: Callable[[MQTTConnection, Connect], bool] | None = None
@@ -416,7 +422,7 @@ class Broker:
             return
         self.stats.connections_accepted += 1
         self.connections.add(connection)
-        if self._listen_fd is not None and len(self.connections) >= limit * ACCEPT_STOP_SHARE:
+        if self._listen_fd is not None and self._descriptors_in_use() >= limit * ACCEPT_STOP_SHARE:
             self._stop_accepting()
         if self.reading_paused:
             connection.transport.pause_reading()
@@ -430,12 +436,28 @@ class Broker:
         self._accept_stopped = True
         self._servers[0].close()
         log.info(
-            "%d connections open of at most %d: accepting none until some close, and keeping "
-            "the rest for clients handed over by the other workers, which accept new "
-            "connections meanwhile",
+            "%d connections open and %d waiting to be handed off, of at most %d: accepting "
+            "none until some close, and keeping the rest for clients handed over by the "
+            "other workers, which accept new connections meanwhile",
             len(self.connections),
+            self._descriptors_in_use() - len(self.connections),
             self.max_connections,
         )
+
+    def _descriptors_in_use(self) -> int:
+        held = self.held_descriptors
+        return len(self.connections) + (held() if held is not None else 0)
+
+    def descriptors_released(self) -> None:
+        """Accept again if accepting stopped and the descriptors in use are below
+        ACCEPT_RESUME_SHARE of the limit now."""
+        if (
+            self._accept_stopped
+            and not self._accept_resuming
+            and self._descriptors_in_use() < self.max_connections * ACCEPT_RESUME_SHARE
+        ):
+            self._accept_resuming = True
+            self._resume_task = self.loop.create_task(self._resume_accepting())
 
     async def _resume_accepting(self) -> None:
         assert self._listen_fd is not None
@@ -462,13 +484,7 @@ class Broker:
         if connection in self.connections:
             self.limits.connection_closed(connection)
         self.connections.discard(connection)
-        if (
-            self._accept_stopped
-            and not self._accept_resuming
-            and len(self.connections) < self.max_connections * ACCEPT_RESUME_SHARE
-        ):
-            self._accept_resuming = True
-            self._resume_task = self.loop.create_task(self._resume_accepting())
+        self.descriptors_released()
         self.held_in_pause.pop(connection, None)
         session = connection.session
         if session is None or session.connection is not connection:

@@ -93,6 +93,13 @@ class HandoffSender:
         # descriptor, oldest first.
         self._queue: deque[tuple[int, bytes]] = deque()
         self._watching = False
+        # Called after queued records were sent or dropped, which closed their duplicates.
+        self.released: Callable[[], None] | None = None
+
+    @property
+    def queued(self) -> int:
+        """Return how many hand-offs wait in the queue, each holding a descriptor."""
+        return len(self._queue)
 
     def send(self, fd: int, data: bytes) -> bool:
         """Send descriptor ``fd`` with ``data``, now or once the socket is writable.
@@ -158,6 +165,30 @@ class HandoffSender:
         sock = self._sock
         if sock is None:
             return
+        queued = len(self._queue)
+        try:
+            done = self._send_waiting(sock)
+        except OSError as exc:
+            log.warning(
+                "hand-off to %s failed: %s; closing %d waiting connection(s), whose clients "
+                "reconnect",
+                self.path,
+                exc,
+                len(self._queue),
+            )
+            self.close()
+            if queued:
+                self._notify_released()
+            return
+        if done:
+            self._watching = False
+            asyncio.get_running_loop().remove_writer(sock.fileno())
+        if len(self._queue) < queued:
+            self._notify_released()
+
+    def _send_waiting(self, sock: socket.socket) -> bool:
+        """Send waiting bytes and records until the socket is full; return True when
+        nothing waits any more."""
         pending = self._pending
         queue = self._queue
         try:
@@ -166,7 +197,7 @@ class HandoffSender:
                     sent = sock.send(pending)
                     del pending[:sent]
                     if pending:
-                        return  # the socket is full again
+                        return False  # the socket is full again
                     continue
                 duplicate, record = queue[0]
                 sent = sock.sendmsg(
@@ -177,19 +208,12 @@ class HandoffSender:
                 os.close(duplicate)  # the message in flight holds its own reference
                 pending += record[sent:]
         except BlockingIOError:
-            return
-        except OSError as exc:
-            log.warning(
-                "hand-off to %s failed: %s; closing %d waiting connection(s), whose clients "
-                "reconnect",
-                self.path,
-                exc,
-                len(queue),
-            )
-            self.close()
-            return
-        self._watching = False
-        asyncio.get_running_loop().remove_writer(sock.fileno())
+            return False
+        return True
+
+    def _notify_released(self) -> None:
+        if self.released is not None:
+            self.released()
 
     def close(self) -> None:
         sock, self._sock = self._sock, None

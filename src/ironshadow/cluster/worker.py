@@ -302,6 +302,11 @@ class ClusterWorker:
             for peer in peers
         }
         self._senders = {peer: HandoffSender(spec.handoff_path(peer)) for peer in peers}
+        for sender in self._senders.values():
+            sender.released = broker.descriptors_released
+        broker.held_descriptors = self._held_descriptors
+        # Sockets handed to this worker whose adoption has not finished yet.
+        self._adopting = 0
         self._handoff = HandoffListener(spec.handoff_path(self.index), self._adopt)
         self._dirty: list[bus.OutboundLink] = []
         # Every open link from a peer, and each peer's current one, set by the RESET frame
@@ -592,6 +597,12 @@ class ClusterWorker:
         transport.abort()
         return True
 
+    def _held_descriptors(self) -> int:
+        """Return how many descriptors this worker holds for connections that are not the
+        broker's: those waiting to be handed off, and those handed to it and not yet
+        adopted."""
+        return self._adopting + sum(sender.queued for sender in self._senders.values())
+
     def _adopt(self, fd: int, data: bytes) -> None:
         try:
             sock = socket.socket(fileno=fd)
@@ -600,6 +611,7 @@ class ClusterWorker:
             log.warning("a socket passed by a peer is not usable: %s", exc)
             return
         task = asyncio.get_running_loop().create_task(self._adopt_socket(sock, data))
+        self._adopting += 1
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -610,9 +622,13 @@ class ClusterWorker:
                 lambda: ClusterConnection(broker, adopted=data), sock
             )
         except OSError as exc:
+            self._adopting -= 1
             log.warning("adopting a connection passed by a peer failed: %s", exc)
             sock.close()
+            broker.descriptors_released()
             return
+        # The connection is among the broker's connections now.
+        self._adopting -= 1
         self.adopted += 1
 
     # --- subscriptions ----------------------------------------------------------------
