@@ -655,6 +655,46 @@ def test_restart_with_other_worker_count_keeps_data(tmp_path: Path) -> None:
             assert "moving the stores" in cluster.log_text()
 
 
+def test_session_found_after_restart(tmp_path: Path) -> None:
+    """Sessions of WebSocket clients stay in the folder of the worker that served them.
+    After a restart with the same worker count, their owners learn where they are (HELD
+    frames), so a client that comes back over TCP to its owner gets its session and the
+    messages queued before the restart. Six clients, so that some WebSocket connections
+    landed on another worker than the owner of their id."""
+    data_dir = tmp_path / "data"
+    clients = [client_owned_by(number % WORKERS, f"robot{number}") for number in range(6)]
+    cluster = Cluster(data_dir)
+    try:
+        cluster.wait_until_running()
+        publisher = TestClient(cluster.port, client_owned_by(0, "line"))
+        for client_id in clients:
+            web = resume(cluster.http_port, client_id, V5, "websockets")
+            web.subscribe(f"orders/{client_id}", qos=1)
+            web.disconnect()
+            publisher.publish(f"orders/{client_id}", b"before the restart", qos=1)
+        publisher.close()
+    finally:
+        status = cluster.stop()
+    assert status == 0, cluster.log_tail()
+
+    cluster = Cluster(data_dir)
+    try:
+        cluster.wait_until_running()
+        for client_id in clients:
+            device = resume(cluster.port, client_id, V5)
+            expect_resumed(device, [b"before the restart"])
+            device.close()
+        moved = [
+            client_id
+            for client_id in clients
+            if moved_to(cluster, client_id, owner_of(client_id, WORKERS))
+        ]
+        assert moved, "every WebSocket connection had landed on the owner of its id"
+    finally:
+        status = cluster.stop()
+    assert status == 0, cluster.log_tail()
+
+
 def wait_for_history(url: str, count: int) -> list[dict]:
     """Return the history points at ``url`` once there are ``count``: rows reach the
     history store a moment after their update."""

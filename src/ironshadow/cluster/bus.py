@@ -66,6 +66,9 @@ kind     name             rest of the body
                           (MQTT string), then the client's session as the MQTT state store
                           saves it (:func:`~ironshadow.broker.persistence.encode_session`), or
                           nothing when the sender has none. The sender no longer has it
+27       HELD             client ids (MQTT strings) that the receiver owns and whose sessions
+                          the sender has, sent when a link opens: the receiver requests them
+                          from the sender when their clients connect there or elsewhere
 ======== ================ ======================================================================
 
 Shared subscriptions are announced whole (``$share/{group}/{filter}``). The worker where a
@@ -80,7 +83,7 @@ new subscriber.
 A session lives on one worker at a time. A client that connects without Clean Start to a
 worker that does not have its session gets it from the worker that has it, before CONNACK:
 the owner of the client id knows which worker that is (itself, or the one of the latest
-CLAIM), and requests it with TAKEOVER when that is another worker.
+CLAIM or HELD), and requests it with TAKEOVER when that is another worker.
 
 Call numbers are the sender's own, counted separately from REQUEST numbers: a reply carries
 the number of the frame it answers, so that the sender can match it to the waiting caller.
@@ -132,6 +135,7 @@ RETAINED_REQUEST = 23
 RETAINED = 24
 RETAINED_END = 25
 SESSION = 26
+HELD = 27
 
 # Flags of CLAIM and TAKEOVER.
 CLEAN_START = 0x01

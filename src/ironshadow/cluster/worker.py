@@ -92,6 +92,11 @@ PARENT_CHECK_INTERVAL = 1.0
 # the highest number before the numbers start again at 1.
 NO_RELEASE = bytes(4)
 MAX_REQUEST_NUMBER = 2**32 - 1
+# Claim number of a session that a peer announced in HELD: it has no connection.
+NO_CLAIM = bytes(4)
+# Client ids per HELD frame at most, so that a worker with many sessions sends several
+# frames of bounded size.
+HELD_IDS_PER_FRAME = 1_000
 # Seconds that a worker waits for the owner's reply to a REST shadow request before it
 # returns 503. A healthy owner replies after one write to its store.
 # The limit stays below the 5 s default timeout of httpx, so that such a client reads the 503
@@ -439,6 +444,10 @@ class ClusterWorker:
             self._tasks.add(task)
         await self._wait_for_links()
         await self.engine.start()
+        # The sessions restored from this worker's folder, which the links opened before.
+        for link in self._links.values():
+            if link is not None:
+                self._announce_sessions(link)
         foreign = self._forget_foreign_shadows()
         if foreign:
             log.info(
@@ -699,6 +708,7 @@ class ClusterWorker:
             link.send(bus.frame(bus.SUBSCRIBE, topic_filter.encode()))
         if self._local_feed is not None:
             link.send(bus.frame(bus.FEED, b"\x01"))
+        self._announce_sessions(link)
 
     # --- retained messages of a restarted worker --------------------------------------
 
@@ -970,6 +980,9 @@ class ClusterWorker:
             client_id = bytes(body[pos + 11 : end]).decode()
             self._taken_over(claim, flags, client_id, reply_to, number)
             return
+        if kind == bus.HELD:
+            self._sessions_held(peer, body, pos, end)
+            return
         if kind == bus.SESSION:
             number = bytes(body[pos : pos + 4])
             client_id, pos = decode_string(body, pos + 4, end)
@@ -1157,6 +1170,29 @@ class ClusterWorker:
         timer = loop.call_later(SESSION_WAIT, self._session_wait_over, number)
         self._session_waits[number] = (client_id, future, timer)
         return future
+
+    def _announce_sessions(self, link: bus.OutboundLink) -> None:
+        """Tell a peer whose link has just opened which of the sessions here have ids
+        that it owns, since a restarted owner knows none of them."""
+        peer = link.peer
+        parts = [
+            encode_string(client_id)
+            for client_id, session in self.broker.sessions.items()
+            if session.consumer is None
+            and not client_id.startswith(INTERNAL_CLIENT_PREFIX)
+            and owner_of(client_id, self.workers) == peer
+        ]
+        for start in range(0, len(parts), HELD_IDS_PER_FRAME):
+            link.send(bus.frame(bus.HELD, b"".join(parts[start : start + HELD_IDS_PER_FRAME])))
+
+    def _sessions_held(self, peer: int, body: bytearray, pos: int, end: int) -> None:
+        """Record where the sessions of ids that this worker owns are, unless a session or
+        a claim here is known for the id already."""
+        sessions = self.broker.sessions
+        while pos < end:
+            client_id, pos = decode_string(body, pos, end)
+            if client_id not in sessions and client_id not in self._remote_clients:
+                self._remote_clients[client_id] = (peer, NO_CLAIM)
 
     def _session_wait_over(self, number: bytes) -> None:
         wait = self._session_waits.pop(number, None)
