@@ -69,6 +69,8 @@ kind     name             rest of the body
 27       HELD             client ids (MQTT strings) that the receiver owns and whose sessions
                           the sender has, sent when a link opens: the receiver requests them
                           from the sender when their clients connect there or elsewhere
+28       PRESSURE         one byte: 1 when the sender's store has fallen behind and it pauses
+                          reading, so the receiver pauses reading too, and 0 when it caught up
 ======== ================ ======================================================================
 
 Shared subscriptions are announced whole (``$share/{group}/{filter}``). The worker where a
@@ -136,6 +138,7 @@ RETAINED = 24
 RETAINED_END = 25
 SESSION = 26
 HELD = 27
+PRESSURE = 28
 
 # Flags of CLAIM and TAKEOVER.
 CLEAN_START = 0x01

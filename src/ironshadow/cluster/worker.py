@@ -364,6 +364,11 @@ class ClusterWorker:
         # arguments as a dict and returns a JSON-serialisable result. Set by the command line,
         # which builds them with the HTTP API's code.
         self.procedures: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {}
+        # Backpressure over the whole engine: whether this worker's store has fallen behind,
+        # the peers whose stores have, and whether this worker paused reading for either.
+        self._own_pressure = False
+        self._pressured_peers: set[int] = set()
+        self._paused_for_pressure = False
         # The /ws feed: this worker's feed's listener while it has subscribers, and the
         # peers whose FEED frames requested this worker's shadow changes.
         self._local_feed: ChangeListener | None = None
@@ -423,6 +428,8 @@ class ClusterWorker:
         broker.session_fetch = self._fetch_session
         broker.sys_totals = self._sys_totals
         broker.add_hooks(_TakeoverHooks(self))
+        if self.engine.pipeline is not None:
+            self.engine.pipeline.on_pressure = self.store_pressure
         shadows = self.engine.shadows
         shadows.route_request = self._route_request
         shadows.forward_http = self._forward_http
@@ -709,6 +716,8 @@ class ClusterWorker:
         if self._local_feed is not None:
             link.send(bus.frame(bus.FEED, b"\x01"))
         self._announce_sessions(link)
+        if self._own_pressure:
+            link.send(bus.frame(bus.PRESSURE, b"\x01"))
 
     # --- retained messages of a restarted worker --------------------------------------
 
@@ -774,6 +783,43 @@ class ClusterWorker:
         changes = self.broker.state_changes
         if changes is not None:
             changes.retained[message.topic] = None
+
+    # --- backpressure -----------------------------------------------------------------
+
+    def store_pressure(self, raised: bool) -> None:
+        """Pause reading while this worker's store is behind, and have every peer pause
+        too: their clients' requests for this worker's things would otherwise pile up here
+        in memory instead of slowing those clients down."""
+        self._own_pressure = raised
+        data = bus.frame(bus.PRESSURE, b"\x01" if raised else b"\x00")
+        for link in self._links.values():
+            if link is not None:
+                link.send(data)
+        self._update_pause()
+
+    def _peer_pressure(self, peer: int, raised: bool) -> None:
+        if raised:
+            if peer not in self._pressured_peers:
+                log.warning(
+                    "worker %d: the store of worker %d has fallen behind; pausing reading "
+                    "until it catches up",
+                    self.index,
+                    peer,
+                )
+            self._pressured_peers.add(peer)
+        else:
+            self._pressured_peers.discard(peer)
+        self._update_pause()
+
+    def _update_pause(self) -> None:
+        paused = self._own_pressure or bool(self._pressured_peers)
+        if paused == self._paused_for_pressure:
+            return
+        self._paused_for_pressure = paused
+        if paused:
+            self.broker.pause_reading()
+        else:
+            self.broker.resume_reading()
 
     # --- the /ws feed -----------------------------------------------------------------
 
@@ -936,8 +982,10 @@ class ClusterWorker:
         if kind == bus.RESET:
             self._inbound_links[peer] = link
             self._forget_peer_filters(peer)
-            # A feed that still has subscribers sends FEED again after RESET.
+            # A feed that still has subscribers sends FEED again after RESET, and a worker
+            # whose store is behind sends PRESSURE again.
             self._feed_requested(peer, False)
+            self._peer_pressure(peer, False)
             return
         if kind == bus.SYNC:
             link = self._links[peer]
@@ -979,6 +1027,9 @@ class ClusterWorker:
             number = bytes(body[pos + 7 : pos + 11])
             client_id = bytes(body[pos + 11 : end]).decode()
             self._taken_over(claim, flags, client_id, reply_to, number)
+            return
+        if kind == bus.PRESSURE:
+            self._peer_pressure(peer, body[pos] == 1)
             return
         if kind == bus.HELD:
             self._sessions_held(peer, body, pos, end)
@@ -1026,8 +1077,10 @@ class ClusterWorker:
             messages = list(held.values())
             held.clear()
             self._disconnect_publishers(messages, f"worker {link.peer} went away")
-            # A feed that went away with its worker wants no more changes.
+            # A feed that went away with its worker wants no more changes, and its store no
+            # longer holds the others back.
             self._feed_requested(link.peer, False)
+            self._peer_pressure(link.peer, False)
             self._fail_calls(link.peer, "its bus link closed before it replied")
 
     # --- routing ----------------------------------------------------------------------
