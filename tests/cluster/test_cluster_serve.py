@@ -695,6 +695,42 @@ def test_session_found_after_restart(tmp_path: Path) -> None:
     assert status == 0, cluster.log_tail()
 
 
+def test_takeover_after_owner_restart(tmp_path: Path) -> None:
+    """WebSocket clients stay connected to workers 0 and 2 while worker 1, the owner of
+    their ids, is killed and restarted. The restarted owner learns of their connections
+    (HELD frames with their claims), so a new TCP connection with the same id still takes
+    over each of them."""
+    cluster = Cluster(tmp_path / "data")
+    try:
+        cluster.wait_until_running()
+        client_ids = [client_owned_by(1, f"arm{number}") for number in range(6)]
+        webs = [
+            TestClient(cluster.http_port, client_id, V5, transport="websockets")
+            for client_id in client_ids
+        ]
+        pids = worker_figures(cluster.port, "pid")
+        os.kill(int(pids[1]), signal.SIGKILL)
+        deadline = time.monotonic() + scaled(START_TIMEOUT_S)
+        new_pids = pids
+        while new_pids.get(1) in (None, pids[1]) and time.monotonic() < deadline:
+            new_pids = worker_figures(cluster.port, "pid")
+        assert new_pids.get(1) not in (None, pids[1]), new_pids
+        # The connections that worker 1 served went down with it.
+        survivors = [
+            (client_id, web)
+            for client_id, web in zip(client_ids, webs, strict=True)
+            if web.client.is_connected()
+        ]
+        assert survivors, "every WebSocket connection had landed on worker 1"
+        for client_id, web in survivors:
+            TestClient(cluster.port, client_id, V5)
+            assert web.disconnected.wait(scaled(RESPONSE_TIMEOUT_S)), client_id
+            assert web.disconnect_reason == ReasonCode.SESSION_TAKEN_OVER
+    finally:
+        status = cluster.stop()
+    assert status == 0, cluster.log_tail()
+
+
 def wait_for_history(url: str, count: int) -> list[dict]:
     """Return the history points at ``url`` once there are ``count``: rows reach the
     history store a moment after their update."""

@@ -66,9 +66,10 @@ kind     name             rest of the body
                           (MQTT string), then the client's session as the MQTT state store
                           saves it (:func:`~ironshadow.broker.persistence.encode_session`), or
                           nothing when the sender has none. The sender no longer has it
-27       HELD             client ids (MQTT strings) that the receiver owns and whose sessions
-                          the sender has, sent when a link opens: the receiver requests them
-                          from the sender when their clients connect there or elsewhere
+27       HELD             per session, a 4-byte claim number (0 for an offline session) and a
+                          client id (MQTT string): sessions that the sender has of client ids
+                          that the receiver owns, sent when a link opens. The receiver
+                          requests them from the sender when their clients connect elsewhere
 28       PRESSURE         one byte: 1 when the sender's store has fallen behind and it pauses
                           reading, so the receiver pauses reading too, and 0 when it caught up
 ======== ================ ======================================================================

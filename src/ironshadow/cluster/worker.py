@@ -92,7 +92,7 @@ PARENT_CHECK_INTERVAL = 1.0
 # the highest number before the numbers start again at 1.
 NO_RELEASE = bytes(4)
 MAX_REQUEST_NUMBER = 2**32 - 1
-# Claim number of a session that a peer announced in HELD: it has no connection.
+# Claim number of an offline session that a peer announced in HELD.
 NO_CLAIM = bytes(4)
 # Client ids per HELD frame at most, so that a worker with many sessions sends several
 # frames of bounded size.
@@ -1208,9 +1208,10 @@ class ClusterWorker:
             return None
         owner = owner_of(client_id, self.workers)
         if owner == self.index:
-            previous = self._remote_clients.pop(client_id, None)
+            previous = self._remote_clients.get(client_id)
             if previous is None or self._links[previous[0]] is None:
                 return None
+            del self._remote_clients[client_id]
             number = self._new_claim()
             self._send_takeover(previous, bus.WANTS_SESSION, client_id, self.index, number)
         else:
@@ -1228,8 +1229,9 @@ class ClusterWorker:
         """Tell a peer whose link has just opened which of the sessions here have ids
         that it owns, since a restarted owner knows none of them."""
         peer = link.peer
+        claims = self._claims
         parts = [
-            encode_string(client_id)
+            claims.get(client_id, NO_CLAIM) + encode_string(client_id)
             for client_id, session in self.broker.sessions.items()
             if session.consumer is None
             and not client_id.startswith(INTERNAL_CLIENT_PREFIX)
@@ -1243,9 +1245,10 @@ class ClusterWorker:
         a claim here is known for the id already."""
         sessions = self.broker.sessions
         while pos < end:
-            client_id, pos = decode_string(body, pos, end)
+            claim = bytes(body[pos : pos + 4])
+            client_id, pos = decode_string(body, pos + 4, end)
             if client_id not in sessions and client_id not in self._remote_clients:
-                self._remote_clients[client_id] = (peer, NO_CLAIM)
+                self._remote_clients[client_id] = (peer, claim)
 
     def _session_wait_over(self, number: bytes) -> None:
         wait = self._session_waits.pop(number, None)
