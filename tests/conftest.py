@@ -63,6 +63,15 @@ def free_port() -> int:
             return port
 
 
+def name_owned_by(worker: int, workers: int, prefix: str) -> str:
+    """Return the first name ``{prefix}-{n}`` that ``worker`` owns among ``workers``: a
+    client id handed to that worker, or a thing whose shadow it keeps."""
+    number = 0
+    while owner_of(f"{prefix}-{number}", workers) != worker:
+        number += 1
+    return f"{prefix}-{number}"
+
+
 class BrokerThread:
     """A broker (or a whole engine) on its own uvloop event loop in a background thread.
 

@@ -13,8 +13,9 @@ import socket
 import sqlite3
 import ssl
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import __version__, swarm
 from .api import ApiServer
@@ -50,6 +51,9 @@ from .shadow import ShadowLimits
 from .storage.base import StoreUnavailable
 
 log = logging.getLogger("ironshadow")
+
+# What a bind function returns: one socket or a list of them.
+Bound = TypeVar("Bound")
 
 
 def _raise_file_limit() -> None:
@@ -281,34 +285,38 @@ def _mqtt_port_in_use(config: BrokerConfig) -> PortInUseError:
     )
 
 
+def _bind(bind: Callable[[], Bound], in_use: Callable[[], PortInUseError]) -> Bound:
+    """Return what ``bind()`` returns; a busy port raises ``in_use()`` instead."""
+    try:
+        return bind()
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise in_use() from exc
+        raise
+
+
 def _supervise(argv: list[str], workers: int, config: BrokerConfig, http_port: int) -> int:
     """Bind the MQTT port, the TLS port and the HTTP port, and run ``workers`` copies of
     this command under a supervisor."""
-    try:
-        listener = bind_listener(config.host, config.port, config.listen_backlog)
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise _mqtt_port_in_use(config) from exc
-        raise
+    listener = _bind(
+        lambda: bind_listener(config.host, config.port, config.listen_backlog),
+        lambda: _mqtt_port_in_use(config),
+    )
     tls_listener = None
     http_listeners: list[socket.socket] = []
     try:
         if config.tls_cert:
             # Every worker serves TLS on this socket. A TLS connection stays on the worker
             # that accepted it, because its TLS state cannot be passed on.
-            try:
-                tls_listener = bind_listener(config.host, config.tls_port, config.listen_backlog)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise _tls_port_in_use(config) from exc
-                raise
+            tls_listener = _bind(
+                lambda: bind_listener(config.host, config.tls_port, config.listen_backlog),
+                lambda: _tls_port_in_use(config),
+            )
         # Every worker serves HTTP too; a request or WebSocket stays where it landed.
-        try:
-            http_listeners = bind_sockets(config.host, http_port)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise _http_port_in_use(config, http_port) from exc
-            raise
+        http_listeners = _bind(
+            lambda: bind_sockets(config.host, http_port),
+            lambda: _http_port_in_use(config, http_port),
+        )
         for sock in http_listeners:
             # Listening now keeps connections made while the workers start in the queue.
             sock.listen(HTTP_LISTEN_BACKLOG)

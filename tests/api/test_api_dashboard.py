@@ -22,8 +22,7 @@ import httpx
 import pytest
 from api_harness import EngineApiThread, http_client, running_engine
 
-from conftest import free_port, scaled
-from ironshadow.cluster import owner_of
+from conftest import free_port, name_owned_by, scaled
 from ironshadow.engine import StorageConfig
 from mqtt_client import TestClient
 
@@ -228,7 +227,7 @@ def test_engine_view_lists_workers(browser: Any, tmp_path: Path) -> None:
         # one on worker 1.
         owners = [0, 0, 1]
         for number, owner in enumerate(owners):
-            TestClient(mqtt_port, client_id=_client_owned_by(owner, 2, f"lathe{number}"))
+            TestClient(mqtt_port, client_id=name_owned_by(owner, 2, f"lathe{number}"))
 
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.set_default_timeout(timeout_ms)
@@ -260,13 +259,6 @@ def _wait_for_http(base_url: str, engine: subprocess.Popen[bytes]) -> None:
                 return
         time.sleep(0.1)
     raise AssertionError(f"{base_url} did not answer within 20 s")
-
-
-def _client_owned_by(worker: int, workers: int, prefix: str) -> str:
-    number = 0
-    while owner_of(f"{prefix}-{number}", workers) != worker:
-        number += 1
-    return f"{prefix}-{number}"
 
 
 def _url(engine: EngineApiThread, path: str) -> str:

@@ -15,9 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import ClusterThreads, free_port, open_clients, scaled
+from conftest import ClusterThreads, free_port, name_owned_by, open_clients, scaled
 from ironshadow.broker.config import BrokerConfig
-from ironshadow.cluster import owner_of
 from mqtt_client import TestClient
 
 WORKERS = 2
@@ -26,10 +25,7 @@ PAUSED_S = 0.5
 
 
 def client_of(worker: int, prefix: str) -> str:
-    number = 0
-    while owner_of(f"{prefix}-{number}", WORKERS) != worker:
-        number += 1
-    return f"{prefix}-{number}"
+    return name_owned_by(worker, WORKERS, prefix)
 
 
 @pytest.fixture

@@ -10,9 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import ClusterThreads, free_port, open_clients
+from conftest import ClusterThreads, free_port, name_owned_by, open_clients
 from ironshadow.broker.config import BrokerConfig
-from ironshadow.cluster import owner_of
 from ironshadow.mqtt import MQTT_5, Publish, Suback, Subscribe, Subscription
 from mqtt_client import TestClient
 from raw_client import RawClient
@@ -23,10 +22,7 @@ LINK_DELAY_S = 0.2
 
 
 def client_of(worker: int, prefix: str) -> str:
-    number = 0
-    while owner_of(f"{prefix}-{number}", WORKERS) != worker:
-        number += 1
-    return f"{prefix}-{number}"
+    return name_owned_by(worker, WORKERS, prefix)
 
 
 @pytest.fixture
