@@ -14,6 +14,7 @@ import sqlite3
 import ssl
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +23,7 @@ from .api import ApiServer
 from .api.cluster_reads import register_procedures
 from .api.feed import FeedConfig
 from .api.metrics import collect as collect_metrics
+from .api.metrics import collect_websockets
 from .api.security import HttpAuth
 from .api.server import LISTEN_BACKLOG as HTTP_LISTEN_BACKLOG
 from .api.server import bind_sockets
@@ -98,7 +100,6 @@ async def _serve(
     engine = Engine(config, limits, storage)
     cluster = ClusterWorker(engine, worker, stop.set) if worker is not None else None
     if cluster is not None:
-        cluster.metrics_source = lambda: collect_metrics(engine).to_bytes()
         register_procedures(cluster, engine)
         # SQLite history lives in each worker's folder; PostgreSQL is shared by all.
         cluster.history_per_worker = storage is not None and storage.postgres_dsn is None
@@ -136,6 +137,8 @@ async def _serve(
         ),
     )
     if cluster is not None:
+        # What this worker sends a peer's /metrics: its engine's and its HTTP endpoints'.
+        cluster.metrics_source = partial(_own_metrics, engine, api)
         api.app.state.peer_metrics = cluster.gather_metrics
         api.app.state.peers = cluster
         api.app.state.feed.attach_listener = cluster.set_feed_listener
@@ -283,6 +286,12 @@ def _mqtt_port_in_use(config: BrokerConfig) -> PortInUseError:
         f"MQTT port {config.port} on {config.host} is already in use; "
         "choose a free port with --mqtt-port"
     )
+
+
+def _own_metrics(engine: Engine, api: ApiServer) -> bytes:
+    out = collect_metrics(engine)
+    collect_websockets(out, api.app)
+    return out.to_bytes()
 
 
 def _bind(bind: Callable[[], Bound], in_use: Callable[[], PortInUseError]) -> Bound:

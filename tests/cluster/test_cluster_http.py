@@ -338,6 +338,9 @@ def test_metrics_cover_every_worker(cluster: Cluster) -> None:
     assert updates["2"] == before["2"] + 1
     assert updates["0"] == before["0"]
     assert set(by_worker(families["process_resident_memory_bytes"])) == workers
+    # Every worker serves HTTP, so each reports its own WebSocket endpoints.
+    for name in ("ironshadow_mqtt_websocket_connections", "ironshadow_feed_clients"):
+        assert set(by_worker(families[name])) == workers, name
 
     # A labelled family keeps its own label beside the worker's.
     packets = {
