@@ -98,11 +98,34 @@ async def _serve(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     engine = Engine(config, limits, storage)
+    # With several workers, each serves the HTTP API on the sockets that the supervisor
+    # bound. Requests for another worker's things, /metrics and the /ws feed reach the
+    # other workers over the bus (cluster/worker.py). The app is built before the engine
+    # starts, so that the peers' calls find it; it serves once the engine runs.
+    http_auth = HttpAuth(access, token_lifetime) if access is not None else None
+    api = ApiServer(
+        engine,
+        config.host,
+        http_port,
+        feed=feed,
+        ssl_context=http_ssl,
+        auth=http_auth,
+        sockets=(
+            [socket.socket(fileno=fd) for fd in worker.http_listen_fds]
+            if worker is not None
+            else None
+        ),
+    )
     cluster = ClusterWorker(engine, worker, stop.set) if worker is not None else None
     if cluster is not None:
-        register_procedures(cluster, engine)
+        register_procedures(cluster, engine, api.app)
+        # What this worker sends a peer's /metrics: its engine's and its HTTP endpoints'.
+        cluster.metrics_source = partial(_own_metrics, engine, api)
         # SQLite history lives in each worker's folder; PostgreSQL is shared by all.
         cluster.history_per_worker = storage is not None and storage.postgres_dsn is None
+        api.app.state.peer_metrics = cluster.gather_metrics
+        api.app.state.peers = cluster
+        api.app.state.feed.attach_listener = cluster.set_feed_listener
     if access is not None:
         access.attach(engine.broker)
         log.info("%s", access.describe_mode())
@@ -119,29 +142,6 @@ async def _serve(
         if exc.errno == errno.EADDRINUSE:
             raise _mqtt_port_in_use(config) from exc
         raise
-    # With several workers, each serves the HTTP API on the sockets that the supervisor
-    # bound. Requests for another worker's things, /metrics and the /ws feed reach the
-    # other workers over the bus (cluster/worker.py).
-    http_auth = HttpAuth(access, token_lifetime) if access is not None else None
-    api = ApiServer(
-        engine,
-        config.host,
-        http_port,
-        feed=feed,
-        ssl_context=http_ssl,
-        auth=http_auth,
-        sockets=(
-            [socket.socket(fileno=fd) for fd in worker.http_listen_fds]
-            if worker is not None
-            else None
-        ),
-    )
-    if cluster is not None:
-        # What this worker sends a peer's /metrics: its engine's and its HTTP endpoints'.
-        cluster.metrics_source = partial(_own_metrics, engine, api)
-        api.app.state.peer_metrics = cluster.gather_metrics
-        api.app.state.peers = cluster
-        api.app.state.feed.attach_listener = cluster.set_feed_listener
     try:
         await api.start()
     except OSError as exc:

@@ -216,6 +216,19 @@ def test_engine_status_adds_up_workers(cluster: Cluster) -> None:
     )
 
 
+def test_engine_status_counts_websockets_anywhere(cluster: Cluster) -> None:
+    """An MQTT client over WebSocket is on one worker, and every worker that serves
+    GET /api/engine counts it, whichever worker that is."""
+    panel = TestClient(cluster.http_port, client_owned_by(0, "panel"), transport="websockets")
+    with http(cluster) as client:
+        for _ in range(3 * WORKERS):
+            status = client.get("/api/engine").json()
+            assert status["connections"]["mqttWebSocket"] == 1, status
+            per_worker = [entry["connections"]["mqttWebSocket"] for entry in status["workers"]]
+            assert sorted(per_worker) == [0] * (WORKERS - 1) + [1], per_worker
+    panel.close()
+
+
 # /ws feed clients of the feed test, each on its own connection, which lands on any worker.
 FEED_CLIENTS = 4
 

@@ -25,7 +25,7 @@ from .errors import error_response
 from .things import ThingDirectory
 
 if TYPE_CHECKING:
-    from fastapi import Response
+    from fastapi import FastAPI, Response
 
     from ..cluster import ClusterWorker
     from ..engine import Engine
@@ -48,9 +48,10 @@ class Peers(Protocol):
     async def call(self, peer: int, procedure: str, arguments: dict[str, Any]) -> Any: ...
 
 
-def register_procedures(worker: ClusterWorker, engine: Engine) -> None:
+def register_procedures(worker: ClusterWorker, engine: Engine, app: FastAPI) -> None:
     """Install the thing reads that the other workers run on ``worker`` through CALL
-    frames."""
+    frames. ``app`` is the worker's HTTP app, whose WebSocket endpoints count in its
+    figures."""
     directory = ThingDirectory(engine.shadows, engine.broker)
 
     async def describe(arguments: dict[str, Any]) -> dict[str, Any] | None:
@@ -84,7 +85,7 @@ def register_procedures(worker: ClusterWorker, engine: Engine) -> None:
     async def status(_arguments: dict[str, Any]) -> dict[str, Any]:
         from .dashboard import engine_status
 
-        return engine_status(engine, None)
+        return engine_status(engine, app)
 
     worker.procedures.update(
         describe=describe,

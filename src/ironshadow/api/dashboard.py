@@ -80,7 +80,7 @@ class EngineStatus(BaseModel):
 
 def engine_status(engine: Engine, app: FastAPI | None) -> dict[str, Any]:
     """Collect the figures of ``EngineStatus`` from the engine and the app's WebSocket
-    endpoints (none without ``app``, as on a worker that serves no HTTP)."""
+    endpoints (none without ``app``)."""
     broker = engine.broker
     stats = broker.stats
     connected = 0

@@ -947,7 +947,12 @@ class ClusterWorker:
             self._forget_syncs(peer)
             self._fail_calls(peer, "its bus link closed before it replied")
             # The supervisor logs why the peer stopped, if it did.
-            log.info("worker %d: bus link to worker %d closed; reconnecting", self.index, peer)
+            log.info(
+                "worker %d: bus link to worker %d closed, as when it stops or restarts; "
+                "reconnecting",
+                self.index,
+                peer,
+            )
             await asyncio.sleep(RECONNECT_INTERVAL)
 
     def _schedule_flush(self, link: bus.OutboundLink) -> None:
