@@ -314,7 +314,7 @@ def test_settings_burst_needs_its_rate(burst, rate):
 
 def test_default_workers_follow_cores_and_connections():
     from ironshadow.broker.core import FILE_DESCRIPTOR_RESERVE
-    from ironshadow.cluster.supervisor import auto_workers
+    from ironshadow.cluster.supervisor import FLEET_SHARE_PER_WORKER, auto_workers
 
     cores = len(os.sched_getaffinity(0))
     assert resolve(parse(), {})["workers"] == 0
@@ -322,6 +322,6 @@ def test_default_workers_follow_cores_and_connections():
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         pytest.skip("no hard open-file limit: connections never need more workers")
-    per_worker = hard - FILE_DESCRIPTOR_RESERVE
+    per_worker = int((hard - FILE_DESCRIPTOR_RESERVE) * FLEET_SHARE_PER_WORKER)
     assert auto_workers(per_worker) == cores
     assert auto_workers(per_worker * (cores + 1) + 1) == cores + 2

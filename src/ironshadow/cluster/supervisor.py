@@ -59,12 +59,21 @@ class _Worker:
     restart_at: float | None = None
 
 
+# Share of a worker's connection limit that counts toward the fleet when ``--workers 0``
+# picks the worker count. A worker also holds the connections that it accepted for its peers
+# until they are handed off, and stops accepting at 90 % of its limit. With 50,000 devices
+# connecting at once, 3 workers of 19,744 connections each held all but about 1,000 of them
+# and 4 held them all (docs/benchmarks.md, "50,000 devices").
+FLEET_SHARE_PER_WORKER = 0.75
+
+
 def auto_workers(max_connections: int) -> int:
     """Return the worker count of ``--workers 0``: one per CPU core that this process may
     run on, or more when ``max_connections`` needs the open-file limits of more processes.
 
     Each worker raises its soft open-file limit to the hard limit, and keeps
-    FILE_DESCRIPTOR_RESERVE descriptors for itself.
+    FILE_DESCRIPTOR_RESERVE descriptors for itself. FLEET_SHARE_PER_WORKER of the rest count
+    toward ``max_connections``.
     """
     try:
         cores = len(os.sched_getaffinity(0))
@@ -75,7 +84,7 @@ def auto_workers(max_connections: int) -> int:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         return cores
-    per_worker = max(1, hard - FILE_DESCRIPTOR_RESERVE)
+    per_worker = max(1, int((hard - FILE_DESCRIPTOR_RESERVE) * FLEET_SHARE_PER_WORKER))
     return max(cores, math.ceil(max_connections / per_worker))
 
 
