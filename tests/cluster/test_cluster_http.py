@@ -28,6 +28,7 @@ from test_cluster_serve import (
     WORKERS,
     Cluster,
     client_owned_by,
+    landing_on,
     worker_figures,
 )
 from websockets.sync.client import ClientConnection, connect
@@ -229,20 +230,18 @@ def test_engine_status_counts_websockets_anywhere(cluster: Cluster) -> None:
     panel.close()
 
 
-# /ws feed clients of the feed test, each on its own connection, which lands on any worker.
-FEED_CLIENTS = 4
-
-
 def test_feed_shows_changes_of_every_worker(cluster: Cluster) -> None:
-    """Every /ws feed, whichever worker serves it, gets the changes of the things that every
-    worker owns while it has subscribers."""
+    """A /ws feed on each worker gets the changes of the things that every worker owns
+    while it has subscribers."""
     url = f"ws://{HOST}:{cluster.http_port}/ws"
     things = [client_owned_by(worker, "oven") for worker in range(WORKERS)]
     with contextlib.ExitStack() as stack:
-        feeds = [
-            stack.enter_context(connect(url, open_timeout=scaled(RESPONSE_TIMEOUT_S)))
-            for _ in range(FEED_CLIENTS)
-        ]
+        feeds = []
+        for worker in range(WORKERS):
+            # connect() returns once the WebSocket handshake is done, on that worker.
+            with landing_on(cluster, worker):
+                feed = connect(url, open_timeout=scaled(RESPONSE_TIMEOUT_S))
+            feeds.append(stack.enter_context(feed))
         for feed in feeds:
             feed.send(json.dumps({"subscribe": ["oven-*"]}))
             assert json.loads(feed.recv(timeout=scaled(RESPONSE_TIMEOUT_S))) == {
