@@ -177,6 +177,10 @@ def _run_serve(args: argparse.Namespace) -> int:
         return 2
     worker = WorkerSpec.from_environment()
     workers = values["workers"] or auto_workers(values["max_connections"])
+    if worker is not None:
+        # Each worker admits its share of the engine's CONNECT rate. Its clients are spread
+        # evenly by the hash of their ids, and a reconnect storm reaches every worker.
+        config.connect_rate /= worker.workers
     role = f"worker-{worker.index} " if worker is not None else ""
     logging.basicConfig(
         level=values["log_level"],

@@ -132,7 +132,8 @@ SETTINGS: tuple[Setting, ...] = (
             "connections held at once; more are refused (0: the open-file limit less 256)",
             minimum=0),
     Setting("connect_rate", float, _defaults.connect_rate,
-            "CONNECT packets processed per second; the rest wait their turn (0: no limit)",
+            "CONNECT packets processed per second by the whole engine, each worker taking "
+            "its share; the rest wait their turn (0: no limit)",
             minimum=0),
     Setting("connect_timeout", float, _defaults.connect_timeout,
             "seconds a new connection may take to send CONNECT", minimum=0.001),

@@ -876,6 +876,22 @@ def test_restarted_worker_catches_up_retained(tmp_path: Path) -> None:
     assert status == 0, cluster.log_tail()
 
 
+def test_connect_rate_is_shared(tmp_path: Path) -> None:
+    """--connect-rate applies to the whole engine: each of 3 workers admits a third."""
+    cluster = Cluster(tmp_path / "data", WORKERS, "--connect-rate", "300")
+    try:
+        cluster.wait_until_running()
+        listeners = [
+            line for line in cluster.log_text().splitlines() if "MQTT listener open" in line
+        ]
+        assert len(listeners) == WORKERS, listeners
+        for line in listeners:
+            assert "100 CONNECT packets per second" in line, line
+    finally:
+        status = cluster.stop()
+    assert status == 0, cluster.log_tail()
+
+
 def test_sigterm_stops_every_worker(tmp_path: Path) -> None:
     cluster = Cluster(tmp_path / "data")
     try:

@@ -280,7 +280,7 @@ class Broker:
             "MQTT listener open on %s; at most %d connections, %s CONNECT packets per second",
             addresses,
             self.max_connections,
-            config.connect_rate or "unlimited",
+            f"{config.connect_rate:g}" if config.connect_rate else "unlimited",
         )
         if tls_context is not None:
             self._log_tls_listener(self._servers[-1])
