@@ -54,7 +54,7 @@ from .storage.base import StoreUnavailable
 
 log = logging.getLogger("ironshadow")
 
-# What a bind function returns: one socket or a list of them.
+# Result type of the bind functions that _bind calls: one socket or a list of them.
 Bound = TypeVar("Bound")
 
 

@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..mqtt.constants import MQTT_5
 from ..mqtt.errors import MQTTProtocolError, protocol_error
@@ -169,9 +169,9 @@ class Broker:
         self.connect_router: Callable[[MQTTConnection, Connect], bool] | None = None
         self.subscribe_barrier: Callable[[Callable[[], None]], bool] | None = None
         # ``session_fetch(client_id)`` may bring the session of a client that connects
-        # without Clean Start from the worker that holds it. It returns a future that is done
+        # without Clean Start from the worker that has it. It returns a future that is done
         # once the session is in ``sessions`` or is known not to exist, or None when no other
-        # worker can hold it. The CONNECT waits for the future.
+        # worker can have it. The CONNECT waits for the future.
         self.session_fetch: Callable[[str], asyncio.Future[None] | None] | None = None
         # ``sys_totals(topics)`` may turn this broker's $SYS figures into figures for the
         # whole engine before they are published, as a cluster worker does.
@@ -248,19 +248,11 @@ class Broker:
         connection_class = self.tcp_connection_class
         if self.listen_socket is not None:
             self._listen_fd = os.dup(self.listen_socket.fileno())
-            server = await self.loop.create_server(
-                lambda: connection_class(self),
-                sock=self.listen_socket,
-                backlog=config.listen_backlog,
-            )
-        else:
-            server = await self.loop.create_server(
-                lambda: connection_class(self),
-                config.host,
-                config.port,
-                backlog=config.listen_backlog,
-                reuse_address=True,
-            )
+        server = await self.loop.create_server(
+            lambda: connection_class(self),
+            backlog=config.listen_backlog,
+            **self._listen_address(self.listen_socket, config.port),
+        )
         self._servers.append(server)
         if tls_context is not None:
             try:
@@ -285,6 +277,13 @@ class Broker:
         if tls_context is not None:
             self._log_tls_listener(self._servers[-1])
 
+    def _listen_address(self, sock: socket.socket | None, port: int) -> dict[str, Any]:
+        """Return the create_server() arguments that name where to listen: the socket that
+        a cluster's supervisor bound, or the configured host and ``port``."""
+        if sock is not None:
+            return {"sock": sock}
+        return {"host": self.config.host, "port": port, "reuse_address": True}
+
     def _tls_context(self) -> ssl.SSLContext:
         config = self.config
         if config.tls_name_field not in TLS_NAME_FIELDS:
@@ -299,24 +298,13 @@ class Broker:
     async def _open_tls_listener(self, context: ssl.SSLContext) -> asyncio.base_events.Server:
         config = self.config
         try:
-            if self.tls_listen_socket is not None:
-                server = await self.loop.create_server(
-                    lambda: MQTTConnection(self),
-                    sock=self.tls_listen_socket,
-                    ssl=context,
-                    ssl_handshake_timeout=config.tls_handshake_timeout,
-                    backlog=config.listen_backlog,
-                )
-            else:
-                server = await self.loop.create_server(
-                    lambda: MQTTConnection(self),
-                    config.host,
-                    config.tls_port,
-                    ssl=context,
-                    ssl_handshake_timeout=config.tls_handshake_timeout,
-                    backlog=config.listen_backlog,
-                    reuse_address=True,
-                )
+            server = await self.loop.create_server(
+                lambda: MQTTConnection(self),
+                ssl=context,
+                ssl_handshake_timeout=config.tls_handshake_timeout,
+                backlog=config.listen_backlog,
+                **self._listen_address(self.tls_listen_socket, config.tls_port),
+            )
         except OSError as exc:
             raise tls.TLSListenerError(
                 exc.errno,
@@ -469,7 +457,7 @@ class Broker:
             )
         except OSError as exc:
             sock.close()
-            log.error("cannot accept connections again: %s; restart the engine", exc)
+            log.error("accepting connections again failed: %s; restart the engine", exc)
             return
         finally:
             self._accept_resuming = False
@@ -531,11 +519,7 @@ class Broker:
         if clean_start:
             self._end_session(session)
         elif session.will is not None:
-            if session.will_handle is not None:
-                session.will_handle.cancel()
-                session.will_handle = None
-            session.will = None
-            session.will_at = None
+            self._cancel_will(session)
             log.info("client %s connected through another worker; its delayed will is "
                      "cancelled", client_id)
             self._mark_session(client_id)
@@ -547,10 +531,16 @@ class Broker:
         Its subscriptions leave the index, and a pending delayed will is dropped, not sent:
         the resuming connection cancels it [MQTT-3.1.3-9].
         """
+        self._cancel_will(session)
+        self._end_session(session)
+
+    @staticmethod
+    def _cancel_will(session: Session) -> None:
+        if session.will_handle is not None:
+            session.will_handle.cancel()
+            session.will_handle = None
         session.will = None
         session.will_at = None
-        session.cancel_timers()
-        self._end_session(session)
 
     def adopt_session(self, session: Session) -> None:
         """Take in an offline session that another engine process released, with its

@@ -451,7 +451,7 @@ class ClusterWorker:
             self._tasks.add(task)
         await self._wait_for_links()
         await self.engine.start()
-        # The sessions restored from this worker's folder, which the links opened before.
+        # The links opened before the sessions were restored from this worker's folder.
         for link in self._links.values():
             if link is not None:
                 self._announce_sessions(link)
@@ -1083,7 +1083,7 @@ class ClusterWorker:
             held.clear()
             self._disconnect_publishers(messages, f"worker {link.peer} went away")
             # A feed that went away with its worker wants no more changes, and its store no
-            # longer holds the others back.
+            # longer pauses the others.
             self._feed_requested(link.peer, False)
             self._peer_pressure(link.peer, False)
             self._fail_calls(link.peer, "its bus link closed before it replied")
@@ -1231,8 +1231,8 @@ class ClusterWorker:
         return future
 
     def _announce_sessions(self, link: bus.OutboundLink) -> None:
-        """Tell a peer whose link has just opened which of the sessions here have ids
-        that it owns, since a restarted owner knows none of them."""
+        """Send a peer whose link has just opened the ids that it owns of the sessions here,
+        because a restarted owner has no record of them."""
         peer = link.peer
         claims = self._claims
         parts = [
@@ -1340,7 +1340,7 @@ class ClusterWorker:
                 session = decode_session(client_id, data, wall_clock_offset())
             except (StateDecodeError, struct.error) as exc:
                 # NOTE: not expected, because the peer runs the same code.
-                log.error("client %s: cannot read its session from a peer: %s", client_id, exc)
+                log.error("client %s: decoding its session from a peer failed: %s", client_id, exc)
             else:
                 if client_id in broker.sessions:
                     log.warning(
