@@ -246,6 +246,16 @@ class ClusterThreads:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def run_cluster(workers: int) -> Iterator[ClusterThreads]:
+    """Yield a cluster of ``workers`` in-process workers on a free port, for a fixture to
+    yield from. Afterwards, close the test's clients, then stop the cluster."""
+    threads = ClusterThreads(BrokerConfig(port=free_port(), sys_interval=0), workers)
+    yield threads
+    while open_clients:
+        open_clients.pop().close()
+    threads.stop()
+
+
 def _server_factory(
     make_server: Callable[[BrokerConfig], Any] | None, workers: int = 1
 ) -> Iterator[Callable[..., Any]]:

@@ -2,9 +2,9 @@
 things and figures of every worker, through the HTTP port that every worker serves.
 
 Thing names are chosen with ``owner_of``, so each test decides which worker owns which thing.
-Each request opens its own connection, so it lands on any worker. A worker handles the
-requests for its own things itself, as a single engine does, and forwards the others to
-their owners: the replies must not depend on where a request landed.
+Each request opens its own connection, which lands on whichever worker the kernel picks. A
+worker handles the requests for its own things itself, as a single engine does, and forwards
+the others to their owners: the replies must not depend on where a request landed.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 def http(cluster: Cluster) -> httpx.Client:
     """Return an HTTP client that opens a new connection for each request, so that the
-    requests land on any worker, as separate clients' requests do."""
+    requests land on the workers as separate clients' requests do."""
     return httpx.Client(
         base_url=f"http://{HOST}:{cluster.http_port}",
         timeout=scaled(RESPONSE_TIMEOUT_S),
@@ -386,8 +386,8 @@ def wait_for_status(client: httpx.Client, path: str, status: int) -> httpx.Respo
     return response
 
 
-def test_http_served_while_worker_0_is_stopped(tmp_path: Path) -> None:
-    """Every worker serves the HTTP port: with worker 0 stopped, the others answer REST
+def test_http_served_with_worker_0_stopped(tmp_path: Path) -> None:
+    """Every worker serves the HTTP port: with worker 0 stopped, the others serve REST
     requests, the /ws feed and MQTT over WebSocket."""
     cluster = Cluster(tmp_path / "data")
     try:

@@ -15,8 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import ClusterThreads, free_port, name_owned_by, open_clients, scaled
-from ironshadow.broker.config import BrokerConfig
+from conftest import ClusterThreads, name_owned_by, run_cluster, scaled
 from mqtt_client import TestClient
 
 WORKERS = 2
@@ -30,11 +29,7 @@ def client_of(worker: int, prefix: str) -> str:
 
 @pytest.fixture
 def cluster() -> Iterator[ClusterThreads]:
-    threads = ClusterThreads(BrokerConfig(port=free_port(), sys_interval=0), WORKERS)
-    yield threads
-    while open_clients:
-        open_clients.pop().close()
-    threads.stop()
+    yield from run_cluster(WORKERS)
 
 
 def set_store_pressure(cluster: ClusterThreads, worker: int, raised: bool) -> None:
@@ -48,7 +43,7 @@ def reading_paused(cluster: ClusterThreads, worker: int) -> bool:
 
 
 def test_slow_store_pauses_every_worker(cluster):
-    # The device is served by worker 1; the thing that it reports for belongs to worker 0.
+    # The device is served by worker 1, and the thing that it reports for belongs to worker 0.
     device = TestClient(cluster.port, client_of(1, "press"))
     thing = client_of(0, "press")
     report = json.dumps({"state": {"reported": {"force": 3}}}).encode()

@@ -10,8 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import ClusterThreads, free_port, name_owned_by, open_clients
-from ironshadow.broker.config import BrokerConfig
+from conftest import ClusterThreads, name_owned_by, run_cluster
 from ironshadow.mqtt import MQTT_5, Publish, Suback, Subscribe, Subscription
 from mqtt_client import TestClient
 from raw_client import RawClient
@@ -27,11 +26,7 @@ def client_of(worker: int, prefix: str) -> str:
 
 @pytest.fixture
 def cluster() -> Iterator[ClusterThreads]:
-    threads = ClusterThreads(BrokerConfig(port=free_port(), sys_interval=0), WORKERS)
-    yield threads
-    while open_clients:
-        open_clients.pop().close()
-    threads.stop()
+    yield from run_cluster(WORKERS)
 
 
 def test_publish_right_after_suback_arrives(cluster):
