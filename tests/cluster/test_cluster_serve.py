@@ -464,6 +464,42 @@ def test_session_moves_between_websocket_and_tcp(cluster: Cluster, protocol: int
     assert moved_to(cluster, client_id, 0)
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["plain", "shared"])
+def test_messages_routed_during_a_move_follow_the_session(
+    cluster: Cluster, shared: bool
+) -> None:
+    """A session moves from worker 0 (WebSocket) to worker 1 (TCP, the owner of the id)
+    while worker 2, where the publisher is, is stopped with five messages for it waiting to
+    be read. When worker 2 goes on it routes them as it knew the subscription before the
+    move, to worker 0, which sends them on to worker 1 before the client's CONNACK. With a
+    shared subscription, worker 2 sends them to worker 0 as the worker of the group's only
+    member."""
+    client_id = client_owned_by(1, "pump" if shared else "valve")
+    topic = f"moving/{client_id}"
+    publisher = TestClient(cluster.port, client_owned_by(2, "planner"))
+    web = connect_on(
+        cluster, 0, resume(cluster.http_port, client_id, V5, "websockets", connect=False)
+    )
+    web.subscribe(f"$share/movers/{topic}" if shared else topic, qos=1)
+    web.disconnect()
+    publisher.publish(topic, b"before", qos=1)
+    during = [b"during %d" % number for number in range(5)]
+    publisher_worker = worker_pids(cluster)[2]
+    os.kill(publisher_worker, signal.SIGSTOP)
+    try:
+        for payload in during:
+            publisher.publish(topic, payload, qos=1, wait=False)
+        tcp = resume(cluster.port, client_id, V5, connect=False)
+        tcp.connect(wait=False)
+        # Worker 1 takes the session in and waits for worker 0, which waits for worker 2.
+        time.sleep(0.3)
+    finally:
+        os.kill(publisher_worker, signal.SIGCONT)
+    assert tcp.connected.wait(scaled(RESPONSE_TIMEOUT_S)), "no CONNACK"
+    expect_resumed(tcp, [b"before", *during])
+    assert moved_to(cluster, client_id, 1)
+
+
 def test_session_moves_through_three_workers(tmp_path: Path) -> None:
     """TLS and WebSocket clients stay on the worker that accepted them. A persistent
     session goes from a WebSocket connection on worker 0 to a TLS connection on worker 2 and

@@ -99,6 +99,27 @@ LOG_REPEAT_INTERVAL = 60.0
 _PUBREL_HEADER = b"\x62\x02"
 
 
+def _merge_delivery(
+    delivery: Delivery | None, record: SubscriptionRecord, message: Message
+) -> Delivery:
+    """Return the delivery of ``message`` by ``record``, merged into the session's
+    ``delivery`` by another matching subscription if there is one: one copy with the highest
+    QoS and every subscription identifier [MQTT-3.3.4-2]."""
+    msg_qos = message.qos
+    qos = record.qos if record.qos < msg_qos else msg_qos
+    retain = message.retain and record.retain_as_published
+    if delivery is None:
+        ids = [record.subscription_id] if record.subscription_id else None
+        return Delivery(message, qos, retain, ids)
+    delivery.qos = max(delivery.qos, qos)
+    delivery.retain = delivery.retain or retain
+    if record.subscription_id:
+        if delivery.subscription_ids is None:
+            delivery.subscription_ids = []
+        delivery.subscription_ids.append(record.subscription_id)
+    return delivery
+
+
 class Broker:
     def __init__(
         self, config: BrokerConfig | None = None, access: AccessPolicy | None = None
@@ -531,8 +552,32 @@ class Broker:
         Its subscriptions leave the index, and a pending delayed will is dropped, not sent:
         the resuming connection cancels it [MQTT-3.1.3-9].
         """
+        self.detach_session(session)
+        self.forget_detached(session)
+
+    def detach_session(self, session: Session) -> None:
+        """Remove an offline session that moves to another engine process, as
+        :meth:`release_session` does, but keep its subscriptions in the index until
+        :meth:`forget_detached`. Meanwhile the messages routed to it go to its consumer,
+        which the caller sets."""
+        if self.sessions.get(session.client_id) is session:
+            del self.sessions[session.client_id]
         self._cancel_will(session)
-        self._end_session(session)
+        session.queue.clear()
+        session.inflight.clear()
+        session.cancel_timers()
+        self._mark_session(session.client_id)
+
+    def forget_detached(self, session: Session) -> None:
+        """Take the subscriptions of a session removed by :meth:`detach_session` out of the
+        index, except those that a newer session with its client id has made since."""
+        newer = self.sessions.get(session.client_id)
+        for topic_filter in session.subscriptions:
+            if newer is not None and topic_filter in newer.subscriptions:
+                continue
+            group, inner = parse_shared_subscription(topic_filter)
+            self.index.remove(inner, session.client_id, group)
+        session.subscriptions.clear()
 
     @staticmethod
     def _cancel_will(session: Session) -> None:
@@ -1193,23 +1238,27 @@ class Broker:
             client_id = record.session.client_id
             if record.no_local and client_id == origin:
                 continue
-            qos = record.qos if record.qos < msg_qos else msg_qos
-            retain = message.retain and record.retain_as_published
             delivery = merged.get(client_id)
             if delivery is None:
-                ids = [record.subscription_id] if record.subscription_id else None
-                merged[client_id] = Delivery(message, qos, retain, ids)
                 sessions[client_id] = record.session
-                continue
-            delivery.qos = max(delivery.qos, qos)
-            delivery.retain = delivery.retain or retain
-            if record.subscription_id:
-                if delivery.subscription_ids is None:
-                    delivery.subscription_ids = []
-                delivery.subscription_ids.append(record.subscription_id)
+            merged[client_id] = _merge_delivery(delivery, record, message)
         for client_id, delivery in merged.items():
             self.deliver(sessions[client_id], delivery)
         return len(merged)
+
+    def deliver_to(self, session: Session, message: Message) -> None:
+        """Deliver ``message`` to ``session`` alone, as :meth:`publish` would by the
+        session's subscriptions: for a message that was routed to it in another engine
+        process before the session moved here."""
+        delivery = None
+        client_id = session.client_id
+        for topic_filter, record in session.subscriptions.items():
+            if record.no_local and client_id == message.origin:
+                continue
+            if topic_matches(parse_shared_subscription(topic_filter)[1], message.topic):
+                delivery = _merge_delivery(delivery, record, message)
+        if delivery is not None:
+            self.deliver(session, delivery)
 
     def deliver(self, session: Session, delivery: Delivery) -> None:
         """Send ``delivery`` to the session's client now, or queue it."""

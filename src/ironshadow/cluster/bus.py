@@ -65,13 +65,22 @@ kind     name             rest of the body
 26       SESSION          the 4-byte number of a CLAIM or TAKEOVER with WANTS_SESSION, a client id
                           (MQTT string), then the client's session as the MQTT state store
                           saves it (:func:`~ironshadow.broker.persistence.encode_session`), or
-                          nothing when the sender has none. The sender no longer has it
+                          nothing when the sender has none. The sender no longer has it,
+                          but it keeps the messages routed to it until TAIL
 27       HELD             per session, a 4-byte claim number (0 for an offline session) and a
                           client id (MQTT string): sessions that the sender has of client ids
                           that the receiver owns, sent when a link opens. The receiver
                           requests them from the sender when their clients connect elsewhere
 28       PRESSURE         one byte: 1 when the sender's store has fallen behind and it pauses
                           reading, so the receiver pauses reading too, and 0 when it caught up
+29       MOVE_SYNC        a 2-byte worker index, then a client id: the sender took in that
+                          client's session from that worker and routes its messages from now
+                          on. A receiver that is not that worker sends MARK to that worker
+30       MARK             a client id: the sender routes that client's messages to the worker
+                          that took in its session, and no longer to the receiver
+31       TAIL             the 4-byte number of the SESSION frame, a client id (MQTT string), then
+                          per message a 4-byte length and the message as in PUBLISH: what was
+                          routed to the session on the sender after it sent SESSION
 ======== ================ ======================================================================
 
 Shared subscriptions are announced whole (``$share/{group}/{filter}``). The worker where a
@@ -87,6 +96,18 @@ A session lives on one worker at a time. A client that connects without Clean St
 worker that does not have its session gets it from the worker that has it, before CONNACK:
 the owner of the client id knows which worker that is (itself, or the one of the latest
 CLAIM or HELD), and requests it with TAKEOVER when that is another worker.
+
+Until every worker routes the moved session's messages to its new worker, some still go to
+the old one, so the old worker keeps the session's subscriptions and collects what they
+match. Each worker's messages travel on its own link in order, so each worker marks the
+point after which its messages go to the new worker. The new worker marks it with
+MOVE_SYNC, which it sends to every peer once it has the subscriptions. The old worker's
+point is when that MOVE_SYNC arrives there, and every other worker sends the old worker a
+MARK. A message from a worker past its point reaches the new worker directly, so the old
+worker drops its copy (a message for a shared subscription alone is kept: it went to one
+worker only). With every point known, or after a second, the old worker sends what it
+collected in TAIL and removes the subscriptions. The new worker queues those messages
+before the ones it got directly, and the client's CONNACK waits for TAIL.
 
 Call numbers are the sender's own, counted separately from REQUEST numbers: a reply carries
 the number of the frame it answers, so that the sender can match it to the waiting caller.
@@ -140,6 +161,9 @@ RETAINED_END = 25
 SESSION = 26
 HELD = 27
 PRESSURE = 28
+MOVE_SYNC = 29
+MARK = 30
+TAIL = 31
 
 # Flags of CLAIM and TAKEOVER.
 CLEAN_START = 0x01

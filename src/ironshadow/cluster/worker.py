@@ -70,7 +70,7 @@ from ..engine.topics import REQUEST_OPERATIONS, parse_shadow_topic
 from ..mqtt.encoding import decode_string, encode_string
 from ..mqtt.packets import Connect
 from ..mqtt.reason_codes import ReasonCode
-from ..mqtt.topics import parse_shared_subscription
+from ..mqtt.topics import parse_shared_subscription, topic_matches
 from ..shadow import ShadowError, validate_shadow_name, validate_thing_name
 from ..shadow.names import NAMED_SHADOW_SEPARATOR
 from . import bus
@@ -123,6 +123,9 @@ SYNC_TIMEOUT = 1.0
 # Seconds that a CONNECT without Clean Start waits for its session from another worker
 # before it goes on without it. The worker that has the session sends it at once.
 SESSION_WAIT = 2.0
+# Seconds that a worker that sent a session keeps collecting its messages for the new worker
+# (see _start_move), when some worker's MARK does not come.
+MOVE_WAIT = 1.0
 # $SYS topics whose figures every worker publishes for the whole engine, as the sum of
 # every worker's own figure. The retained message count is the same on every worker and
 # the version and uptime are this worker's own.
@@ -198,6 +201,32 @@ class WorkerSpec:
 
     def handoff_path(self, index: int) -> str:
         return os.path.join(self.directory, f"handoff-{index}.sock")
+
+
+@dataclass(slots=True)
+class _Move:
+    """A session sent to another worker, whose messages this worker still collects."""
+
+    session: Session
+    to: int
+    # Number of the SESSION frame, sent back in TAIL.
+    number: bytes
+    # Workers whose messages for the session may still come here first.
+    waiting: set[int]
+    messages: list[Message]
+    timer: asyncio.TimerHandle
+
+
+@dataclass(slots=True)
+class _Arrival:
+    """A session taken in from a peer that waits for the peer's TAIL."""
+
+    session: Session
+    # Deliveries queued in the session when it arrived: TAIL's go right after them.
+    queued: int
+    # Lets the client's CONNECT go on; None when it stopped waiting.
+    resume: Callable[[], None] | None
+    timer: asyncio.TimerHandle
 
 
 class _Call:
@@ -322,6 +351,7 @@ class ClusterWorker:
         # the replies published meanwhile are), and whether it is a shadow request for this
         # worker's shadow service.
         self._inbound: Message | None = None
+        self._inbound_peer = self.index
         self._inbound_request = False
         # Shadow requests sent to each peer whose publishers' acknowledgements wait for the
         # peer's RELEASED frame, by request number.
@@ -354,6 +384,10 @@ class ClusterWorker:
         # NOTE: an entry stays when the CONNECT fails after the session arrived (for
         # example a will that the client may not publish), until the id connects again.
         self._early_claims: set[str] = set()
+        # Sessions on their way to another worker whose messages this worker collects
+        # meanwhile, and sessions taken in that wait for those messages, by client id.
+        self._moves: dict[str, _Move] = {}
+        self._arrivals: dict[str, _Arrival] = {}
         # HTTP_CALL and METRICS frames sent whose reply has not arrived yet, by call number.
         self._calls: dict[int, _Call] = {}
         self._next_call = 0
@@ -915,7 +949,20 @@ class ClusterWorker:
         group_name, inner = parse_shared_subscription(share_filter)
         assert group_name is not None
         group = self.broker.index.group(inner, group_name)
-        record = group.pick(clients_only=True) if group is not None else None
+        record = None
+        if group is not None:
+            record = group.pick(clients_only=True)
+            if record is None:
+                # A member whose session moves to another worker takes it there in TAIL.
+                moving = self._moves
+                record = next(
+                    (
+                        member
+                        for member in group.members.values()
+                        if member.session.client_id in moving
+                    ),
+                    None,
+                )
         if record is None:
             # Its members here left after the peer picked this worker.
             self._drops.dropped(self.index, f"no member of {share_filter} is left there")
@@ -973,6 +1020,7 @@ class ClusterWorker:
         if kind == bus.PUBLISH:
             message = bus.decode_message(body, pos, end)
             self._inbound = message
+            self._inbound_peer = peer
             try:
                 self.broker.publish(message, shared=False)
             finally:
@@ -1042,7 +1090,17 @@ class ClusterWorker:
         if kind == bus.SESSION:
             number = bytes(body[pos : pos + 4])
             client_id, pos = decode_string(body, pos + 4, end)
-            self._session_arrived(number, client_id, bytes(body[pos:end]))
+            self._session_arrived(peer, number, client_id, bytes(body[pos:end]))
+            return
+        if kind == bus.MOVE_SYNC:
+            sender = int.from_bytes(body[pos : pos + 2], "big")
+            self._move_synced(peer, sender, bytes(body[pos + 2 : end]).decode())
+            return
+        if kind == bus.MARK:
+            self._marked(bytes(body[pos:end]).decode(), (peer,))
+            return
+        if kind == bus.TAIL:
+            self._tail_arrived(body, pos, end)
             return
         if kind == bus.REPLAY:
             self._replay_requested(peer, body, pos, end)
@@ -1087,6 +1145,11 @@ class ClusterWorker:
             self._feed_requested(link.peer, False)
             self._peer_pressure(link.peer, False)
             self._fail_calls(link.peer, "its bus link closed before it replied")
+            for move in list(self._moves.values()):
+                if move.to == link.peer:
+                    self._finish_move(move)
+                else:
+                    self._marked(move.session.client_id, (link.peer,))
 
     # --- routing ----------------------------------------------------------------------
 
@@ -1320,13 +1383,103 @@ class ClusterWorker:
         session = self.broker.sessions.get(client_id)
         if session is not None and session.connection is None and session.consumer is None:
             data = encode_session(session, wall_clock_offset())
-            self.broker.release_session(session)
+            if session.subscriptions:
+                self._start_move(session, peer, number)
+            else:
+                self.broker.release_session(session)
             log.info("client %s: its session moves to worker %d", client_id, peer)
         self._send_to(peer, bus.frame(bus.SESSION, number + encode_string(client_id) + data))
 
-    def _session_arrived(self, number: bytes, client_id: str, data: bytes) -> None:
-        """Take in a session that a peer released (see _send_session), and let the CONNECT
-        that waits for it go on once the peers have its subscriptions.
+    def _start_move(self, session: Session, peer: int, number: bytes) -> None:
+        """Collect the messages routed to ``session`` here until every worker routes them
+        to ``peer``, where the session goes, then send them there in TAIL.
+
+        Each worker's messages come here in the order it sent them, and each marks the
+        point after which it routes the session's messages to ``peer``: this worker and
+        ``peer`` when MOVE_SYNC from ``peer`` arrives, every other worker with MARK. A
+        message that a worker sent after its point reaches ``peer`` directly, so it is
+        dropped here. The session's subscriptions stay in this worker's index meanwhile.
+        """
+        client_id = session.client_id
+        previous = self._moves.get(client_id)
+        if previous is not None:
+            self._finish_move(previous)
+        self.broker.detach_session(session)
+        waiting = {worker for worker, link in self._links.items() if link is not None}
+        waiting.add(self.index)
+        timer = asyncio.get_running_loop().call_later(MOVE_WAIT, self._move_wait_over, client_id)
+        move = _Move(session, peer, number, waiting, [], timer)
+        session.consumer = partial(self._collect, move)
+        self._moves[client_id] = move
+
+    def _collect(self, move: _Move, message: Message) -> None:
+        """Keep a message routed to a moving session, unless it reaches the session's new
+        worker directly: one that another worker sent after its MARK (for plain
+        subscriptions only, since a peer sends a shared subscription's message to one
+        worker)."""
+        origin = self._inbound_peer if message is self._inbound else self.index
+        if origin not in move.waiting:
+            topic = message.topic
+            for topic_filter in move.session.subscriptions:
+                group, inner = parse_shared_subscription(topic_filter)
+                if group is None and topic_matches(inner, topic):
+                    return
+        move.messages.append(message)
+
+    def _move_synced(self, peer: int, sender: int, client_id: str) -> None:
+        """Handle MOVE_SYNC from ``peer``, which took in the session of ``client_id`` from
+        worker ``sender``: mark the point after which this worker routes its messages there."""
+        if sender == self.index:
+            self._marked(client_id, (peer, self.index))
+            return
+        link = self._links[sender]
+        if link is not None:
+            link.send(bus.frame(bus.MARK, client_id.encode()))
+
+    def _marked(self, client_id: str, workers: tuple[int, ...]) -> None:
+        move = self._moves.get(client_id)
+        if move is None:
+            return
+        move.waiting.difference_update(workers)
+        if not move.waiting:
+            self._finish_move(move)
+
+    def _move_wait_over(self, client_id: str) -> None:
+        move = self._moves.get(client_id)
+        if move is None:
+            return
+        log.warning(
+            "client %s: worker(s) %s did not confirm within %.0f s that they route its "
+            "messages to worker %d, where its session went; sending what came here so far",
+            client_id,
+            ", ".join(str(worker) for worker in sorted(move.waiting)),
+            MOVE_WAIT,
+            move.to,
+        )
+        self._finish_move(move)
+
+    def _finish_move(self, move: _Move) -> None:
+        """Send the messages collected for a moving session to its new worker in TAIL, and
+        remove the session's subscriptions from this worker's index."""
+        session = move.session
+        client_id = session.client_id
+        if self._moves.get(client_id) is move:
+            del self._moves[client_id]
+        move.timer.cancel()
+        now = time.monotonic()
+        parts = [move.number, encode_string(client_id)]
+        for message in move.messages:
+            encoded = bus.encode_message(message, now)
+            parts.append(len(encoded).to_bytes(4, "big"))
+            parts.append(encoded)
+        self._send_to(move.to, bus.frame(bus.TAIL, b"".join(parts)))
+        session.consumer = None
+        self.broker.forget_detached(session)
+
+    def _session_arrived(self, peer: int, number: bytes, client_id: str, data: bytes) -> None:
+        """Take in a session that ``peer`` released (see _send_session), and let the
+        CONNECT that waits for it go on once the peers have its subscriptions and the
+        messages that went to ``peer`` meanwhile have come (see _start_move).
 
         A session that comes after its connection stopped waiting is kept offline, unless
         the client has a session here again by then.
@@ -1335,6 +1488,7 @@ class ClusterWorker:
         if wait is not None:
             wait[2].cancel()
         broker = self.broker
+        adopted = None
         if data:
             try:
                 session = decode_session(client_id, data, wall_clock_offset())
@@ -1350,16 +1504,76 @@ class ClusterWorker:
                     )
                 else:
                     broker.adopt_session(session)
-        if wait is None:
-            return
-        future = wait[1]
+                    adopted = session
+        resume = None
+        if wait is not None:
+            future = wait[1]
 
-        def resume() -> None:
-            if not future.done():
-                future.set_result(None)
+            def resume() -> None:
+                if not future.done():
+                    future.set_result(None)
 
-        if not self._hold_suback(resume):
+        if adopted is not None and adopted.subscriptions:
+            self._await_tail(peer, adopted, resume)
+        elif resume is not None and not self._hold_suback(resume):
             resume()
+
+    def _await_tail(
+        self, peer: int, session: Session, resume: Callable[[], None] | None
+    ) -> None:
+        """Tell every peer that the session of a client came here from ``peer`` (MOVE_SYNC,
+        after the announcements of its subscriptions), and hold the client's CONNECT until
+        ``peer`` sends TAIL."""
+        client_id = session.client_id
+        data = bus.frame(bus.MOVE_SYNC, peer.to_bytes(2, "big") + client_id.encode())
+        for link in self._links.values():
+            if link is not None:
+                link.send(data)
+        # TAIL comes within MOVE_WAIT of the peer's SESSION frame, unless the peer is gone.
+        timer = asyncio.get_running_loop().call_later(
+            SESSION_WAIT, self._tail_wait_over, client_id
+        )
+        self._arrivals[client_id] = _Arrival(session, len(session.queue), resume, timer)
+
+    def _tail_wait_over(self, client_id: str) -> None:
+        arrival = self._arrivals.pop(client_id, None)
+        if arrival is None:
+            return
+        log.warning(
+            "client %s: the messages routed to its session on its previous worker did not "
+            "come within %.0f s; the client resumes without them",
+            client_id,
+            SESSION_WAIT,
+        )
+        if arrival.resume is not None:
+            arrival.resume()
+
+    def _tail_arrived(self, body: bytearray, pos: int, end: int) -> None:
+        """Queue the messages of a TAIL frame in the moved session, before the ones that
+        reached it here, then let the client's CONNECT go on."""
+        pos += 4
+        client_id, pos = decode_string(body, pos, end)
+        arrival = self._arrivals.pop(client_id, None)
+        if arrival is not None:
+            arrival.timer.cancel()
+        broker = self.broker
+        session = broker.sessions.get(client_id)
+        if session is not None:
+            queue = session.queue
+            later = []
+            if arrival is not None and arrival.session is session:
+                while len(queue) > arrival.queued:
+                    later.append(queue.pop())
+            while pos < end:
+                length = int.from_bytes(body[pos : pos + 4], "big")
+                pos += 4
+                broker.deliver_to(session, bus.decode_message(body, pos, pos + length))
+                pos += length
+            queue.extend(reversed(later))
+        if arrival is not None and arrival.resume is not None:
+            resume = arrival.resume
+            if not self._hold_suback(resume):
+                resume()
 
     def _close_taken_over(self, connection: MQTTConnection, client_id: str, worker: int) -> None:
         log.info(
@@ -1396,6 +1610,7 @@ class ClusterWorker:
         number = int.from_bytes(body[pos : pos + 4], "big")
         message = bus.decode_message(body, pos + 4, end)
         self._inbound = message
+        self._inbound_peer = peer
         self._inbound_request = True
         try:
             self.broker.publish(message, shared=False)
