@@ -465,9 +465,7 @@ def test_session_moves_between_websocket_and_tcp(cluster: Cluster, protocol: int
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["plain", "shared"])
-def test_messages_routed_during_a_move_follow_the_session(
-    cluster: Cluster, shared: bool
-) -> None:
+def test_messages_during_move_reach_session(cluster: Cluster, shared: bool) -> None:
     """A session moves from worker 0 (WebSocket) to worker 1 (TCP, the owner of the id)
     while worker 2, where the publisher is, is stopped with five messages for it waiting to
     be read. When worker 2 goes on it routes them as it knew the subscription before the
@@ -483,6 +481,7 @@ def test_messages_routed_during_a_move_follow_the_session(
     web.subscribe(f"$share/movers/{topic}" if shared else topic, qos=1)
     web.disconnect()
     publisher.publish(topic, b"before", qos=1)
+
     during = [b"during %d" % number for number in range(5)]
     publisher_worker = worker_pids(cluster)[2]
     os.kill(publisher_worker, signal.SIGSTOP)
@@ -495,9 +494,32 @@ def test_messages_routed_during_a_move_follow_the_session(
         time.sleep(0.3)
     finally:
         os.kill(publisher_worker, signal.SIGCONT)
+
     assert tcp.connected.wait(scaled(RESPONSE_TIMEOUT_S)), "no CONNACK"
     expect_resumed(tcp, [b"before", *during])
     assert moved_to(cluster, client_id, 1)
+
+
+def test_move_goes_on_without_a_stopped_worker(cluster: Cluster) -> None:
+    """A worker that is stopped during a move never sends its MARK. The old worker sends
+    what it collected after a second, and the client still resumes its session."""
+    client_id = client_owned_by(1, "gate")
+    topic = f"moving/{client_id}"
+    publisher = TestClient(cluster.port, client_owned_by(1, "planner"))
+    web = connect_on(
+        cluster, 0, resume(cluster.http_port, client_id, V5, "websockets", connect=False)
+    )
+    web.subscribe(topic, qos=1)
+    web.disconnect()
+    publisher.publish(topic, b"queued", qos=1)
+    stopped = worker_pids(cluster)[2]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        tcp = resume(cluster.port, client_id, V5)
+        expect_resumed(tcp, [b"queued"])
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    assert f"client {client_id}: worker(s) 2 did not confirm" in cluster.log_text()
 
 
 def test_session_moves_through_three_workers(tmp_path: Path) -> None:
