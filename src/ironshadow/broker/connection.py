@@ -21,6 +21,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from .._mypyc import mypyc_attr
 from ..mqtt.constants import MQTT_5
 from ..mqtt.decoder import PacketDecoder
 from ..mqtt.errors import MQTTProtocolError, protocol_error
@@ -36,8 +37,9 @@ from ..mqtt.packets import (
     Pubrel,
     Subscribe,
     Unsubscribe,
+    Will,
 )
-from ..mqtt.properties import PropertyId
+from ..mqtt.properties import Properties, PropertyId
 from ..mqtt.reason_codes import ReasonCode
 from . import hooks as reasons
 from . import tls
@@ -70,6 +72,8 @@ _PUBCOMP_HEADER = b"\x70\x02"
 _PINGRESP = b"\xd0\x00"
 
 
+# A cluster worker's connections extend this class (ironshadow.cluster.handoff).
+@mypyc_attr(allow_interpreted_subclasses=True)
 class MQTTConnection(asyncio.Protocol):
     __slots__ = (
         "aliases_in",
@@ -143,7 +147,7 @@ class MQTTConnection(asyncio.Protocol):
         self.aliases_in: dict[int, str] | None = None
         self.aliases_out: dict[str, int] | None = None
         self.request_problem_information = True
-        self.will = None
+        self.will: Will | None = None
         # Why the connection ended, for presence events (see ``hooks``).
         self.disconnect_reason = reasons.CONNECTION_LOST
         # Packets received while the connection is on hold, for release_held() to handle.
@@ -484,7 +488,7 @@ class MQTTConnection(asyncio.Protocol):
                 # QoS 0 has no acknowledgement to delay, but the message counts against the
                 # same limit while a consumer stores it, so a client that sends faster than
                 # the engine stores is slowed down by TCP instead of outrunning the store.
-                pending = [None, False]
+                pending: list[Any] = [None, False]
                 message.on_released = lambda: self._ack_ready(pending)
                 self.pending_qos0 += 1
                 self._queue_ack(pending)
@@ -544,7 +548,7 @@ class MQTTConnection(asyncio.Protocol):
         if not qos:
             return
         if self.version == MQTT_5:
-            properties = {}
+            properties: Properties = {}
             if self.request_problem_information:
                 properties[PropertyId.REASON_STRING] = f"not authorized to publish to {topic}"
             ack_class = Puback if qos == 1 else Pubrec

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from ..mqtt.constants import MQTT_5
 from ..mqtt.errors import MQTTProtocolError, protocol_error
 from ..mqtt.packets import Connack, Connect, Suback, Subscribe, Unsuback, Unsubscribe
-from ..mqtt.properties import PropertyId
+from ..mqtt.properties import Properties, PropertyId
 from ..mqtt.reason_codes import ConnackReturnCode, ReasonCode
 from ..mqtt.topics import parse_shared_subscription, topic_matches, validate_topic_filter
 from . import hooks as reasons
@@ -97,6 +97,16 @@ ACCESS_LOG_LINES = 20
 # at most once per this many seconds.
 LOG_REPEAT_INTERVAL = 60.0
 _PUBREL_HEADER = b"\x62\x02"
+
+
+def _sockets(server: asyncio.AbstractServer) -> list[socket.socket]:
+    """Return the listening sockets of ``server``.
+
+    uvloop returns a list where asyncio's type stubs declare a tuple, and the compiled build
+    (setup.py) checks declared types, so the attribute is read without one.
+    """
+    sockets: Any = getattr(server, "sockets")  # noqa: B009, the declared type is wrong
+    return list(sockets)
 
 
 def _merge_delivery(
@@ -287,7 +297,7 @@ class Broker:
         if config.sys_interval > 0:
             self._sys_handle = self.loop.call_later(config.sys_interval, self._publish_sys)
         addresses = ", ".join(
-            f"{sock.getsockname()[0]}:{sock.getsockname()[1]}" for sock in server.sockets
+            f"{sock.getsockname()[0]}:{sock.getsockname()[1]}" for sock in _sockets(server)
         )
         log.info(
             "MQTT listener open on %s; at most %d connections, %s CONNECT packets per second",
@@ -337,7 +347,7 @@ class Broker:
     def _log_tls_listener(self, server: asyncio.base_events.Server) -> None:
         config = self.config
         addresses = ", ".join(
-            f"{sock.getsockname()[0]}:{sock.getsockname()[1]}" for sock in server.sockets
+            f"{sock.getsockname()[0]}:{sock.getsockname()[1]}" for sock in _sockets(server)
         )
         if config.tls_ca:
             clients = (
@@ -368,7 +378,7 @@ class Broker:
 
     @property
     def ports(self) -> list[int]:
-        return [sock.getsockname()[1] for server in self._servers for sock in server.sockets]
+        return [sock.getsockname()[1] for server in self._servers for sock in _sockets(server)]
 
     async def shutdown(self) -> None:
         """Stop accepting, tell v5 clients the server is shutting down, flush and close."""
@@ -844,7 +854,7 @@ class Broker:
                 reason,
             )
         if connection.version == MQTT_5:
-            properties = {PropertyId.REASON_STRING: reason}
+            properties: Properties = {PropertyId.REASON_STRING: reason}
             data = Connack(v5_code, False, properties).encode(MQTT_5)
             if not connection.fits(data):
                 # [MQTT-3.2.2-19] The reason string is left out rather than exceed the limit.
@@ -1185,7 +1195,7 @@ class Broker:
     def unsubscribe(self, connection: MQTTConnection, packet: Unsubscribe) -> None:
         session = connection.session
         assert session is not None
-        codes = []
+        codes: list[int] = []
         for topic_filter in packet.topic_filters:
             record = session.subscriptions.pop(topic_filter, None)
             if record is None:

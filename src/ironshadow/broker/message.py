@@ -128,11 +128,14 @@ class Message:
         """Encode a PUBLISH of this message for one subscriber."""
         first = 0x30 | (qos << 1) | (1 if retain else 0) | (0x08 if dup else 0)
         plain = not subscription_ids and not topic_alias and self.expires_at is None
+        cache: dict[int, bytes] | None = None
+        key = 0
         if plain and not qos:
             key = first if version != MQTT_5 else first | 0x100
             cache = self._cache
             if cache is None:
-                cache = self._cache = {}
+                cache = {}
+                self._cache = cache
             else:
                 data = cache.get(key)
                 if data is not None:
@@ -155,6 +158,6 @@ class Message:
             ))
         else:
             data = b"".join((bytes((first,)), encode_vbi(length), topic, properties, payload))
-            if plain:
+            if cache is not None:
                 cache[key] = data
         return data

@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from .._mypyc import mypyc_attr
+
 if TYPE_CHECKING:
     from .session import Session
 
@@ -105,6 +107,8 @@ class _Node:
 MATCH_CACHE_SIZE = 65_536
 
 
+# A cluster worker's index extends this one (ironshadow.cluster.worker.ClusterIndex).
+@mypyc_attr(allow_interpreted_subclasses=True)
 class SubscriptionIndex:
     __slots__ = ("_cache", "_exact", "_root", "count")
 

@@ -428,10 +428,15 @@ class ShadowService(BrokerHooks):
                 self._store(key, thing, shadow_name, result.shadow, now, result)
                 self._publish_update_notifications(shadow_topic_prefix(thing, shadow_name), result)
                 return Reply(200, result.accepted_payload())
-            names = {"thing_name": thing, "shadow_name": shadow_name, "limits": self.limits}
+            limits = self.limits
             if operation == "get":
-                return Reply(200, get_shadow(current, payload, now, **names))
-            tombstone, document = delete_shadow(current, payload, now, **names)
+                document = get_shadow(
+                    current, payload, now, thing_name=thing, shadow_name=shadow_name, limits=limits
+                )
+                return Reply(200, document)
+            tombstone, document = delete_shadow(
+                current, payload, now, thing_name=thing, shadow_name=shadow_name, limits=limits
+            )
             self._store(key, thing, shadow_name, tombstone, now)
             return Reply(200, document)
         except ShadowError as error:

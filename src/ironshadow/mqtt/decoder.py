@@ -43,7 +43,7 @@ class PacketDecoder:
         """Number of bytes received but not yet decoded."""
         return len(self._buffer)
 
-    def feed(self, data: bytes) -> list[Packet]:
+    def feed(self, data: bytes | bytearray) -> list[Packet]:
         """Decode every complete packet in the bytes received so far.
 
         Raises :class:`MQTTProtocolError` on the first malformed packet. The stream cannot be

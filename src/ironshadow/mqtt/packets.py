@@ -9,6 +9,7 @@ raises :class:`MQTTProtocolError` with the reason code the receiver should respo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from .constants import MQTT_3_1_1, MQTT_5, SUPPORTED_PROTOCOL_LEVELS, PacketType
 from .encoding import (
@@ -62,7 +63,7 @@ class Connect:
     will: Will | None = None
     properties: Properties = field(default_factory=dict)
 
-    packet_type = PacketType.CONNECT
+    packet_type: ClassVar[PacketType] = PacketType.CONNECT
 
     def encode(self, version: int | None = None) -> bytes:
         level = self.protocol_level
@@ -98,7 +99,7 @@ class Connack:
     session_present: bool = False
     properties: Properties = field(default_factory=dict)
 
-    packet_type = PacketType.CONNACK
+    packet_type: ClassVar[PacketType] = PacketType.CONNACK
 
     def encode(self, version: int) -> bytes:
         head = bytes((1 if self.session_present else 0, self.reason_code))
@@ -117,7 +118,7 @@ class Publish:
     packet_id: int = 0
     properties: Properties = field(default_factory=dict)
 
-    packet_type = PacketType.PUBLISH
+    packet_type: ClassVar[PacketType] = PacketType.PUBLISH
 
     def encode(self, version: int) -> bytes:
         first = 0x30 | (self.qos << 1)
@@ -142,8 +143,8 @@ class _Ack:
     reason_code: int = ReasonCode.SUCCESS
     properties: Properties = field(default_factory=dict)
 
-    packet_type = PacketType.PUBACK
-    _first_byte = 0x40
+    packet_type: ClassVar[PacketType] = PacketType.PUBACK
+    _first_byte: ClassVar[int] = 0x40
 
     def encode(self, version: int) -> bytes:
         pid = self.packet_id.to_bytes(2, "big")
@@ -157,26 +158,26 @@ class _Ack:
 
 class Puback(_Ack):
     __slots__ = ()
-    packet_type = PacketType.PUBACK
-    _first_byte = 0x40
+    packet_type: ClassVar[PacketType] = PacketType.PUBACK
+    _first_byte: ClassVar[int] = 0x40
 
 
 class Pubrec(_Ack):
     __slots__ = ()
-    packet_type = PacketType.PUBREC
-    _first_byte = 0x50
+    packet_type: ClassVar[PacketType] = PacketType.PUBREC
+    _first_byte: ClassVar[int] = 0x50
 
 
 class Pubrel(_Ack):
     __slots__ = ()
-    packet_type = PacketType.PUBREL
-    _first_byte = 0x62
+    packet_type: ClassVar[PacketType] = PacketType.PUBREL
+    _first_byte: ClassVar[int] = 0x62
 
 
 class Pubcomp(_Ack):
     __slots__ = ()
-    packet_type = PacketType.PUBCOMP
-    _first_byte = 0x70
+    packet_type: ClassVar[PacketType] = PacketType.PUBCOMP
+    _first_byte: ClassVar[int] = 0x70
 
 
 @dataclass(slots=True)
@@ -206,7 +207,7 @@ class Subscribe:
     subscriptions: list[Subscription]
     properties: Properties = field(default_factory=dict)
 
-    packet_type = PacketType.SUBSCRIBE
+    packet_type: ClassVar[PacketType] = PacketType.SUBSCRIBE
 
     def encode(self, version: int) -> bytes:
         parts = [self.packet_id.to_bytes(2, "big")]
@@ -224,7 +225,7 @@ class Suback:
     reason_codes: list[int]
     properties: Properties = field(default_factory=dict)
 
-    packet_type = PacketType.SUBACK
+    packet_type: ClassVar[PacketType] = PacketType.SUBACK
 
     def encode(self, version: int) -> bytes:
         codes = self.reason_codes
@@ -244,7 +245,7 @@ class Unsubscribe:
     topic_filters: list[str]
     properties: Properties = field(default_factory=dict)
 
-    packet_type = PacketType.UNSUBSCRIBE
+    packet_type: ClassVar[PacketType] = PacketType.UNSUBSCRIBE
 
     def encode(self, version: int) -> bytes:
         parts = [self.packet_id.to_bytes(2, "big")]
@@ -260,7 +261,7 @@ class Unsuback:
     reason_codes: list[int] = field(default_factory=list)
     properties: Properties = field(default_factory=dict)
 
-    packet_type = PacketType.UNSUBACK
+    packet_type: ClassVar[PacketType] = PacketType.UNSUBACK
 
     def encode(self, version: int) -> bytes:
         pid = self.packet_id.to_bytes(2, "big")
@@ -271,7 +272,7 @@ class Unsuback:
 
 @dataclass(slots=True)
 class Pingreq:
-    packet_type = PacketType.PINGREQ
+    packet_type: ClassVar[PacketType] = PacketType.PINGREQ
 
     def encode(self, version: int) -> bytes:
         return b"\xc0\x00"
@@ -279,7 +280,7 @@ class Pingreq:
 
 @dataclass(slots=True)
 class Pingresp:
-    packet_type = PacketType.PINGRESP
+    packet_type: ClassVar[PacketType] = PacketType.PINGRESP
 
     def encode(self, version: int) -> bytes:
         return b"\xd0\x00"
@@ -290,7 +291,7 @@ class Disconnect:
     reason_code: int = ReasonCode.SUCCESS
     properties: Properties = field(default_factory=dict)
 
-    packet_type = PacketType.DISCONNECT
+    packet_type: ClassVar[PacketType] = PacketType.DISCONNECT
 
     def encode(self, version: int) -> bytes:
         if version != MQTT_5 or (not self.reason_code and not self.properties):
@@ -303,7 +304,7 @@ class Auth:
     reason_code: int = ReasonCode.SUCCESS
     properties: Properties = field(default_factory=dict)
 
-    packet_type = PacketType.AUTH
+    packet_type: ClassVar[PacketType] = PacketType.AUTH
 
     def encode(self, version: int = MQTT_5) -> bytes:
         if not self.reason_code and not self.properties:
@@ -454,7 +455,7 @@ def _decode_ack(packet_class: type[_Ack]):  # type: ignore[no-untyped-def]
             if end != 2:
                 raise malformed(f"{packet_type.name} of MQTT 3.1.1 must be 2 bytes long")
             return packet_class(packet_id)
-        code = ReasonCode.SUCCESS
+        code: int = ReasonCode.SUCCESS
         properties: Properties = {}
         if end > 2:
             code = _check_reason_code(packet_type, body[2])

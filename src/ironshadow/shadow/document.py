@@ -73,8 +73,8 @@ class Shadow:
     @classmethod
     def from_state(
         cls,
-        state: dict[str, Any] | None,
-        version: int,
+        state: Any,
+        version: Any,
         deleted: bool = False,
         timestamp: int | None = None,
     ) -> Shadow:
@@ -106,7 +106,7 @@ class Shadow:
         )
 
     @classmethod
-    def from_document(cls, document: dict[str, Any]) -> Shadow:
+    def from_document(cls, document: Any) -> Shadow:
         """Build a shadow from a document that ``document()`` returned (delta is ignored).
 
         Leaves without metadata get the document's ``timestamp``. An array keeps one
@@ -262,7 +262,7 @@ class Shadow:
         return load_node(self._reported_metadata) if self._reported_metadata is not None else 0
 
 
-def _check_state(state: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+def _check_state(state: Any) -> dict[str, dict[str, Any]]:
     """Check a state given to a constructor and return its sections, pruned."""
     if state is None:
         return {}

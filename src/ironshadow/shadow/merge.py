@@ -111,6 +111,7 @@ def _combined_metadata(
 ) -> MetadataNode:
     """Build the node of a merged object from old and new nodes, collapsing uniform trees."""
     old_is_int = type(metadata) is int
+    old_nodes: Any = metadata  # a dict unless old_is_int
     nodes: dict[str, MetadataNode] = {}
     uniform = True
     first: MetadataNode | None = None
@@ -123,7 +124,7 @@ def _combined_metadata(
             node = metadata
         else:
             # A dict node has every key of its object; ``now`` only guards the invariant.
-            node = metadata.get(key, now)
+            node = old_nodes.get(key, now)
         nodes[key] = node
         if first is None:
             first = node

@@ -25,7 +25,7 @@ def store_node(node: MetadataNode) -> StoredNode:
 
 
 def load_node(stored: StoredNode) -> MetadataNode:
-    return stored if type(stored) is int else orjson.loads(stored)
+    return stored if isinstance(stored, int) else orjson.loads(stored)
 
 
 def stamp_tree(value: Any, stamp: dict[str, int]) -> Any:
@@ -53,7 +53,7 @@ def stamp_tree(value: Any, stamp: dict[str, int]) -> Any:
 
 def expand_node(value: Any, node: MetadataNode) -> Any:
     """Build AWS's per-leaf metadata for ``value`` from its compact node."""
-    if type(node) is int:
+    if isinstance(node, int):
         return stamp_tree(value, {"timestamp": node})
     if type(value) is not dict:
         # A dict node always belongs to an object; take its latest time if it does not.
@@ -96,6 +96,6 @@ def _latest_timestamp(metadata: Any) -> int | None:
 
 
 def _latest(node: MetadataNode) -> int:
-    if type(node) is int:
+    if isinstance(node, int):
         return node
     return max((_latest(child) for child in node.values()), default=0)

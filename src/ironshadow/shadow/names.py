@@ -17,12 +17,12 @@ _SHADOW_NAME_CHARACTERS = re.compile(r"[$a-zA-Z0-9:_-]+")
 NAMED_SHADOW_SEPARATOR = "~"
 
 
-def validate_thing_name(name: str) -> None:
+def validate_thing_name(name: object) -> None:
     """Raise ShadowError 400 unless ``name`` is 1 to 128 characters of [a-zA-Z0-9:_-]."""
     _validate(name, "thing name", MAX_THING_NAME_LENGTH, _THING_NAME_CHARACTERS, "")
 
 
-def validate_shadow_name(name: str) -> None:
+def validate_shadow_name(name: object) -> None:
     """Raise ShadowError 400 unless ``name`` is 1 to 64 characters of [$a-zA-Z0-9:_-]."""
     _validate(name, "shadow name", MAX_SHADOW_NAME_LENGTH, _SHADOW_NAME_CHARACTERS, "'$', ")
 
