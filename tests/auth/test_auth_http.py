@@ -20,6 +20,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from conftest import free_port, scaled
+from ironshadow.api.security import HttpAuth
+from ironshadow.auth import USERS_FILE_NAME, AuthPolicy, AuthSettings
+from ironshadow.auth.tokens import TokenClaims, issue_token
 
 from .auth_harness import add_user, remove_user, run_auth, serving
 from .conftest import USERS
@@ -551,3 +554,22 @@ def test_feed_closed_at_token_expiry(client: httpx.Client, engine: Engine) -> No
     assert closed.value.rcvd is not None
     assert closed.value.rcvd.code == 1008
     assert closed.value.rcvd.reason == "token expired"
+
+
+def test_token_from_newer_users_file_accepted(tmp_path: Path, users_file: Path) -> None:
+    """A worker that has not read the users file since a user was added accepts a token
+    that another worker issued for that user, as every worker reads the file on its own
+    timer: it reads the file again before it calls the token revoked."""
+    shutil.copy(users_file, tmp_path / USERS_FILE_NAME)
+    behind = HttpAuth(AuthPolicy(AuthSettings(data_dir=tmp_path)))
+    behind.policy.reload()
+    add_user(tmp_path, "press-9", "device", "press-9-secret")
+    current = HttpAuth(AuthPolicy(AuthSettings(data_dir=tmp_path)))
+    current.policy.reload()
+    user = current.users.lookup("press-9")
+    assert user is not None
+    token, _claims = issue_token(current.secret.key(), user, 3600)
+
+    claims = behind.authenticate(token)
+    assert isinstance(claims, TokenClaims), claims
+    assert claims.name == "press-9"

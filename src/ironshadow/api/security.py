@@ -246,10 +246,23 @@ class HttpAuth:
             claims = read_token(self.secret.key(), token, now)
         except TokenError as exc:
             return Denial(401, f"Invalid token: {exc}. {NEW_TOKEN_HINT}", "invalid_token")
-        reason = revocation_reason(claims, self.users)
+        reason = self._revocation_reason(claims)
         if reason is not None:
             return Denial(401, f"Revoked token: {reason}. {NEW_TOKEN_HINT}", "invalid_token")
         return claims
+
+    def _revocation_reason(self, claims: TokenClaims) -> str | None:
+        """Return why the users file no longer backs ``claims``, or None while it does.
+
+        Each worker of ``serve --workers N`` reads the users file on its own timer, so a
+        token that another worker issued after a change to the file can look revoked here
+        for up to a second. The file is checked for changes before a token is called
+        revoked.
+        """
+        reason = revocation_reason(claims, self.users)
+        if reason is not None and self.policy.reload():
+            reason = revocation_reason(claims, self.users)
+        return reason
 
     # --- signing in --------------------------------------------------------------------
 
@@ -340,7 +353,7 @@ class HttpAuth:
         claims: TokenClaims = identity
         if now >= claims.expires:
             return "token expired"
-        if revocation_reason(claims, self.users) is not None:
+        if self._revocation_reason(claims) is not None:
             return "token revoked: user removed or changed"
         return None
 
