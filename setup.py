@@ -2,10 +2,10 @@
 
 The package is plain Python and installs as such. With ``IRONSHADOW_MYPYC=1`` the modules
 below are compiled to C extensions with mypyc, next to their sources, which lowers the
-engine's CPU per message (docs/benchmarks.md, "A compiled build"). Build it with mypy
-installed in the same environment:
+engine's CPU per message (docs/benchmarks.md, "A compiled build"). Build it with mypy and
+a recent setuptools installed in the same environment:
 
-    .venv/bin/python -m pip install mypy
+    .venv/bin/python -m pip install mypy 'setuptools>=77'
     IRONSHADOW_MYPYC=1 .venv/bin/python -m pip install --no-build-isolation -e '.[test]'
 
 mypy reads its options from ``[tool.mypy]`` in pyproject.toml.

@@ -1,4 +1,4 @@
-"""Class options for the optional mypyc build (see setup.py).
+"""The optional mypyc build (see setup.py): class options, and whether it is running.
 
 ``mypyc_attr`` comes from mypy_extensions, which the build installs with mypy. The plain
 package does not need it, so without it the decorator changes nothing.
@@ -7,6 +7,7 @@ package does not need it, so without it the decorator changes nothing.
 from __future__ import annotations
 
 from collections.abc import Callable
+from importlib.machinery import EXTENSION_SUFFIXES
 from typing import Any, TypeVar
 
 _T = TypeVar("_T")
@@ -20,3 +21,10 @@ except ImportError:  # the plain package, interpreted: the options do not apply
             return cls
 
         return keep
+
+
+def compiled_build() -> bool:
+    """Return whether this process runs the compiled build of the message path."""
+    from .broker import core
+
+    return (core.__file__ or "").endswith(tuple(EXTENSION_SUFFIXES))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import __version__, swarm
+from ._mypyc import compiled_build
 from .api import ApiServer
 from .api.cluster_reads import register_procedures
 from .api.feed import FeedConfig
@@ -151,7 +152,8 @@ async def _serve(
         if exc.errno == errno.EADDRINUSE:
             raise _http_port_in_use(config, http_port) from exc
         raise
-    log.info("IronShadow %s running; stop with Ctrl-C or SIGTERM", __version__)
+    build = " (modules compiled with mypyc)" if compiled_build() else ""
+    log.info("IronShadow %s running; stop with Ctrl-C or SIGTERM%s", __version__, build)
     await stop.wait()
     log.info("shutting down")
     await api.stop()
