@@ -15,12 +15,12 @@ import os
 
 from setuptools import setup
 
-# The packet stream reader, routing, sessions and the shadow service with the shadow documents:
-# what one shadow update passes through. Other modules (storage, HTTP API, cluster) stay
-# interpreted; the cluster's classes that extend SubscriptionIndex and MQTTConnection can do
-# so because those allow interpreted subclasses. The packet classes stay interpreted too:
-# PUBACK, PUBREC, PUBREL and PUBCOMP set their own class attributes on a shared base, which
-# mypyc's native classes do not support.
+# The modules that one shadow update passes through: the packet stream reader, routing,
+# sessions, the shadow service and the shadow documents. Storage, the HTTP API and the
+# cluster stay interpreted. The cluster's classes may extend SubscriptionIndex and
+# MQTTConnection because those two allow interpreted subclasses. The packet classes stay
+# interpreted too, because PUBACK, PUBREC, PUBREL and PUBCOMP set their own class attributes
+# on a shared base, which mypyc's native classes do not support.
 COMPILED_MODULES = [
     "src/ironshadow/mqtt/decoder.py",
     "src/ironshadow/mqtt/encoding.py",

@@ -355,8 +355,8 @@ def compare(results: list[dict[str, Any]], worker_counts: list[int]) -> str:
             "for a load that one worker cannot hold, with idle cores) at "
             f"{cpu_ratio:.2f} x its CPU per message (target at most 1.10)"
         )
-        # One worker's cost per message falls as its load rises (measured; the cause is not
-        # established), so N workers are also compared with one at the load of each.
+        # One worker's cost per message falls as its load rises (the cause is not known). So
+        # N workers are also compared with one worker at the load of each.
         per_worker = result["devices"] * base_count // workers
         same_load = base_case(result, per_worker)
         if same_load is not None:

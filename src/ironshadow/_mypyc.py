@@ -14,7 +14,7 @@ _T = TypeVar("_T")
 
 try:
     from mypy_extensions import mypyc_attr
-except ImportError:  # the plain package, interpreted: the options do not apply
+except ImportError:  # the plain package runs interpreted, so the options do not apply
 
     def mypyc_attr(*_names: str, **_options: Any) -> Callable[[_T], _T]:  # type: ignore[misc]
         def keep(cls: _T) -> _T:

@@ -556,10 +556,10 @@ def test_feed_closed_at_token_expiry(client: httpx.Client, engine: Engine) -> No
     assert closed.value.rcvd.reason == "token expired"
 
 
-def test_token_from_newer_users_file_accepted(tmp_path: Path, users_file: Path) -> None:
-    """A worker that has not read the users file since a user was added accepts a token
-    that another worker issued for that user, as every worker reads the file on its own
-    timer: it reads the file again before it calls the token revoked."""
+def test_stale_worker_accepts_new_token(tmp_path: Path, users_file: Path) -> None:
+    """A worker that has not read the users file since a user was added still accepts a
+    token that another worker issued for that user. Every worker reads the file on its own
+    timer, so the stale worker reads it again before it calls the token revoked."""
     shutil.copy(users_file, tmp_path / USERS_FILE_NAME)
     behind = HttpAuth(AuthPolicy(AuthSettings(data_dir=tmp_path)))
     behind.policy.reload()

@@ -500,7 +500,7 @@ def test_messages_during_move_reach_session(cluster: Cluster, shared: bool) -> N
     assert moved_to(cluster, client_id, 1)
 
 
-def test_move_goes_on_without_a_stopped_worker(cluster: Cluster) -> None:
+def test_move_ends_without_stopped_worker(cluster: Cluster) -> None:
     """A worker that is stopped during a move never sends its MARK. The old worker sends
     what it collected after a second, and the client still resumes its session."""
     client_id = client_owned_by(1, "gate")
@@ -519,7 +519,7 @@ def test_move_goes_on_without_a_stopped_worker(cluster: Cluster) -> None:
         expect_resumed(tcp, [b"queued"])
     finally:
         os.kill(stopped, signal.SIGCONT)
-    assert f"client {client_id}: worker(s) 2 did not confirm" in cluster.log_text()
+    assert f"client {client_id}: timed out after 1 s waiting for worker(s) 2" in cluster.log_text()
 
 
 def test_session_moves_through_three_workers(tmp_path: Path) -> None:

@@ -115,8 +115,7 @@ def _merge_delivery(
     """Return the delivery of ``message`` by ``record``, merged into the session's
     ``delivery`` by another matching subscription if there is one: one copy with the highest
     QoS and every subscription identifier [MQTT-3.3.4-2]."""
-    msg_qos = message.qos
-    qos = record.qos if record.qos < msg_qos else msg_qos
+    qos = record.qos if record.qos < message.qos else message.qos
     retain = message.retain and record.retain_as_published
     if delivery is None:
         ids = [record.subscription_id] if record.subscription_id else None

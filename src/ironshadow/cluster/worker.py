@@ -123,8 +123,8 @@ SYNC_TIMEOUT = 1.0
 # Seconds that a CONNECT without Clean Start waits for its session from another worker
 # before it goes on without it. The worker that has the session sends it at once.
 SESSION_WAIT = 2.0
-# Seconds that a worker that sent a session keeps collecting its messages for the new worker
-# (see _start_move), when some worker's MARK does not come.
+# Seconds that a worker which sent a session collects the session's messages while it waits
+# for the other workers' MARK frames (see _start_move).
 MOVE_WAIT = 1.0
 # $SYS topics whose figures every worker publishes for the whole engine, as the sum of
 # every worker's own figure. The retained message count is the same on every worker and
@@ -222,9 +222,9 @@ class _Arrival:
     """A session taken in from a peer that waits for the peer's TAIL."""
 
     session: Session
-    # Deliveries queued in the session when it arrived: TAIL's go right after them.
+    # Deliveries queued in the session when it arrived. The messages of TAIL go right after them.
     queued: int
-    # Lets the client's CONNECT go on; None when it stopped waiting.
+    # Lets the client's CONNECT go on, or None when the CONNECT no longer waits.
     resume: Callable[[], None] | None
     timer: asyncio.TimerHandle
 
@@ -953,16 +953,12 @@ class ClusterWorker:
         if group is not None:
             record = group.pick(clients_only=True)
             if record is None:
-                # A member whose session moves to another worker takes it there in TAIL.
-                moving = self._moves
-                record = next(
-                    (
-                        member
-                        for member in group.members.values()
-                        if member.session.client_id in moving
-                    ),
-                    None,
-                )
+                # A member whose session moves to another worker takes the message there in
+                # TAIL.
+                for member in group.members.values():
+                    if member.session.client_id in self._moves:
+                        record = member
+                        break
         if record is None:
             # Its members here left after the peer picked this worker.
             self._drops.dropped(self.index, f"no member of {share_filter} is left there")
@@ -1413,10 +1409,13 @@ class ClusterWorker:
         self._moves[client_id] = move
 
     def _collect(self, move: _Move, message: Message) -> None:
-        """Keep a message routed to a moving session, unless it reaches the session's new
-        worker directly: one that another worker sent after its MARK (for plain
-        subscriptions only, since a peer sends a shared subscription's message to one
-        worker)."""
+        """Keep a message routed to a moving session, unless the session's new worker gets
+        it directly.
+
+        The new worker gets a message directly when a worker sent it after its mark and it
+        matches a plain subscription. A worker sends a shared subscription's message to one
+        worker only, so such a message is always kept.
+        """
         origin = self._inbound_peer if message is self._inbound else self.index
         if origin not in move.waiting:
             topic = message.topic
@@ -1449,12 +1448,13 @@ class ClusterWorker:
         if move is None:
             return
         log.warning(
-            "client %s: worker(s) %s did not confirm within %.0f s that they route its "
-            "messages to worker %d, where its session went; sending what came here so far",
+            "client %s: timed out after %.0f s waiting for worker(s) %s to route its messages "
+            "to worker %d, where its session moved; sending the %d messages collected so far",
             client_id,
-            ", ".join(str(worker) for worker in sorted(move.waiting)),
             MOVE_WAIT,
+            ", ".join(str(worker) for worker in sorted(move.waiting)),
             move.to,
+            len(move.messages),
         )
         self._finish_move(move)
 
@@ -1540,8 +1540,8 @@ class ClusterWorker:
         if arrival is None:
             return
         log.warning(
-            "client %s: the messages routed to its session on its previous worker did not "
-            "come within %.0f s; the client resumes without them",
+            "client %s: timed out after %.0f s waiting for the messages routed to its session "
+            "on its previous worker; the client resumes without them",
             client_id,
             SESSION_WAIT,
         )
