@@ -573,3 +573,18 @@ def test_stale_worker_accepts_new_token(tmp_path: Path, users_file: Path) -> Non
     claims = behind.authenticate(token)
     assert isinstance(claims, TokenClaims), claims
     assert claims.name == "press-9"
+
+
+def test_stale_worker_finds_new_user(tmp_path: Path, users_file: Path) -> None:
+    """A worker that has not read the users file since a user was added still finds the
+    user when it signs in or connects: it reads the file again before it reports the user
+    missing."""
+    shutil.copy(users_file, tmp_path / USERS_FILE_NAME)
+    behind = AuthPolicy(AuthSettings(data_dir=tmp_path))
+    behind.reload()
+    add_user(tmp_path, "press-10", "device", "press-10-secret")
+
+    user = behind.find_user("press-10")
+    assert user is not None
+    assert user.role == "device"
+    assert behind.find_user("press-11") is None

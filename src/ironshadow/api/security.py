@@ -285,7 +285,7 @@ class HttpAuth:
                 "anonymous access is off. Add a user with `ironshadow auth add`.",
             )
         login = _parse_login(await _read_limited(request, MAX_LOGIN_BODY_BYTES))
-        user = self.users.lookup(login.username)
+        user = self.policy.find_user(login.username)
         password_hash = user.password_hash if user is not None else None
         verdict = self.policy.credentials.check(
             login.username, password_hash, login.password.encode()

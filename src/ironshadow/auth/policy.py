@@ -221,6 +221,18 @@ class AuthPolicy(AccessPolicy):
 
     # --- authentication ---------------------------------------------------------------
 
+    def find_user(self, name: str) -> User | None:
+        """Return the user ``name``, or None when the users file has no such user.
+
+        Each worker of ``serve --workers N`` reads the file on its own timer, so a user that
+        another worker already admits may be missing here for up to a second. The file is
+        read again, if it changed, before a user is reported missing.
+        """
+        user = self.users.lookup(name)
+        if user is None and self.reload():
+            user = self.users.lookup(name)
+        return user
+
     def authenticate(
         self, connection: MQTTConnection, connect: Connect
     ) -> AuthenticationResult | asyncio.Future[AuthenticationResult]:
@@ -243,7 +255,7 @@ class AuthPolicy(AccessPolicy):
         password = connect.password
         if password is None:
             return bad_credentials(f"user {username!r} gave no password")
-        user = self.users.lookup(username)
+        user = self.find_user(username)
         password_hash = user.password_hash if user is not None else None
         verdict = self.credentials.check(username, password_hash, password)
         if isinstance(verdict, bool):
