@@ -30,6 +30,7 @@ import uvloop
 from ironshadow.broker.config import BrokerConfig
 from ironshadow.broker.core import Broker
 from ironshadow.cluster import ClusterWorker, WorkerSpec, owner_of
+from ironshadow.cluster.limits import create_table, needs_table, table_slots
 from ironshadow.cluster.supervisor import bind_listener
 
 TIMEOUT_SCALE = float(os.environ.get("IRONSHADOW_TEST_TIMEOUT_SCALE", "1"))
@@ -191,11 +192,22 @@ class ClusterThreads:
         # Unix socket paths are limited to 107 bytes, so the folder stays short.
         self.directory = tempfile.mkdtemp(prefix="ironshadow-test-", dir="/tmp")
         self.threads: list[BrokerThread] = []
+        # The table of connection counts, as the supervisor creates it.
+        self.limits_table = (-1, 0)
+        if needs_table(config):
+            slots = table_slots(config, workers)
+            self.limits_table = (create_table(workers, slots), slots)
         try:
             for index in range(workers):
                 engine = Engine(config)
                 spec = WorkerSpec(
-                    index, workers, os.dup(listener.fileno()), self.directory, os.getppid()
+                    index,
+                    workers,
+                    os.dup(listener.fileno()),
+                    self.directory,
+                    os.getppid(),
+                    limits_fd=self.limits_table[0],
+                    limits_slots=self.limits_table[1],
                 )
                 worker = ClusterWorker(engine, spec, lambda: None)
                 thread = BrokerThread(config, _WorkerServer(engine, worker))
@@ -244,6 +256,9 @@ class ClusterThreads:
         for thread in self.threads:
             thread.stop()
         shutil.rmtree(self.directory, ignore_errors=True)
+        if self.limits_table[0] >= 0:
+            os.close(self.limits_table[0])
+            self.limits_table = (-1, 0)
 
 
 def run_cluster(workers: int) -> Iterator[ClusterThreads]:
@@ -291,8 +306,8 @@ CLUSTER_SUITES = (
     "shadow/test_shadow_vectors.py",
 )
 CLUSTER_WORKERS = 3
-# Marks a test of a limit that each worker applies to its own connections.
-PER_WORKER_LIMIT = pytest.mark.one_process("each worker counts connections and CONNECT rates")
+# Marks a test of --connect-rate, of which each worker admits its share.
+CONNECT_RATE_SHARE = pytest.mark.one_process("each worker admits its share of the CONNECT rate")
 _SERVER_FIXTURES = {"make_broker", "broker", "make_engine", "engine"}
 TESTS_FOLDER = os.path.dirname(os.path.abspath(__file__))
 

@@ -34,6 +34,7 @@ from .auth.tokens import DEFAULT_TOKEN_LIFETIME
 from .broker.config import BrokerConfig
 from .broker.tls import TLSConfigError, TLSListenerError
 from .cluster import ClusterWorker, WorkerCountError, WorkerSpec, worker_data_dir
+from .cluster.limits import create_table, needs_table, table_slots
 from .cluster.reshard import prepare_data_dir
 from .cluster.supervisor import Supervisor, auto_workers, bind_listener
 from .engine import Engine, StorageConfig
@@ -349,7 +350,12 @@ def _supervise(argv: list[str], workers: int, config: BrokerConfig, http_port: i
         workers,
     )
     command = [sys.executable, "-m", "ironshadow", *argv]
-    return Supervisor(command, workers, listener, tls_listener, http_listeners).run()
+    limits_table = None
+    if needs_table(config):
+        slots = table_slots(config, workers)
+        limits_table = (create_table(workers, slots), slots)
+    supervisor = Supervisor(command, workers, listener, tls_listener, http_listeners, limits_table)
+    return supervisor.run()
 
 
 def build_parser() -> argparse.ArgumentParser:

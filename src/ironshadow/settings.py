@@ -129,7 +129,8 @@ SETTINGS: tuple[Setting, ...] = (
             "largest keep alive granted to v5 clients, in seconds (0: no limit)",
             minimum=0, maximum=MAX_TWO_BYTE),
     Setting("max_connections", int, _defaults.max_connections,
-            "connections held at once; more are refused (0: the open-file limit less 256)",
+            "connections held at once by the whole engine, all workers together; more are "
+            "refused (0: each process's open-file limit less 256)",
             minimum=0),
     Setting("connect_rate", float, _defaults.connect_rate,
             "CONNECT packets processed per second by the whole engine, each worker taking "

@@ -1024,3 +1024,39 @@ def test_shared_redis_keeps_one_owner(tmp_path: Path) -> None:
         assert cluster.log_text().count("forgot 1 loaded shadows that other workers own") == 2
     finally:
         redis_server.stop()
+
+
+def test_connection_limits_hold_for_the_engine(tmp_path: Path) -> None:
+    """--max-connections and --max-connections-per-address count every worker's
+    connections, and what a killed worker held is freed when it restarts."""
+    cluster = Cluster(
+        tmp_path / "data", WORKERS, "--max-connections", "3", "--max-connections-per-address", "2"
+    )
+    try:
+        cluster.wait_until_running()
+        pids = worker_pids(cluster)
+        # Two devices of worker 1 take 127.0.0.1's share; each worker would allow two more.
+        devices = [RawClient(cluster.port) for _ in range(2)]
+        for device in devices:
+            assert device.connect(client_owned_by(1, "a")).reason_code == ReasonCode.SUCCESS
+        assert RawClient(cluster.port).wait_closed() == []
+        other = RawClient(cluster.port, source="127.0.0.2")
+        assert other.connect(client_owned_by(0, "b")).reason_code == ReasonCode.SUCCESS
+        # Three connections are open in the engine: a fourth is closed at accept.
+        assert RawClient(cluster.port, source="127.0.0.3").wait_closed() == []
+        os.kill(pids[1], signal.SIGKILL)
+        for device in devices:
+            assert device.wait_closed() == []
+        # The next process of worker 1 clears what the killed one counted, so 127.0.0.1
+        # gets its two connections back.
+        deadline = time.monotonic() + scaled(START_TIMEOUT_S)
+        while cluster.log_text().count("running; stop with") < WORKERS + 1:
+            assert time.monotonic() < deadline, cluster.log_tail()
+            time.sleep(0.05)
+        devices = [RawClient(cluster.port) for _ in range(2)]
+        for device in devices:
+            assert device.connect(client_owned_by(1, "c")).reason_code == ReasonCode.SUCCESS
+        assert other.is_open()
+    finally:
+        status = cluster.stop()
+    assert status == 0, cluster.log_tail()

@@ -183,6 +183,11 @@ class MQTTConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=config.write_high_water, low=config.write_low_water)
         self.broker.connection_made(self)
 
+    def counted_by_peer(self) -> bool:
+        """Return whether another worker of the engine accepted this connection, counted it
+        against the connection limits, and passed it here (see cluster/handoff.py)."""
+        return False
+
     def _take_certificate_name(self, peercert: dict[str, Any]) -> bool:
         """Set ``certificate_name`` from the client certificate and return True, or close
         the connection and return False when the certificate lacks the configured field."""

@@ -472,6 +472,7 @@ class Broker:
         if (
             self._accept_stopped
             and not self._accept_resuming
+            and self._listen_fd is not None  # None once the broker has shut down
             and self._descriptors_in_use() < self.max_connections * ACCEPT_RESUME_SHARE
         ):
             self._accept_resuming = True

@@ -35,6 +35,10 @@ Per client:
 
 The transport address is the one that counts, so behind a proxy or a load balancer every client
 shares the proxy's address.
+
+In an engine of several workers the open connections, per address too, and the CONNECT buckets
+are kept in a table that the workers share (``shared``, see cluster/limits.py), so these
+limits and ``max_connections`` hold for the whole engine.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..mqtt.constants import MQTT_5
 from ..mqtt.packets import Connack, Connect, Publish
@@ -85,6 +89,24 @@ MIN_PUBLISH_PAUSE = 0.01
 MIN_PRUNE_INTERVAL = 1.0
 
 
+class SharedCounts(Protocol):
+    """Connection counts and CONNECT buckets kept for every worker of an engine."""
+
+    def open(self, address: str) -> tuple[str, int] | None: ...
+
+    def adopt(self, address: str) -> None: ...
+
+    def close_connection(self, address: str) -> None: ...
+
+    def take_connect_token(self, address: str) -> bool: ...
+
+    def prune(self) -> bool: ...
+
+    def connections_from(self, address: str) -> int: ...
+
+    def addresses(self) -> int: ...
+
+
 def peer_address(peer: str) -> str:
     """Return the host of a ``host:port`` peer string; an IPv6 host keeps its colons."""
     return peer.rpartition(":")[0]
@@ -111,6 +133,7 @@ class AbuseLimits:
         "max_topic_levels",
         "publish_interval",
         "publish_tolerance",
+        "shared",
         "topic_check_length",
     )
 
@@ -137,6 +160,9 @@ class AbuseLimits:
         # is not full.
         self.connect_buckets: dict[str, list[float]] = {}
         self._prune_handle: asyncio.TimerHandle | None = None
+        # The counts of every worker of the engine, set by a cluster worker before the first
+        # connection. When set, they replace the two tables above.
+        self.shared: SharedCounts | None = None
 
         rate = config.max_publish_rate
         # Seconds per PUBLISH at the maximum rate; 0.0 turns the check off.
@@ -167,6 +193,8 @@ class AbuseLimits:
 
     def connection_opened(self, connection: MQTTConnection) -> bool:
         """Count a new connection against its source address; return False if over the limit."""
+        if self.shared is not None:
+            return self._shared_opened(self.shared, connection)
         limit = self.max_connections_per_address
         if not limit:
             return True
@@ -188,12 +216,58 @@ class AbuseLimits:
         self.connections_by_address[address] = count + 1
         return True
 
+    def _shared_opened(self, shared: SharedCounts, connection: MQTTConnection) -> bool:
+        address = peer_address(connection.peer)
+        if connection.counted_by_peer():
+            shared.adopt(address)
+            return True
+        refused = shared.open(address)
+        if refused is None:
+            return True
+        limit, count = refused
+        if limit == MAX_CONNECTIONS_PER_ADDRESS:
+            self.trip(
+                MAX_CONNECTIONS_PER_ADDRESS,
+                address,
+                "connection from %s rejected: %d connections from this address are open, "
+                "the maximum is %d (max_connections_per_address)",
+                connection.peer,
+                count,
+                self.max_connections_per_address,
+            )
+        else:
+            self.broker._log_rarely(
+                "max-connections",
+                "",
+                "connection from %s rejected: the workers hold %d connections, the maximum "
+                "is %d (max_connections)",
+                connection.peer,
+                count,
+                self.broker.config.max_connections,
+            )
+        return False
+
+    def connections_from(self, address: str) -> int:
+        """Return how many connections from ``address`` are counted (0 without a limit)."""
+        if self.shared is not None:
+            return self.shared.connections_from(address)
+        return self.connections_by_address.get(address, 0)
+
+    def addresses(self) -> int:
+        """Return how many source addresses have a count or a CONNECT bucket."""
+        if self.shared is not None:
+            return self.shared.addresses()
+        return len(self.connections_by_address.keys() | self.connect_buckets.keys())
+
     def connection_closed(self, connection: MQTTConnection) -> None:
         """Forget a closed connection that ``connection_opened`` accepted."""
         timer = connection.publish_timer
         if timer is not None:
             timer.cancel()
             connection.publish_timer = None
+        if self.shared is not None:
+            self.shared.close_connection(peer_address(connection.peer))
+            return
         if not self.max_connections_per_address:
             return
         address = peer_address(connection.peer)
@@ -267,6 +341,11 @@ class AbuseLimits:
 
     def _take_connect_token(self, address: str) -> bool:
         """Take a token from the address's bucket; return False if it has none."""
+        if self.shared is not None:
+            taken = self.shared.take_connect_token(address)
+            if taken and self._prune_handle is None:
+                self._schedule_prune()
+            return taken
         now = time.monotonic()
         bucket = self.connect_buckets.get(address)
         if bucket is None:
@@ -291,6 +370,10 @@ class AbuseLimits:
     def _prune_buckets(self) -> None:
         """Remove the buckets that are full again; run again while any remain."""
         self._prune_handle = None
+        if self.shared is not None:
+            if self.shared.prune():
+                self._schedule_prune()
+            return
         now = time.monotonic()
         rate = self.connect_rate
         burst = self.connect_burst

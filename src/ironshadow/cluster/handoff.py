@@ -73,6 +73,10 @@ class ClusterConnection(MQTTConnection):
         if adopted:
             self.data_received(adopted)
 
+    def counted_by_peer(self) -> bool:
+        # Cleared only after the broker has taken the connection in.
+        return self.adopted is not None
+
     def data_received(self, data: bytes) -> None:
         early = self.early
         if early is not None:

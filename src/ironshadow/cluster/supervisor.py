@@ -115,6 +115,7 @@ class Supervisor:
         listener: socket.socket,
         tls_listener: socket.socket | None = None,
         http_listeners: list[socket.socket] | None = None,
+        limits_table: tuple[int, int] | None = None,
     ) -> None:
         self.command = command
         self.listener = listener
@@ -122,6 +123,8 @@ class Supervisor:
         self.tls_listener = tls_listener
         # The HTTP port's sockets (one per address of the host), served by every worker.
         self.http_listeners = http_listeners or []
+        # Descriptor and slot count of the workers' table of connection counts, if any.
+        self.limits_table = limits_table
         self.workers = [_Worker(index) for index in range(workers)]
         self.directory = ""
         self._stopping = False
@@ -157,11 +160,14 @@ class Supervisor:
                 self.tls_listener.close()
             for sock in self.http_listeners:
                 sock.close()
+            if self.limits_table is not None:
+                os.close(self.limits_table[0])
         return self.status
 
     def _start(self, worker: _Worker) -> None:
         tls_fd = self.tls_listener.fileno() if self.tls_listener is not None else -1
         http_fds = tuple(sock.fileno() for sock in self.http_listeners)
+        limits_fd, limits_slots = self.limits_table or (-1, 0)
         spec = WorkerSpec(
             worker.index,
             len(self.workers),
@@ -170,11 +176,14 @@ class Supervisor:
             os.getpid(),
             tls_fd,
             http_fds,
+            limits_fd,
+            limits_slots,
         )
         environment = {**os.environ, WORKER_ENVIRONMENT: spec.to_environment()}
         inherited = (self.listener.fileno(), *http_fds)
-        if tls_fd >= 0:
-            inherited += (tls_fd,)
+        for fd in (tls_fd, limits_fd):
+            if fd >= 0:
+                inherited += (fd,)
         worker.process = subprocess.Popen(
             self.command,
             env=environment,

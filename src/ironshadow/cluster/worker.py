@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ..broker.connection import CLOSED, CONNECTED, MQTTConnection
-from ..broker.core import INTERNAL_CLIENT_PREFIX
+from ..broker.core import INTERNAL_CLIENT_PREFIX, default_max_connections
 from ..broker.hooks import DUPLICATE_CLIENT_ID, BrokerHooks
 from ..broker.message import Message
 from ..broker.persistence import (
@@ -75,6 +75,7 @@ from ..shadow import ShadowError, validate_shadow_name, validate_thing_name
 from ..shadow.names import NAMED_SHADOW_SEPARATOR
 from . import bus
 from .handoff import ClusterConnection, HandoffListener, HandoffSender
+from .limits import SharedLimits
 from .ownership import owner_of
 
 if TYPE_CHECKING:
@@ -165,6 +166,10 @@ class WorkerSpec:
     tls_listen_fd: int = -1
     # Descriptors of the HTTP listening sockets, one per address of the host.
     http_listen_fds: tuple[int, ...] = ()
+    # Descriptor of the workers' shared table of connection counts (cluster/limits.py), or -1
+    # when no limit needs it, and its slot count.
+    limits_fd: int = -1
+    limits_slots: int = 0
 
     def to_environment(self) -> str:
         return json.dumps(
@@ -176,6 +181,8 @@ class WorkerSpec:
                 "supervisor_pid": self.supervisor_pid,
                 "tls_listen_fd": self.tls_listen_fd,
                 "http_listen_fds": list(self.http_listen_fds),
+                "limits_fd": self.limits_fd,
+                "limits_slots": self.limits_slots,
             }
         )
 
@@ -194,6 +201,8 @@ class WorkerSpec:
             int(fields["supervisor_pid"]),
             int(fields.get("tls_listen_fd", -1)),
             tuple(int(fd) for fd in fields.get("http_listen_fds", ())),
+            int(fields.get("limits_fd", -1)),
+            int(fields.get("limits_slots", 0)),
         )
 
     def bus_path(self, index: int) -> str:
@@ -438,6 +447,35 @@ class ClusterWorker:
         self.adopted = 0
         self.handoff_failed = 0
 
+    def _open_shared_limits(self) -> SharedLimits | None:
+        """Map the table of connection counts that the supervisor created, if any, and
+        forget what this worker's previous process counted in it."""
+        spec = self.spec
+        if spec.limits_fd < 0:
+            return None
+        config = self.broker.config
+        table = SharedLimits(
+            spec.limits_fd,
+            self.workers,
+            spec.limits_slots,
+            self.index,
+            max_connections=config.max_connections,
+            max_per_address=config.max_connections_per_address,
+            connect_rate=config.connect_rate_per_address,
+            connect_burst=self.broker.limits.connect_burst,
+        )
+        table.reset()
+        log.info(
+            "worker %d: connection limits counted for the whole engine, with the other "
+            "workers (--max-connections %s, --max-connections-per-address %s, "
+            "--connect-rate-per-address %s)",
+            self.index,
+            config.max_connections or "none",
+            config.max_connections_per_address or "none",
+            f"{config.connect_rate_per_address:g}" if config.connect_rate_per_address else "none",
+        )
+        return table
+
     def _attach(self) -> None:
         """Set the broker's and the shadow service's cluster hooks, before the engine starts.
 
@@ -457,6 +495,11 @@ class ClusterWorker:
         if self.spec.tls_listen_fd >= 0:
             broker.tls_listen_socket = socket.socket(fileno=self.spec.tls_listen_fd)
         broker.tcp_connection_class = ClusterConnection
+        # --max-connections is the engine's, counted in the shared table, while what this
+        # process may hold stays bounded by its own open-file limit.
+        broker.max_connections = min(broker.max_connections, default_max_connections())
+        self.shared_limits = self._open_shared_limits()
+        broker.limits.shared = self.shared_limits
         broker.connect_router = self._route_connect
         broker.subscribe_barrier = self._hold_suback
         broker.session_fetch = self._fetch_session
