@@ -20,9 +20,6 @@ PAYLOAD = b"x" * 16 * 1024
 FLOOD = 600
 
 
-# flood() returns once the publisher's engine has routed the burst, which with several
-# workers is before the subscriber's worker has it.
-ROUTED_BY_PINGRESP = pytest.mark.one_process("reads the subscriber's engine at the PINGRESP")
 
 
 def flow_broker(make_broker, **fields):
@@ -51,59 +48,79 @@ def flood(port: int, qos: int, count: int = FLOOD) -> None:
         pass
 
 
-def write_buffer_size(broker, client_id: str) -> int:
-    connection = broker.broker.sessions[client_id].connection
+def write_buffer_size(engine, client_id: str) -> int:
+    connection = engine.broker.sessions[client_id].connection
     return connection.transport.get_write_buffer_size() + connection.out_size
 
 
-@ROUTED_BY_PINGRESP
+def routed_to_slow(broker, count: int):
+    """Wait until the engine that serves "slow" has sent, queued or dropped ``count``
+    messages, and return that engine.
+
+    With several workers, flood() returns before the subscriber's worker has every message.
+    """
+    engine = broker.owner("slow")
+
+    def accounted() -> int:
+        stats = engine.broker.stats
+        queued = len(engine.broker.sessions["slow"].queue)
+        return stats.publish_sent + stats.publish_dropped + queued + stats.queue_dropped
+
+    deadline = time.monotonic() + scaled(10)
+    while engine.call(accounted) < count:
+        assert time.monotonic() < deadline, f"{engine.call(accounted)} of {count} messages routed"
+        time.sleep(0.02)
+    return engine
+
+
 def test_stalled_subscriber_qos0_dropped(make_broker):
     broker = flow_broker(make_broker)
     stalled_subscriber(broker.port, qos=0)
     flood(broker.port, qos=0)
-    stats = broker.broker.stats
-    assert broker.call(lambda: stats.publish_dropped) > 0
-    assert broker.call(lambda: stats.publish_sent + stats.publish_dropped) == FLOOD
+    engine = routed_to_slow(broker, FLOOD)
+    stats = engine.broker.stats
+    assert engine.call(lambda: stats.publish_dropped) > 0
+    assert engine.call(lambda: stats.publish_sent + stats.publish_dropped) == FLOOD
 
 
-@ROUTED_BY_PINGRESP
 def test_stalled_subscriber_buffer_bounded(make_broker):
     broker = flow_broker(make_broker)
     stalled_subscriber(broker.port, qos=0)
     flood(broker.port, qos=0)
+    engine = routed_to_slow(broker, FLOOD)
     # At most one loop iteration's output goes over the high-water mark.
-    assert broker.call(write_buffer_size, broker, "slow") < 2 * HIGH_WATER + len(PAYLOAD)
+    assert engine.call(write_buffer_size, engine, "slow") < 2 * HIGH_WATER + len(PAYLOAD)
 
 
-@ROUTED_BY_PINGRESP
 def test_stalled_subscriber_qos1_queue_bounded(make_broker):
     broker = flow_broker(make_broker, max_queued_messages=20)
     stalled_subscriber(broker.port, qos=1)
     flood(broker.port, qos=1, count=300)
-    session = broker.broker.sessions["slow"]
-    stats = broker.broker.stats
-    assert broker.call(lambda: stats.queue_dropped) > 0
-    assert broker.call(lambda: len(session.queue)) <= 20
+    engine = routed_to_slow(broker, 300)
+    session = engine.broker.sessions["slow"]
+    stats = engine.broker.stats
+    assert engine.call(lambda: stats.queue_dropped) > 0
+    assert engine.call(lambda: len(session.queue)) <= 20
     # Every message was sent, is queued or was dropped.
-    accounted = broker.call(lambda: stats.publish_sent + len(session.queue) + stats.queue_dropped)
+    accounted = engine.call(lambda: stats.publish_sent + len(session.queue) + stats.queue_dropped)
     assert accounted == 300
-    assert broker.call(write_buffer_size, broker, "slow") < 2 * HIGH_WATER + len(PAYLOAD)
+    assert engine.call(write_buffer_size, engine, "slow") < 2 * HIGH_WATER + len(PAYLOAD)
 
 
-@ROUTED_BY_PINGRESP
 def test_stalled_subscriber_gets_queue_later(make_broker):
     broker = flow_broker(make_broker, max_queued_messages=20)
     subscriber = stalled_subscriber(broker.port, qos=1)
     flood(broker.port, qos=1, count=300)
-    session = broker.broker.sessions["slow"]
-    kept = broker.call(lambda: len(session.inflight) + len(session.queue))
+    engine = routed_to_slow(broker, 300)
+    session = engine.broker.sessions["slow"]
+    kept = engine.call(lambda: len(session.inflight) + len(session.queue))
     received = 0
     while received < kept:
         publish = subscriber.receive(Publish)
         subscriber.send(Puback(publish.packet_id))
         received += 1
     subscriber.receive_none()
-    assert broker.call(lambda: len(session.queue)) == 0
+    assert engine.call(lambda: len(session.queue)) == 0
 
 
 def test_queue_drains_after_qos0_burst(make_broker):
