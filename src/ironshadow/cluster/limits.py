@@ -8,7 +8,8 @@ each worker. The supervisor creates the table (a memfd) when one of them is set,
 worker maps it. A worker changes the table only while it holds an exclusive flock on its own
 open file description of the memfd, so the workers of a test cluster, threads of one
 process, exclude each other as processes do. A worker that dies releases the lock with its
-descriptors, and the worker that replaces it clears what the dead one had counted.
+descriptors. The supervisor then clears what it had counted, and so does its next process
+when it starts.
 
 Layout, for W workers and S slots (S a power of two), each part aligned to 8 bytes:
 
@@ -264,25 +265,33 @@ class SharedLimits:
     # --- restart ------------------------------------------------------------------------
 
     def reset(self) -> None:
-        """Forget what this worker's previous process counted: its connections died with it.
+        """Forget what this worker's previous process counted, since its connections died
+        with it, and free the slots that are idle.
 
         Called when the worker starts, before it accepts a connection.
+        """
+        self.clear_counts()
+        with self._locked():
+            now = time.monotonic()
+            idle = [
+                self._keys[slot]
+                for slot in range(self.slots)
+                if self._keys[slot] and self._idle(slot, now)
+            ]
+            for key in idle:
+                self._remove(self._find(key))
+
+    def clear_counts(self) -> None:
+        """Set this worker's connection counts to zero.
+
+        The supervisor calls it when the worker exits, so that the connections that died
+        with it stop counting before its next process starts.
         """
         with self._locked():
             self._totals[self.index] = 0
             start = self._counts_offset + 4 * self.index * self.slots
             end = start + 4 * self.slots
-            zeros = bytes(end - start)
-            if self._bytes[start:end] != zeros:
-                self._bytes[start:end] = zeros
-                now = time.monotonic()
-                idle = [
-                    self._keys[slot]
-                    for slot in range(self.slots)
-                    if self._keys[slot] and self._idle(slot, now)
-                ]
-                for key in idle:
-                    self._remove(self._find(key))
+            self._bytes[start:end] = bytes(end - start)
 
     # --- slots --------------------------------------------------------------------------
 

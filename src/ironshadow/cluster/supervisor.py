@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from ..broker.core import FILE_DESCRIPTOR_RESERVE
+from .limits import SharedLimits
 from .worker import WORKER_ENVIRONMENT, WorkerSpec
 
 log = logging.getLogger("ironshadow.cluster")
@@ -125,6 +126,8 @@ class Supervisor:
         self.http_listeners = http_listeners or []
         # Descriptor and slot count of the workers' table of connection counts, if any.
         self.limits_table = limits_table
+        # This process's view of each worker's counts in that table, made at its first exit.
+        self._limit_views: dict[int, SharedLimits] = {}
         self.workers = [_Worker(index) for index in range(workers)]
         self.directory = ""
         self._stopping = False
@@ -226,6 +229,7 @@ class Supervisor:
         delay = min(RESTART_DELAY * 2**worker.exits_in_a_row, MAX_RESTART_DELAY)
         worker.exits_in_a_row += 1
         worker.restart_at = now + delay
+        self._clear_counts(worker.index)
         if status < 0:
             cause = f"was killed by {signal.Signals(-status).name}"
         else:
@@ -233,6 +237,27 @@ class Supervisor:
         log.warning(
             "worker %d (pid %d) %s; restarting it in %.1f s", worker.index, pid, cause, delay
         )
+
+    def _clear_counts(self, index: int) -> None:
+        """Stop counting the connections of worker ``index``, which died with it."""
+        if self.limits_table is None:
+            return
+        view = self._limit_views.get(index)
+        if view is None:
+            fd, slots = self.limits_table
+            # The limits do not matter here: this view only clears counts.
+            view = SharedLimits(
+                fd,
+                len(self.workers),
+                slots,
+                index,
+                max_connections=0,
+                max_per_address=0,
+                connect_rate=0.0,
+                connect_burst=1,
+            )
+            self._limit_views[index] = view
+        view.clear_counts()
 
     def _stop_all(self) -> None:
         running = [worker for worker in self.workers if worker.process is not None]
