@@ -29,8 +29,20 @@ def test_slot_freed_after_disconnect(make_broker):
     broker = make_broker(max_connections=1)
     first = TestClient(broker.port, "first")
     first.disconnect()
+    # The client closes its socket without waiting for the engine to see the close.
+    deadline = time.monotonic() + scaled(5)
+    while open_connections(broker):
+        assert time.monotonic() < deadline, "the first connection stayed open"
+        time.sleep(0.01)
     second = TestClient(broker.port, "second")
     assert second.client.is_connected()
+
+
+def open_connections(broker) -> int:
+    return sum(
+        engine.call(lambda engine=engine: len(engine.broker.connections))
+        for engine in broker.engines
+    )
 
 
 def test_limit_counts_open_sockets(make_broker):

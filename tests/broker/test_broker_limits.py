@@ -104,6 +104,9 @@ def test_address_slot_freed_on_close(make_broker):
     broker = make_broker(max_connections_per_address=1)
     first = TestClient(broker.port, "first")
     first.disconnect()
+    # The client closes its socket without waiting for the engine to see the close.
+    engine = broker.engines[0]
+    wait_for(lambda: engine.call(lambda: engine.broker.limits.connections_from("127.0.0.1")) == 0)
     second = TestClient(broker.port, "second")
     assert second.client.is_connected()
     second.disconnect()

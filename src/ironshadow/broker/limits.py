@@ -203,38 +203,33 @@ class AbuseLimits:
             return True  # a transport that reports no peer address
         count = self.connections_by_address.get(address, 0)
         if count >= limit:
-            self.trip(
-                MAX_CONNECTIONS_PER_ADDRESS,
-                address,
-                "connection from %s rejected: %d connections from this address are open, "
-                "the maximum is %d (max_connections_per_address)",
-                connection.peer,
-                count,
-                limit,
-            )
+            self._address_full(connection, address, count)
             return False
         self.connections_by_address[address] = count + 1
         return True
+
+    def _address_full(self, connection: MQTTConnection, address: str, count: int) -> None:
+        self.trip(
+            MAX_CONNECTIONS_PER_ADDRESS,
+            address,
+            "connection from %s rejected: %d connections from this address are open, "
+            "the maximum is %d (max_connections_per_address)",
+            connection.peer,
+            count,
+            self.max_connections_per_address,
+        )
 
     def _shared_opened(self, shared: SharedCounts, connection: MQTTConnection) -> bool:
         address = peer_address(connection.peer)
         if connection.counted_by_peer():
             shared.adopt(address)
             return True
-        refused = shared.open(address)
-        if refused is None:
+        rejected = shared.open(address)
+        if rejected is None:
             return True
-        limit, count = refused
+        limit, count = rejected
         if limit == MAX_CONNECTIONS_PER_ADDRESS:
-            self.trip(
-                MAX_CONNECTIONS_PER_ADDRESS,
-                address,
-                "connection from %s rejected: %d connections from this address are open, "
-                "the maximum is %d (max_connections_per_address)",
-                connection.peer,
-                count,
-                self.max_connections_per_address,
-            )
+            self._address_full(connection, address, count)
         else:
             self.broker._log_rarely(
                 "max-connections",
