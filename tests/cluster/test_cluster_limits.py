@@ -79,11 +79,17 @@ def test_limits_refuse_across_workers(table_fd: int) -> None:
     assert third.open("10.0.0.1") == (ADDRESS_CONNECTIONS, 2)
     assert third.open("10.0.0.2") is None
     assert first.open("10.0.0.3") == (ENGINE_CONNECTIONS, 3)
-    # A connection passed to a worker counts there and is not checked again.
+    # A connection that the second worker passes to the third counts for both until the
+    # second closes its copy, and is not checked again.
+    second.count_passed("10.0.0.1", third.index)
+    assert first.connections_from("10.0.0.1") == 3
     second.close_connection("10.0.0.1")
-    third.adopt("10.0.0.1")
     assert first.open("10.0.0.1") == (ENGINE_CONNECTIONS, 3)
     assert second.connections_from("10.0.0.1") == 2
+    # Released when it could not be passed.
+    first.count_passed("10.0.0.2", third.index)
+    first.release("10.0.0.2", third.index)
+    assert first.connections() == 3
 
 
 def test_restarted_worker_clears_its_counts(table_fd: int) -> None:

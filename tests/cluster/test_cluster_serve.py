@@ -25,7 +25,7 @@ from paho.mqtt.packettypes import PacketTypes
 
 from conftest import free_port, open_clients, scaled
 from ironshadow.cluster import owner_of
-from ironshadow.mqtt.packets import Disconnect, Puback, Publish
+from ironshadow.mqtt.packets import Connack, Connect, Disconnect, Puback, Publish
 from ironshadow.mqtt.reason_codes import ReasonCode
 from mqtt_client import V5, V311, TestClient, properties
 from raw_client import RawClient
@@ -1074,6 +1074,39 @@ def test_connection_limits_hold_for_the_engine(tmp_path: Path) -> None:
         assert late.connect(client_owned_by(1, "d")).reason_code == ReasonCode.SUCCESS
         assert RawClient(cluster.port).wait_closed() == []
         assert all(other.is_open() for other in others)
+    finally:
+        status = cluster.stop()
+    assert status == 0, cluster.log_tail()
+
+
+def test_connection_limit_holds_in_a_burst(tmp_path: Path) -> None:
+    """Connections that arrive while others are handed to their owners do not take the
+    places of the ones on their way."""
+    limit = 5
+    cluster = Cluster(tmp_path / "data", WORKERS, "--max-connections", str(limit))
+    try:
+        cluster.wait_until_running()
+        clients = []
+        for number in range(40):
+            try:
+                client = RawClient(cluster.port)
+                client.send(Connect(f"burst-{number}", V5))
+            except OSError:
+                continue  # closed at accept before the CONNECT went out
+            clients.append(client)
+        # Each client gets CONNACK, or is closed at accept without one.
+        pending = list(clients)
+        deadline = time.monotonic() + scaled(RESPONSE_TIMEOUT_S)
+        while pending and time.monotonic() < deadline:
+            for client in list(pending):
+                client.is_open(wait=0.01)
+                if client.received or client.closed:
+                    pending.remove(client)
+        assert not pending, f"{len(pending)} clients got neither a CONNACK nor a close"
+        replies = [client.received[0] for client in clients if client.received]
+        assert all(isinstance(reply, Connack) for reply in replies), replies
+        accepted = sum(reply.reason_code == ReasonCode.SUCCESS for reply in replies)
+        assert 1 <= accepted <= limit
     finally:
         status = cluster.stop()
     assert status == 0, cluster.log_tail()

@@ -184,8 +184,9 @@ class MQTTConnection(asyncio.Protocol):
         self.broker.connection_made(self)
 
     def counted_by_peer(self) -> bool:
-        """Return whether another worker of the engine accepted this connection, counted it
-        against the connection limits, and passed it here (see cluster/handoff.py)."""
+        """Return whether another worker of the engine accepted this connection, checked
+        the connection limits, and passed it here already counted for this worker (see
+        cluster/limits.py)."""
         return False
 
     def _take_certificate_name(self, peercert: dict[str, Any]) -> bool:

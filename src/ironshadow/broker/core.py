@@ -417,9 +417,13 @@ class Broker:
         self.loop.call_later(seconds, close)
 
     def connection_made(self, connection: MQTTConnection) -> None:
+        if not self.limits.connection_opened(connection):
+            self._reject_at_accept(connection)
+            return
         limit = self.max_connections
         if len(self.connections) >= limit:
-            self.stats.connections_rejected += 1
+            # The limits above counted it, or the worker that passed it here did: undo that.
+            self.limits.connection_closed(connection)
             self._log_rarely(
                 "max-connections",
                 "",
@@ -428,15 +432,7 @@ class Broker:
                 len(self.connections),
                 limit,
             )
-            connection.state = CLOSED
-            connection.transport.abort()
-            connection.transport = None
-            return
-        if not self.limits.connection_opened(connection):
-            self.stats.connections_rejected += 1
-            connection.state = CLOSED
-            connection.transport.abort()
-            connection.transport = None
+            self._reject_at_accept(connection)
             return
         self.stats.connections_accepted += 1
         self.connections.add(connection)
@@ -445,6 +441,12 @@ class Broker:
         if self.reading_paused:
             connection.transport.pause_reading()
             self.release_after_pause(connection)
+
+    def _reject_at_accept(self, connection: MQTTConnection) -> None:
+        self.stats.connections_rejected += 1
+        connection.state = CLOSED
+        connection.transport.abort()
+        connection.transport = None
 
     def _stop_accepting(self) -> None:
         """Stop accepting from the shared listening socket: its other workers take the new

@@ -94,7 +94,6 @@ class SharedCounts(Protocol):
 
     def open(self, address: str) -> tuple[str, int] | None: ...
 
-    def adopt(self, address: str) -> None: ...
 
     def close_connection(self, address: str) -> None: ...
 
@@ -220,10 +219,9 @@ class AbuseLimits:
         )
 
     def _shared_opened(self, shared: SharedCounts, connection: MQTTConnection) -> bool:
-        address = peer_address(connection.peer)
         if connection.counted_by_peer():
-            shared.adopt(address)
             return True
+        address = peer_address(connection.peer)
         rejected = shared.open(address)
         if rejected is None:
             return True

@@ -234,7 +234,8 @@ class HandoffSender:
 class HandoffListener:
     """Accepts hand-off sockets from peers and calls ``on_connection(fd, data)`` per record.
 
-    ``on_connection`` owns the descriptor from then on.
+    ``on_connection`` owns the descriptor from then on. It gets LOST_SOCKET for a record
+    whose socket the kernel could not pass.
     """
 
     def __init__(self, path: str, on_connection: Callable[[int, bytes], None]) -> None:
@@ -350,7 +351,6 @@ class _HandoffReader:
                         "no free file descriptor (%d lost in all); its client reconnects",
                         self.lost,
                     )
-                continue
             self._on_connection(fd, saved)
         return True
 

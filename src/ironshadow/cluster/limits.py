@@ -188,26 +188,34 @@ class SharedLimits:
             self._totals[self.index] += 1
         return None
 
-    def adopt(self, address: str) -> None:
-        """Count a connection that a peer accepted and passed here, without checking the
-        limits: the peer checked them when it accepted it, and removed it from its counts
-        when it passed it."""
+    def count_passed(self, address: str, owner: int) -> None:
+        """Count for worker ``owner`` a connection that this worker counted, and that it
+        is about to pass to ``owner``, without checking the limits again.
+
+        The caller then closes its own copy, which removes it from this worker's counts, or
+        calls ``release(address, owner)`` if the connection could not be passed. So a
+        connection on its way counts twice for a moment, never zero times, and the
+        engine's connections never exceed the limits.
+        """
         with self._locked():
             if self.max_per_address and address:
                 slot = self._slot(address, True)
                 if slot >= 0:
-                    self._counts[self.index * self.slots + slot] += 1
-            self._totals[self.index] += 1
+                    self._counts[owner * self.slots + slot] += 1
+            self._totals[owner] += 1
 
     def close_connection(self, address: str) -> None:
-        """Remove from the counts a connection that ``open`` or ``adopt`` counted on this
-        worker."""
+        """Remove from the counts a connection that this worker held."""
+        self.release(address, self.index)
+
+    def release(self, address: str, worker: int) -> None:
+        """Remove from the counts of ``worker`` a connection from ``address``."""
         with self._locked():
-            self._totals[self.index] -= 1
+            self._totals[worker] -= 1
             if self.max_per_address and address:
                 slot = self._slot(address, False)
                 if slot >= 0:
-                    position = self.index * self.slots + slot
+                    position = worker * self.slots + slot
                     if self._counts[position] > 0:
                         self._counts[position] -= 1
                     if self._idle(slot, time.monotonic()):

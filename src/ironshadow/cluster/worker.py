@@ -49,6 +49,7 @@ import orjson
 from ..broker.connection import CLOSED, CONNECTED, MQTTConnection
 from ..broker.core import INTERNAL_CLIENT_PREFIX, default_max_connections
 from ..broker.hooks import DUPLICATE_CLIENT_ID, BrokerHooks
+from ..broker.limits import peer_address
 from ..broker.message import Message
 from ..broker.persistence import (
     StateDecodeError,
@@ -74,7 +75,7 @@ from ..mqtt.topics import parse_shared_subscription, topic_matches
 from ..shadow import ShadowError, validate_shadow_name, validate_thing_name
 from ..shadow.names import NAMED_SHADOW_SEPARATOR
 from . import bus
-from .handoff import ClusterConnection, HandoffListener, HandoffSender
+from .handoff import LOST_SOCKET, ClusterConnection, HandoffListener, HandoffSender
 from .limits import SharedLimits
 from .ownership import owner_of
 
@@ -210,6 +211,19 @@ class WorkerSpec:
 
     def handoff_path(self, index: int) -> str:
         return os.path.join(self.directory, f"handoff-{index}.sock")
+
+
+def _handoff_record(address: str, data: bytes) -> bytes:
+    """Return what a hand-off sends with a socket: the client's address, for the owner's
+    connection counts, then the bytes read from the socket so far."""
+    encoded = address.encode()
+    return bytes((len(encoded),)) + encoded + data
+
+
+def _read_handoff_record(record: bytes) -> tuple[str, bytes]:
+    """Return the client's address and the bytes read so far from a hand-off record."""
+    length = record[0]
+    return record[1 : 1 + length].decode(), record[1 + length :]
 
 
 @dataclass(slots=True)
@@ -678,7 +692,14 @@ class ClusterWorker:
             return False
         transport = connection.transport
         sock = transport.get_extra_info("socket")
-        if sock is None or not self._senders[owner].send(sock.fileno(), b"".join(early)):
+        address = peer_address(connection.peer)
+        shared = self.shared_limits
+        if shared is not None:
+            shared.count_passed(address, owner)
+        record = _handoff_record(address, b"".join(early))
+        if sock is None or not self._senders[owner].send(sock.fileno(), record):
+            if shared is not None:
+                shared.release(address, owner)
             self.handoff_failed += 1
             return False
         self.handed_off += 1
@@ -696,19 +717,24 @@ class ClusterWorker:
         adopted."""
         return self._adopting + sum(sender.queued for sender in self._senders.values())
 
-    def _adopt(self, fd: int, data: bytes) -> None:
+    def _adopt(self, fd: int, record: bytes) -> None:
+        address, data = _read_handoff_record(record)
+        if fd == LOST_SOCKET:
+            self._adoption_failed(address)
+            return
         try:
             sock = socket.socket(fileno=fd)
         except OSError as exc:
             os.close(fd)
             log.warning("a socket passed by a peer is not usable: %s", exc)
+            self._adoption_failed(address)
             return
-        task = asyncio.get_running_loop().create_task(self._adopt_socket(sock, data))
+        task = asyncio.get_running_loop().create_task(self._adopt_socket(sock, address, data))
         self._adopting += 1
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _adopt_socket(self, sock: socket.socket, data: bytes) -> None:
+    async def _adopt_socket(self, sock: socket.socket, address: str, data: bytes) -> None:
         broker = self.broker
         try:
             await broker.loop.connect_accepted_socket(
@@ -718,11 +744,18 @@ class ClusterWorker:
             self._adopting -= 1
             log.warning("adopting a connection passed by a peer failed: %s", exc)
             sock.close()
+            self._adoption_failed(address)
             broker.descriptors_released()
             return
         # The connection is among the broker's connections now.
         self._adopting -= 1
         self.adopted += 1
+
+    def _adoption_failed(self, address: str) -> None:
+        """Remove from this worker's counts a connection that a peer counted for it and that
+        did not arrive, or that could not be wrapped in a transport."""
+        if self.shared_limits is not None:
+            self.shared_limits.release(address, self.index)
 
     # --- subscriptions ----------------------------------------------------------------
 
