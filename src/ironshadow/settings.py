@@ -141,11 +141,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("listen_backlog", int, _defaults.listen_backlog,
             "length of the kernel's accept queue (capped by net.core.somaxconn)", minimum=1),
     Setting("max_connections_per_address", int, _defaults.max_connections_per_address,
-            "connections open at once from one source address; more are closed when accepted "
-            "(0: no limit)", minimum=0),
+            "connections open at once from one source address, counted over all workers; more "
+            "are closed when accepted (0: no limit)", minimum=0),
     Setting("connect_rate_per_address", float, _defaults.connect_rate_per_address,
-            "CONNECT packets per second accepted from one source address; more are rejected "
-            "with 'connection rate exceeded' (0: no limit)", minimum=0),
+            "CONNECT packets per second accepted from one source address by all workers "
+            "together; more are rejected with 'connection rate exceeded' (0: no limit)",
+            minimum=0),
     Setting("connect_burst_per_address", int, _defaults.connect_burst_per_address,
             "CONNECT packets one source address may send at once before "
             "connect_rate_per_address applies (0: one second's worth)", minimum=0),

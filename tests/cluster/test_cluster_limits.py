@@ -10,11 +10,15 @@ from collections.abc import Iterator
 
 import pytest
 
+from ironshadow.broker.config import BrokerConfig
 from ironshadow.cluster.limits import (
     ADDRESS_CONNECTIONS,
     ENGINE_CONNECTIONS,
+    MAX_SLOTS,
+    MIN_SLOTS,
     SharedLimits,
     create_table,
+    table_slots,
 )
 
 WORKERS = 3
@@ -79,17 +83,15 @@ def test_limits_refuse_across_workers(table_fd: int) -> None:
     assert third.open("10.0.0.1") == (ADDRESS_CONNECTIONS, 2)
     assert third.open("10.0.0.2") is None
     assert first.open("10.0.0.3") == (ENGINE_CONNECTIONS, 3)
-    # A connection that the second worker passes to the third counts for both until the
-    # second closes its copy, and is not checked again.
-    second.count_passed("10.0.0.1", third.index)
-    assert first.connections_from("10.0.0.1") == 3
-    second.close_connection("10.0.0.1")
-    assert first.open("10.0.0.1") == (ENGINE_CONNECTIONS, 3)
-    assert second.connections_from("10.0.0.1") == 2
-    # Released when it could not be passed.
-    first.count_passed("10.0.0.2", third.index)
-    first.release("10.0.0.2", third.index)
+    # A connection that the second worker passes to the third moves between their counts
+    # in one step, and is not checked again.
+    second.move("10.0.0.1", second.index, third.index)
+    assert first.connections_from("10.0.0.1") == 2
     assert first.connections() == 3
+    assert first.open("10.0.0.1") == (ENGINE_CONNECTIONS, 3)
+    third.close_connection("10.0.0.1")
+    assert first.connections_from("10.0.0.1") == 1
+    assert first.connections() == 2
 
 
 def test_restarted_worker_clears_its_counts(table_fd: int) -> None:
@@ -126,3 +128,10 @@ def test_full_table_accepts_new_addresses_uncounted(table_fd: int) -> None:
     assert table.open("10.0.1.1") is None
     assert table.connections_from("10.0.1.1") == 0
     assert table.open("10.0.0.3") == (ADDRESS_CONNECTIONS, 1)
+
+
+def test_table_size_follows_the_limit() -> None:
+    assert table_slots(BrokerConfig(max_connections=10), 3) == MIN_SLOTS
+    assert table_slots(BrokerConfig(max_connections=5_000), 3) == 16_384
+    # The open-file limits bound the connections whatever --max-connections says.
+    assert table_slots(BrokerConfig(max_connections=100_000_000), 3) <= MAX_SLOTS

@@ -48,8 +48,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ironshadow.cluster")
 
-# Minimum slot count of a table; larger when the engine may hold more connections.
+# Minimum and maximum slot counts of a table. The largest takes 8 + 16 + 4 * workers bytes
+# per slot: 40 MiB for 4 workers, of which only the pages in use are allocated.
 MIN_SLOTS = 4_096
+MAX_SLOTS = 1 << 20
 # Open files per worker assumed when the open-file limit is unlimited.
 MAX_FILES = 1_000_000
 # Share of the slots in use beyond which new addresses are not counted.
@@ -73,14 +75,18 @@ def needs_table(config: BrokerConfig) -> bool:
 def table_slots(config: BrokerConfig, workers: int) -> int:
     """Return the slot count of the table for an engine of ``workers``: a power of two, at
     least twice the connections that the engine may hold, so that every source address
-    could have a slot."""
-    connections = config.max_connections
-    if not connections:
-        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        per_worker = MAX_FILES if hard == resource.RLIM_INFINITY else hard
-        connections = workers * max(1, per_worker - FILE_DESCRIPTOR_RESERVE)
+    could have a slot, and at most MAX_SLOTS.
+
+    The workers' open-file limits bound the connections too, whatever --max-connections
+    says, so a huge value does not make a huge table.
+    """
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    per_worker = MAX_FILES if hard == resource.RLIM_INFINITY else hard
+    connections = workers * max(1, per_worker - FILE_DESCRIPTOR_RESERVE)
+    if config.max_connections:
+        connections = min(connections, config.max_connections)
     slots = MIN_SLOTS
-    while slots < 2 * connections:
+    while slots < 2 * connections and slots < MAX_SLOTS:
         slots *= 2
     return slots
 
@@ -188,21 +194,24 @@ class SharedLimits:
             self._totals[self.index] += 1
         return None
 
-    def count_passed(self, address: str, owner: int) -> None:
-        """Count for worker ``owner`` a connection that this worker counted, and that it
-        is about to pass to ``owner``, without checking the limits again.
+    def move(self, address: str, source: int, target: int) -> None:
+        """Move a connection from ``address`` from the counts of worker ``source`` to those
+        of ``target``, in one step, without checking the limits again.
 
-        The caller then closes its own copy, which removes it from this worker's counts, or
-        calls ``release(address, owner)`` if the connection could not be passed. So a
-        connection on its way counts twice for a moment, never zero times, and the
-        engine's connections never exceed the limits.
+        A worker moves a connection to its owner before it passes it there, and back if it
+        could not pass it. So a connection on its way counts exactly once, and connections
+        accepted meanwhile by other workers see the right figures.
         """
         with self._locked():
             if self.max_per_address and address:
                 slot = self._slot(address, True)
                 if slot >= 0:
-                    self._counts[owner * self.slots + slot] += 1
-            self._totals[owner] += 1
+                    source_position = source * self.slots + slot
+                    if self._counts[source_position] > 0:
+                        self._counts[source_position] -= 1
+                    self._counts[target * self.slots + slot] += 1
+            self._totals[source] -= 1
+            self._totals[target] += 1
 
     def close_connection(self, address: str) -> None:
         """Remove from the counts a connection that this worker held."""

@@ -484,9 +484,13 @@ class ClusterWorker:
             "workers (--max-connections %s, --max-connections-per-address %s, "
             "--connect-rate-per-address %s)",
             self.index,
-            config.max_connections or "none",
-            config.max_connections_per_address or "none",
-            f"{config.connect_rate_per_address:g}" if config.connect_rate_per_address else "none",
+            config.max_connections or "unlimited",
+            config.max_connections_per_address or "unlimited",
+            (
+                f"{config.connect_rate_per_address:g}"
+                if config.connect_rate_per_address
+                else "unlimited"
+            ),
         )
         return table
 
@@ -509,9 +513,9 @@ class ClusterWorker:
         if self.spec.tls_listen_fd >= 0:
             broker.tls_listen_socket = socket.socket(fileno=self.spec.tls_listen_fd)
         broker.tcp_connection_class = ClusterConnection
-        # --max-connections is the engine's, counted in the shared table, while what this
-        # process may hold stays bounded by its own open-file limit.
-        broker.max_connections = min(broker.max_connections, default_max_connections())
+        # --max-connections is the engine's, checked in the shared table. What this process
+        # may hold is bounded by its own open-file limit.
+        broker.max_connections = default_max_connections()
         self.shared_limits = self._open_shared_limits()
         broker.limits.shared = self.shared_limits
         broker.connect_router = self._route_connect
@@ -695,11 +699,11 @@ class ClusterWorker:
         address = peer_address(connection.peer)
         shared = self.shared_limits
         if shared is not None:
-            shared.count_passed(address, owner)
+            shared.move(address, self.index, owner)
         record = _handoff_record(address, b"".join(early))
         if sock is None or not self._senders[owner].send(sock.fileno(), record):
             if shared is not None:
-                shared.release(address, owner)
+                shared.move(address, owner, self.index)
             self.handoff_failed += 1
             return False
         self.handed_off += 1
@@ -707,6 +711,9 @@ class ClusterWorker:
         # Forget the connection without writing to it: the owner has the socket now.
         connection.state = CLOSED
         connection.transport = None
+        if shared is not None:
+            # The owner counts it already, so the broker must not remove it from the counts.
+            self.broker.connections.discard(connection)
         self.broker.connection_lost(connection)
         transport.abort()
         return True
