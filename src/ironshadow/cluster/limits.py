@@ -206,9 +206,7 @@ class SharedLimits:
             if self.max_per_address and address:
                 slot = self._slot(address, True)
                 if slot >= 0:
-                    source_position = source * self.slots + slot
-                    if self._counts[source_position] > 0:
-                        self._counts[source_position] -= 1
+                    self._uncount(source, slot)
                     self._counts[target * self.slots + slot] += 1
             self._totals[source] -= 1
             self._totals[target] += 1
@@ -224,9 +222,7 @@ class SharedLimits:
             if self.max_per_address and address:
                 slot = self._slot(address, False)
                 if slot >= 0:
-                    position = worker * self.slots + slot
-                    if self._counts[position] > 0:
-                        self._counts[position] -= 1
+                    self._uncount(worker, slot)
                     if self._idle(slot, time.monotonic()):
                         self._remove(slot)
 
@@ -371,6 +367,12 @@ class SharedLimits:
             self._counts[base + target] = self._counts[base + source]
         self._tokens[target] = self._tokens[source]
         self._refilled[target] = self._refilled[source]
+
+    def _uncount(self, worker: int, slot: int) -> None:
+        # A connection accepted while the table was full has no count to remove.
+        position = worker * self.slots + slot
+        if self._counts[position] > 0:
+            self._counts[position] -= 1
 
     def _address_count(self, slot: int) -> int:
         return sum(self._counts[worker * self.slots + slot] for worker in range(self._workers))
