@@ -699,6 +699,8 @@ class ClusterWorker:
         address = peer_address(connection.peer)
         shared = self.shared_limits
         if shared is not None:
+            # NOTE: a hand-off queued for a peer that restarts before the queue is sent is
+            # dropped, and stays counted for that peer until it exits again.
             shared.move(address, self.index, owner)
         record = _handoff_record(address, b"".join(early))
         if sock is None or not self._senders[owner].send(sock.fileno(), record):
