@@ -325,3 +325,15 @@ def test_default_workers_follow_cores_and_connections():
     per_worker = int((hard - FILE_DESCRIPTOR_RESERVE) * FLEET_SHARE_PER_WORKER)
     assert auto_workers(per_worker) == cores
     assert auto_workers(per_worker * (cores + 1) + 1) == cores + 2
+
+
+def test_huge_max_connections_needs_explicit_workers(tmp_path):
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no hard open-file limit: connections never need more workers")
+    engine = start_engine(tmp_path, "--max-connections", "100000000")
+    output, _ = engine.communicate(timeout=scaled(30))
+    assert engine.returncode == 2
+    assert "--max-connections 100000000 needs" in output
+    assert "set --workers" in output
+    assert "Traceback" not in output

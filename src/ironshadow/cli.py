@@ -179,7 +179,11 @@ def _run_serve(args: argparse.Namespace) -> int:
         print(f"ironshadow: error: {exc}", file=sys.stderr)
         return 2
     worker = WorkerSpec.from_environment()
-    workers = values["workers"] or auto_workers(values["max_connections"])
+    try:
+        workers = values["workers"] or auto_workers(values["max_connections"])
+    except ValueError as exc:
+        print(f"ironshadow: error: {exc}", file=sys.stderr)
+        return 2
     if worker is not None:
         # Each worker admits its share of the engine's CONNECT rate. Its clients are spread
         # evenly by the hash of their ids, and a reconnect storm reaches every worker.

@@ -106,7 +106,7 @@ SETTINGS: tuple[Setting, ...] = (
             "engine processes that serve together as one engine, each using one CPU core; "
             "above 1, a supervisor starts them and restarts any that exits (see "
             "docs/workers.md). 0: one per CPU core, or more when --max-connections needs more "
-            "processes' open files", minimum=0, maximum=1024),
+            "processes' open files, up to 4 per core", minimum=0, maximum=1024),
     Setting("log_level", str, "INFO", "logging level", ("DEBUG", "INFO", "WARNING", "ERROR")),
     Setting("max_packet_size", int, _defaults.max_packet_size,
             "largest MQTT packet accepted from a client, in bytes",

@@ -66,6 +66,11 @@ class _Worker:
 # connecting at once, 3 workers of 19,744 connections each held all but about 1,000 of them
 # and 4 held them all (docs/benchmarks.md, "50,000 devices").
 FLEET_SHARE_PER_WORKER = 0.75
+# Most workers that --workers 0 starts for --max-connections: this many per CPU core, and at
+# least MIN_AUTO_WORKERS_LIMIT. Each worker is a whole engine (about 65 MB when idle), so a
+# huge --max-connections must not start thousands of them.
+AUTO_WORKERS_PER_CORE = 4
+MIN_AUTO_WORKERS_LIMIT = 8
 
 
 def auto_workers(max_connections: int) -> int:
@@ -74,7 +79,8 @@ def auto_workers(max_connections: int) -> int:
 
     Each worker raises its soft open-file limit to the hard limit, and keeps
     FILE_DESCRIPTOR_RESERVE descriptors for itself. FLEET_SHARE_PER_WORKER of the rest count
-    toward ``max_connections``.
+    toward ``max_connections``. Raise ValueError when that would take more than
+    AUTO_WORKERS_PER_CORE workers per core (at least MIN_AUTO_WORKERS_LIMIT).
     """
     try:
         cores = len(os.sched_getaffinity(0))
@@ -86,7 +92,16 @@ def auto_workers(max_connections: int) -> int:
     if hard == resource.RLIM_INFINITY:
         return cores
     per_worker = max(1, int((hard - FILE_DESCRIPTOR_RESERVE) * FLEET_SHARE_PER_WORKER))
-    return max(cores, math.ceil(max_connections / per_worker))
+    needed = math.ceil(max_connections / per_worker)
+    most = max(AUTO_WORKERS_PER_CORE * cores, MIN_AUTO_WORKERS_LIMIT)
+    if needed > most:
+        raise ValueError(
+            f"--max-connections {max_connections} needs {needed} workers of {per_worker} "
+            f"connections each (three quarters of the open-file limit {hard}), more than the "
+            f"{most} that --workers 0 starts on {cores} CPU cores; set --workers, lower "
+            "--max-connections, or raise the open-file hard limit"
+        )
+    return max(cores, needed)
 
 
 def bind_listener(host: str, port: int, backlog: int) -> socket.socket:
