@@ -38,6 +38,19 @@ def test_slot_freed_after_disconnect(make_broker):
     assert second.client.is_connected()
 
 
+def test_each_connection_accepted_once(make_broker):
+    broker = make_broker()
+    clients = [TestClient(broker.port, f"device-{number}") for number in range(6)]
+    assert all(client.client.is_connected() for client in clients)
+    # With several workers, a connection passed to its owner counts on the one that
+    # accepted it only.
+    accepted = sum(
+        engine.call(lambda engine=engine: engine.broker.stats.connections_accepted)
+        for engine in broker.engines
+    )
+    assert accepted == 6
+
+
 def open_connections(broker) -> int:
     return sum(
         engine.call(lambda engine=engine: len(engine.broker.connections))

@@ -434,7 +434,9 @@ class Broker:
             )
             self._reject_at_accept(connection)
             return
-        self.stats.connections_accepted += 1
+        if not connection.counted_by_peer():
+            # The worker that accepted it and passed it here counted it already.
+            self.stats.connections_accepted += 1
         self.connections.add(connection)
         if self._listen_fd is not None and self._descriptors_in_use() >= limit * ACCEPT_STOP_SHARE:
             self._stop_accepting()
