@@ -1116,3 +1116,29 @@ def test_connection_limit_holds_in_a_burst(tmp_path: Path) -> None:
     finally:
         status = cluster.stop()
     assert status == 0, cluster.log_tail()
+
+
+def test_restarted_worker_says_which_peer_it_waits_for(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path / "data")
+    try:
+        cluster.wait_until_running()
+        pids = worker_pids(cluster)
+        # A stopped worker 2 cannot link to the next process of worker 0.
+        os.kill(pids[2], signal.SIGSTOP)
+        try:
+            os.kill(pids[0], signal.SIGKILL)
+            expected = "worker 0: waiting for bus links with worker(s) 2"
+            deadline = time.monotonic() + scaled(START_TIMEOUT_S)
+            while expected not in cluster.log_text():
+                assert time.monotonic() < deadline, cluster.log_tail()
+                time.sleep(0.05)
+        finally:
+            os.kill(pids[2], signal.SIGCONT)
+        deadline = time.monotonic() + scaled(START_TIMEOUT_S)
+        while cluster.log_text().count("running; stop with") < WORKERS + 1:
+            assert time.monotonic() < deadline, cluster.log_tail()
+            time.sleep(0.05)
+        assert "no bus links with worker(s)" not in cluster.log_text()
+    finally:
+        status = cluster.stop()
+    assert status == 0, cluster.log_tail()

@@ -116,6 +116,8 @@ HTTP_RETRY_AFTER = 1
 # Seconds that a starting worker waits for its bus links to and from every peer before it
 # accepts clients. The peers start at the same moment, and a start takes about a second.
 LINK_WAIT = 10.0
+# Seconds of that wait after which the worker logs which peers it waits for.
+LINK_WAIT_NOTICE = 3.0
 # Seconds that stop() waits for the bus links to close.
 STOP_WAIT = 1.0
 # Seconds that a SUBACK waits for the peers to confirm its new topic filters (SYNCED)
@@ -620,24 +622,40 @@ class ClusterWorker:
 
         Then the first clients and HTTP requests reach their owners and get the replies.
         """
-        deadline = time.monotonic() + LINK_WAIT
+        started = time.monotonic()
         peers = len(self._links)
+        announced = False
         while self.linked_peers() < peers or len(self._inbound_links) < peers:
-            if time.monotonic() >= deadline:
-                missing = [
-                    peer
-                    for peer, link in self._links.items()
-                    if link is None or peer not in self._inbound_links
-                ]
+            waited = time.monotonic() - started
+            if waited >= LINK_WAIT_NOTICE and not announced:
+                # A peer in its restart delay (up to 10 s) holds this worker back.
+                announced = True
+                log.info(
+                    "worker %d: waiting for bus links with worker(s) %s, which may be "
+                    "restarting; accepting clients once they are linked, or after %.0f s",
+                    self.index,
+                    self._unlinked_peers(),
+                    LINK_WAIT,
+                )
+            if waited >= LINK_WAIT:
                 log.warning(
                     "worker %d: no bus links with worker(s) %s after %.0f s; starting without "
                     "them, and their things' requests fail until they are linked",
                     self.index,
-                    ", ".join(map(str, missing)),
+                    self._unlinked_peers(),
                     LINK_WAIT,
                 )
                 return
             await asyncio.sleep(RECONNECT_INTERVAL / 4)
+
+    def _unlinked_peers(self) -> str:
+        """Return the peers without a bus link in both directions, as "1, 2"."""
+        missing = [
+            peer
+            for peer, link in self._links.items()
+            if link is None or peer not in self._inbound_links
+        ]
+        return ", ".join(map(str, missing))
 
     def linked_peers(self) -> int:
         """Return how many peers this worker's outgoing bus links reach now."""
