@@ -628,7 +628,7 @@ class ClusterWorker:
         while self.linked_peers() < peers or len(self._inbound_links) < peers:
             waited = time.monotonic() - started
             if waited >= LINK_WAIT_NOTICE and not announced:
-                # A peer in its restart delay (up to 10 s) holds this worker back.
+                # A peer in its restart delay (up to 10 s) keeps this worker waiting.
                 announced = True
                 log.info(
                     "worker %d: waiting for bus links with worker(s) %s, which may be "
