@@ -133,5 +133,5 @@ def test_full_table_accepts_new_addresses_uncounted(table_fd: int) -> None:
 def test_table_size_follows_the_limit() -> None:
     assert table_slots(BrokerConfig(max_connections=10), 3) == MIN_SLOTS
     assert table_slots(BrokerConfig(max_connections=5_000), 3) == 16_384
-    # The open-file limits bound the connections whatever --max-connections says.
+    # The open-file limits bound the connections, whatever the value of --max-connections.
     assert table_slots(BrokerConfig(max_connections=100_000_000), 3) <= MAX_SLOTS

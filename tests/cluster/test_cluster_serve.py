@@ -92,6 +92,13 @@ class Cluster:
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:]) or "(no output)"
 
+    def wait_for_log(self, text: str, count: int = 1) -> None:
+        """Wait until ``text`` appears ``count`` times in the log."""
+        deadline = time.monotonic() + scaled(START_TIMEOUT_S)
+        while self.log_text().count(text) < count:
+            assert time.monotonic() < deadline, f"{text!r} not logged:\n{self.log_tail()}"
+            time.sleep(0.02)
+
     def wait_until_running(self) -> None:
         """Wait until every worker logged that it runs and every bus link is open."""
         deadline = time.monotonic() + scaled(START_TIMEOUT_S)
@@ -1054,10 +1061,7 @@ def test_connection_limits_hold_for_the_engine(tmp_path: Path) -> None:
         os.kill(pids[1], signal.SIGKILL)
         for device in devices:
             assert device.wait_closed() == []
-        deadline = time.monotonic() + scaled(START_TIMEOUT_S)
-        while "was killed by SIGKILL; restarting it" not in cluster.log_text():
-            assert time.monotonic() < deadline, cluster.log_tail()
-            time.sleep(0.02)
+        cluster.wait_for_log("was killed by SIGKILL; restarting it")
         # The supervisor has cleared worker 1's counts: 127.0.0.1 has its share back
         # before worker 1 runs again. Worker 0 owns these devices.
         devices = [RawClient(cluster.port) for _ in range(2)]
@@ -1065,10 +1069,7 @@ def test_connection_limits_hold_for_the_engine(tmp_path: Path) -> None:
             assert device.connect(client_owned_by(0, "c")).reason_code == ReasonCode.SUCCESS
         assert RawClient(cluster.port).wait_closed() == []
 
-        deadline = time.monotonic() + scaled(START_TIMEOUT_S)
-        while cluster.log_text().count("running; stop with") < WORKERS + 1:
-            assert time.monotonic() < deadline, cluster.log_tail()
-            time.sleep(0.05)
+        cluster.wait_for_log("running; stop with", WORKERS + 1)
         # A closed connection frees its place, and the restarted worker counts its own.
         devices.pop().close()
         deadline = time.monotonic() + scaled(RESPONSE_TIMEOUT_S)
@@ -1118,7 +1119,7 @@ def test_connection_limit_holds_in_a_burst(tmp_path: Path) -> None:
     assert status == 0, cluster.log_tail()
 
 
-def test_restarted_worker_says_which_peer_it_waits_for(tmp_path: Path) -> None:
+def test_restarted_worker_logs_awaited_peer(tmp_path: Path) -> None:
     cluster = Cluster(tmp_path / "data")
     try:
         cluster.wait_until_running()
@@ -1127,17 +1128,10 @@ def test_restarted_worker_says_which_peer_it_waits_for(tmp_path: Path) -> None:
         os.kill(pids[2], signal.SIGSTOP)
         try:
             os.kill(pids[0], signal.SIGKILL)
-            expected = "worker 0: waiting for bus links with worker(s) 2"
-            deadline = time.monotonic() + scaled(START_TIMEOUT_S)
-            while expected not in cluster.log_text():
-                assert time.monotonic() < deadline, cluster.log_tail()
-                time.sleep(0.05)
+            cluster.wait_for_log("worker 0: waiting for bus links with worker(s) 2")
         finally:
             os.kill(pids[2], signal.SIGCONT)
-        deadline = time.monotonic() + scaled(START_TIMEOUT_S)
-        while cluster.log_text().count("running; stop with") < WORKERS + 1:
-            assert time.monotonic() < deadline, cluster.log_tail()
-            time.sleep(0.05)
+        cluster.wait_for_log("running; stop with", WORKERS + 1)
         assert "no bus links with worker(s)" not in cluster.log_text()
     finally:
         status = cluster.stop()

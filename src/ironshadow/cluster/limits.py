@@ -16,7 +16,7 @@ Layout, for W workers and S slots (S a power of two), each part aligned to 8 byt
 - ``totals``: int64[W], the connections each worker holds;
 - ``used``: int64[1], the slots in use;
 - ``keys``: uint64[S], the 64-bit hash of a source address, 0 in a free slot;
-- ``counts``: int32[W * S], the connections that each worker holds from the address of a slot
+- ``counts``: int32[W * S], each worker's open connections from the address of a slot
   (worker ``w``'s count of slot ``s`` is at ``w * S + s``);
 - ``tokens`` and ``refilled``: float64[S], the address's CONNECT bucket and when it was last
   filled, in ``time.monotonic()`` seconds (CLOCK_MONOTONIC, shared by every process on the
@@ -77,8 +77,8 @@ def table_slots(config: BrokerConfig, workers: int) -> int:
     least twice the connections that the engine may hold, so that every source address
     could have a slot, and at most MAX_SLOTS.
 
-    The workers' open-file limits bound the connections too, whatever --max-connections
-    says, so a huge value does not make a huge table.
+    The workers' open-file limits also bound the connections, whatever the value of
+    --max-connections, so a huge value does not make a huge table.
     """
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     per_worker = MAX_FILES if hard == resource.RLIM_INFINITY else hard

@@ -66,9 +66,9 @@ class _Worker:
 # connecting at once, 3 workers of 19,744 connections each held all but about 1,000 of them
 # and 4 held them all (docs/benchmarks.md, "50,000 devices").
 FLEET_SHARE_PER_WORKER = 0.75
-# Most workers that --workers 0 starts for --max-connections: this many per CPU core, and at
-# least MIN_AUTO_WORKERS_LIMIT. Each worker is a whole engine (about 65 MB when idle), so a
-# huge --max-connections must not start thousands of them.
+# Maximum number of workers that --workers 0 starts for --max-connections: this many per
+# CPU core, and at least MIN_AUTO_WORKERS_LIMIT. Each worker is a whole engine (about 65 MB
+# when idle), so a huge --max-connections must not start thousands of them.
 AUTO_WORKERS_PER_CORE = 4
 MIN_AUTO_WORKERS_LIMIT = 8
 
@@ -93,12 +93,12 @@ def auto_workers(max_connections: int) -> int:
         return cores
     per_worker = max(1, int((hard - FILE_DESCRIPTOR_RESERVE) * FLEET_SHARE_PER_WORKER))
     needed = math.ceil(max_connections / per_worker)
-    most = max(AUTO_WORKERS_PER_CORE * cores, MIN_AUTO_WORKERS_LIMIT)
-    if needed > most:
+    maximum = max(AUTO_WORKERS_PER_CORE * cores, MIN_AUTO_WORKERS_LIMIT)
+    if needed > maximum:
         raise ValueError(
             f"--max-connections {max_connections} needs {needed} workers of {per_worker} "
             f"connections each (three quarters of the open-file limit {hard}), more than the "
-            f"{most} that --workers 0 starts on {cores} CPU cores; set --workers, lower "
+            f"{maximum} that --workers 0 starts on {cores} CPU cores; set --workers, lower "
             "--max-connections, or raise the open-file hard limit"
         )
     return max(cores, needed)
