@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -71,6 +73,31 @@ def name_owned_by(worker: int, workers: int, prefix: str) -> str:
     while owner_of(f"{prefix}-{number}", workers) != worker:
         number += 1
     return f"{prefix}-{number}"
+
+
+def kill_worker_repeatedly(read_log: Callable[[], str], worker: int, kills: int) -> float:
+    """Kill ``worker`` of ``ironshadow serve --workers N`` ``kills`` times: its running
+    process, then each next one as soon as the supervisor logs its start.
+
+    ``read_log`` returns the supervisor's log so far. Each exit in a row doubles the restart
+    delay. Returns the delay that the last kill set, as the supervisor logged it.
+    """
+    started = re.compile(rf"worker {worker} started \(pid (\d+)\)")
+    deadline = time.monotonic() + scaled(30)
+    pid = 0
+    for kill in range(kills):
+        while len(starts := started.findall(read_log())) <= kill:
+            assert time.monotonic() < deadline, f"worker {worker} did not start again"
+            time.sleep(0.02)
+        pid = int(starts[kill])
+        os.kill(pid, signal.SIGKILL)
+    restarting = re.compile(
+        rf"worker {worker} \(pid {pid}\) was killed by SIGKILL; restarting it in ([0-9.]+) s"
+    )
+    while (found := restarting.search(read_log())) is None:
+        assert time.monotonic() < deadline, f"the supervisor did not log the exit of {pid}"
+        time.sleep(0.02)
+    return float(found.group(1))
 
 
 class BrokerThread:

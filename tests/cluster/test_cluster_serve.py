@@ -24,7 +24,7 @@ import httpx
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 
-from conftest import free_port, open_clients, scaled
+from conftest import free_port, kill_worker_repeatedly, open_clients, scaled
 from ironshadow.cluster import owner_of
 from ironshadow.mqtt.packets import Connack, Connect, Disconnect, Puback, Publish
 from ironshadow.mqtt.reason_codes import ReasonCode
@@ -1133,6 +1133,30 @@ def test_restarted_worker_logs_awaited_peer(tmp_path: Path) -> None:
             os.kill(pids[2], signal.SIGCONT)
         cluster.wait_for_log("running; stop with", WORKERS + 1)
         assert "no bus links with worker(s)" not in cluster.log_text()
+    finally:
+        status = cluster.stop()
+    assert status == 0, cluster.log_tail()
+
+
+def test_restarted_worker_skips_delayed_peer(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path / "data")
+    try:
+        cluster.wait_until_running()
+        pid = worker_pids(cluster)[0]
+        # Five exits in a row: 0.5, 1, 2, 4, then 8 s.
+        assert kill_worker_repeatedly(cluster.log_text, 2, 5) == 8.0
+        os.kill(pid, signal.SIGKILL)
+        cluster.wait_for_log("worker 0: worker(s) 2 not running; linking with them when")
+        # Worker 0's next process serves while worker 2 still waits for its restart.
+        cluster.wait_for_log("worker 0 of 3 (pid", 2)
+        assert cluster.log_text().count("worker 2 started (pid") == 5, cluster.log_tail()
+        # Once worker 2 is back, every worker is linked with every other one again.
+        cluster.wait_for_log("worker 2 of 3 (pid", 2)
+        cluster.wait_for_log("worker 0: bus link to worker 2 open", 2)
+        cluster.wait_for_log("worker 2: bus link to worker 0 open", 2)
+        text = cluster.log_text()
+        assert "no bus links with worker(s)" not in text
+        assert "waiting for bus links" not in text
     finally:
         status = cluster.stop()
     assert status == 0, cluster.log_tail()

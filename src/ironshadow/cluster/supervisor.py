@@ -182,7 +182,16 @@ class Supervisor:
                 os.close(self.limits_table[0])
         return self.status
 
-    def _start(self, worker: _Worker) -> None:
+    def _start(self, worker: _Worker, restart: bool = False) -> None:
+        """Start ``worker``'s process. A restarted worker waits only for the bus links of
+        the peers that run now, not for one in its own restart delay."""
+        awaited = None
+        if restart:
+            awaited = tuple(
+                peer.index
+                for peer in self.workers
+                if peer is not worker and peer.process is not None
+            )
         tls_fd = self.tls_listener.fileno() if self.tls_listener is not None else -1
         http_fds = tuple(sock.fileno() for sock in self.http_listeners)
         limits_fd, limits_slots = self.limits_table or (-1, 0)
@@ -196,6 +205,7 @@ class Supervisor:
             http_fds,
             limits_fd,
             limits_slots,
+            awaited,
         )
         environment = {**os.environ, WORKER_ENVIRONMENT: spec.to_environment()}
         inherited = (self.listener.fileno(), *http_fds)
@@ -226,7 +236,7 @@ class Supervisor:
                 if self._stopping:
                     return
             elif worker.restart_at is not None and now >= worker.restart_at:
-                self._start(worker)
+                self._start(worker, restart=True)
 
     def _worker_exited(self, worker: _Worker, pid: int, status: int, now: float) -> None:
         if status == SETTINGS_ERROR_STATUS:

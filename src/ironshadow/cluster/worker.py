@@ -173,6 +173,10 @@ class WorkerSpec:
     # when no limit needs it, and its slot count.
     limits_fd: int = -1
     limits_slots: int = 0
+    # Peers whose bus links the worker waits for before it accepts clients, or None for
+    # every peer. A restarted worker leaves out the peers that are not running then, such
+    # as one in its restart delay, and links with them when they start.
+    awaited_peers: tuple[int, ...] | None = None
 
     def to_environment(self) -> str:
         return json.dumps(
@@ -186,6 +190,7 @@ class WorkerSpec:
                 "http_listen_fds": list(self.http_listen_fds),
                 "limits_fd": self.limits_fd,
                 "limits_slots": self.limits_slots,
+                "awaited_peers": self.awaited_peers,
             }
         )
 
@@ -196,6 +201,7 @@ class WorkerSpec:
         if not raw:
             return None
         fields = json.loads(raw)
+        awaited = fields.get("awaited_peers")
         return cls(
             int(fields["index"]),
             int(fields["workers"]),
@@ -206,6 +212,7 @@ class WorkerSpec:
             tuple(int(fd) for fd in fields.get("http_listen_fds", ())),
             int(fields.get("limits_fd", -1)),
             int(fields.get("limits_slots", 0)),
+            None if awaited is None else tuple(int(peer) for peer in awaited),
         )
 
     def bus_path(self, index: int) -> str:
@@ -618,23 +625,36 @@ class ClusterWorker:
             await asyncio.sleep(0.01)
 
     async def _wait_for_links(self) -> None:
-        """Wait until the bus links to and from every peer are open, or LINK_WAIT seconds.
+        """Wait until the bus links to and from every awaited peer are open, or LINK_WAIT
+        seconds.
 
         Then the first clients and HTTP requests reach their owners and get the replies.
+        The peers that were not running when the supervisor started this worker are not
+        awaited (see ``WorkerSpec.awaited_peers``).
         """
+        awaited = self.spec.awaited_peers
+        peers = [peer for peer in self._links if awaited is None or peer in awaited]
+        if len(peers) < len(self._links):
+            log.info(
+                "worker %d: worker(s) %s not running; linking with them when they start",
+                self.index,
+                ", ".join(str(peer) for peer in self._links if peer not in peers),
+            )
         started = time.monotonic()
-        peers = len(self._links)
         announced = False
-        while self.linked_peers() < peers or len(self._inbound_links) < peers:
+        while True:
+            missing = [peer for peer in peers if not self._linked_both_ways(peer)]
+            if not missing:
+                return
             waited = time.monotonic() - started
             if waited >= LINK_WAIT_NOTICE and not announced:
-                # A peer in its restart delay (up to 10 s) keeps this worker waiting.
+                # A peer that died after this worker started keeps it waiting.
                 announced = True
                 log.info(
-                    "worker %d: waiting for bus links with worker(s) %s, which may be "
-                    "restarting; accepting clients once they are linked, or after %.0f s",
+                    "worker %d: waiting for bus links with worker(s) %s; accepting clients "
+                    "once they are linked, or after %.0f s",
                     self.index,
-                    self._unlinked_peers(),
+                    ", ".join(map(str, missing)),
                     LINK_WAIT,
                 )
             if waited >= LINK_WAIT:
@@ -642,20 +662,14 @@ class ClusterWorker:
                     "worker %d: no bus links with worker(s) %s after %.0f s; starting without "
                     "them, and their things' requests fail until they are linked",
                     self.index,
-                    self._unlinked_peers(),
+                    ", ".join(map(str, missing)),
                     LINK_WAIT,
                 )
                 return
             await asyncio.sleep(RECONNECT_INTERVAL / 4)
 
-    def _unlinked_peers(self) -> str:
-        """Return the peers without a bus link in both directions, as "1, 2"."""
-        missing = [
-            peer
-            for peer, link in self._links.items()
-            if link is None or peer not in self._inbound_links
-        ]
-        return ", ".join(map(str, missing))
+    def _linked_both_ways(self, peer: int) -> bool:
+        return self._links[peer] is not None and peer in self._inbound_links
 
     def linked_peers(self) -> int:
         """Return how many peers this worker's outgoing bus links reach now."""
