@@ -22,7 +22,7 @@ import httpx
 import pytest
 from api_harness import EngineApiThread, http_client, running_engine
 
-from conftest import free_port, name_owned_by, scaled
+from conftest import free_port, kill_worker_repeatedly, name_owned_by, scaled
 from ironshadow.engine import StorageConfig
 from mqtt_client import TestClient
 
@@ -202,11 +202,13 @@ def test_dashboard_views_follow_mqtt_device(browser: Any, tmp_path: Path) -> Non
 
 def test_engine_view_lists_workers(browser: Any, tmp_path: Path) -> None:
     """With two worker processes the engine view adds up the workers and shows each one's
-    clients in a row of its own."""
+    clients in a row of its own, and marks a worker that does not reply."""
     from playwright.sync_api import expect
 
     timeout_ms = scaled(10) * 1000
     mqtt_port, http_port = free_port(), free_port()
+    log_path = tmp_path / "engine.log"
+    log = log_path.open("wb")
     engine = subprocess.Popen(
         [
             sys.executable, "-m", "ironshadow", "serve",
@@ -217,8 +219,8 @@ def test_engine_view_lists_workers(browser: Any, tmp_path: Path) -> None:
             "--memory-only",
         ],
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
         base_url = f"http://127.0.0.1:{http_port}"
@@ -244,10 +246,22 @@ def test_engine_view_lists_workers(browser: Any, tmp_path: Path) -> None:
                 re.compile(r"^[0-9.,]+$"), timeout=timeout_ms
             )
         screenshot(page, "engine-workers")
+
+        # Worker 1 stays down for 8 s after five exits in a row.
+        assert kill_worker_repeatedly(log_path.read_text, 1, 5) == 8.0
+        row = page.locator('#workers tr[data-worker="1"]')
+        expect(row.locator("td.pressure")).to_have_text("not replying")
+        expect(row.locator("td.clients")).to_have_text("\u2013")
+        expect(page.locator("p.message.error")).to_have_text(
+            "Worker 1 did not reply (restarting or stuck); the figures leave it out."
+        )
+        expect(page.locator('#workers tr[data-worker="0"] td.pressure')).to_have_text("normal")
+        screenshot(page, "engine-worker-down")
         page.close()
     finally:
         engine.terminate()
         assert engine.wait(scaled(30)) == 0
+        log.close()
 
 
 def _wait_for_http(base_url: str, engine: subprocess.Popen[bytes]) -> None:

@@ -463,6 +463,19 @@ def test_stopped_owner_gives_503(tmp_path: Path) -> None:
                     f"/things/{other}/shadow", json={"state": {"reported": {"on": True}}}
                 )
                 assert response.status_code == 200, response.text
+                # The engine view lists worker 1 as down and adds up the others.
+                response = client.get("/api/engine")
+                assert response.status_code == 200, response.text
+                engine = response.json()
+                workers = engine["workers"]
+                assert [worker["up"] for worker in workers] == [True, False, True]
+                assert workers[1] == {
+                    "up": False,
+                    "error": "worker 1 could not run engine_status: it did not reply within 2 s",
+                }
+                for name, value in engine["counters"].items():
+                    assert value == workers[0]["counters"][name] + workers[2]["counters"][name]
+                assert engine["counters"]["shadowUpdates"] >= 1
             finally:
                 os.kill(pid, signal.SIGCONT)
 

@@ -8,8 +8,8 @@ through :class:`Peers`, the serving worker's :class:`~ironshadow.cluster.Cluster
   thing, with a CALL frame when that is another worker. History is read in place when all
   workers share one history store (PostgreSQL).
 - ``GET /things`` requests a page of its own things from every worker and merges the pages
-  (:func:`merge_pages`), and ``GET /api/engine`` adds up every worker's figures
-  (:func:`merge_statuses`).
+  (:func:`merge_pages`), and ``GET /api/engine`` adds up the figures of every worker that
+  replies (:func:`merge_statuses`).
 
 :func:`register_procedures` installs the procedures that the CALL frames run, on every
 worker. A worker that does not reply makes the request fail with 503 and Retry-After.
@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 # Retry-After, in seconds, of a 503 for a read that another worker did not reply to.
 RETRY_AFTER_SECONDS = 1
+# Seconds that GET /api/engine waits for each worker's figures. The dashboard reads them
+# every second, and a worker collects them from counters in memory.
+STATUS_TIMEOUT_SECONDS = 2.0
 
 ThingPage = tuple[list[dict[str, Any]], str | None]
 
@@ -45,7 +48,9 @@ class Peers(Protocol):
 
     def owner(self, name: str) -> int: ...
 
-    async def call(self, peer: int, procedure: str, arguments: dict[str, Any]) -> Any: ...
+    async def call(
+        self, peer: int, procedure: str, arguments: dict[str, Any], timeout: float = ...
+    ) -> Any: ...
 
 
 def register_procedures(worker: ClusterWorker, engine: Engine, app: FastAPI) -> None:
@@ -138,42 +143,49 @@ async def list_everywhere(
 async def status_everywhere(peers: Peers, local: dict[str, Any]) -> dict[str, Any]:
     """Return the engine's figures over every worker, given this worker's ``local`` ones.
 
-    Raises PeerCallError when a worker does not reply.
+    A worker that does not reply within STATUS_TIMEOUT_SECONDS (it is restarting, or stuck)
+    is listed as down with the reason, and the totals are those of the workers that replied.
     """
-    others = await asyncio.gather(
-        *(
-            peers.call(peer, "engine_status", {})
-            for peer in range(peers.workers)
-            if peer != peers.index
+
+    async def status_of(peer: int) -> dict[str, Any]:
+        try:
+            status = await peers.call(peer, "engine_status", {}, STATUS_TIMEOUT_SECONDS)
+        except PeerCallError as error:
+            return {"up": False, "error": str(error)}
+        return {**status, "up": True}
+
+    statuses = list(
+        await asyncio.gather(
+            *(status_of(peer) for peer in range(peers.workers) if peer != peers.index)
         )
     )
-    statuses = list(others)
-    statuses.insert(peers.index, local)
+    statuses.insert(peers.index, {**local, "up": True})
     return merge_statuses(statuses)
 
 
 def merge_statuses(statuses: list[dict[str, Any]]) -> dict[str, Any]:
-    """Add up the workers' ``GET /api/engine`` figures; keep each worker's under ``workers``.
+    """Add up the figures of the workers that are up, and keep each worker's own figures
+    under ``workers``.
 
     Counts and queue sizes add up, ``readingPaused`` and ``pressure`` hold when they hold on
     any worker, and ``pressureSeconds`` is the longest of any worker.
     """
-    first = statuses[0]
+    up = [status for status in statuses if status["up"]]
+    first = up[0]
     total: dict[str, Any] = {
         "timestamp": first["timestamp"],
         "connections": {
-            name: sum(status["connections"][name] for status in statuses)
+            name: sum(status["connections"][name] for status in up)
             for name in first["connections"]
         },
         "counters": {
-            name: sum(status["counters"][name] for status in statuses)
-            for name in first["counters"]
+            name: sum(status["counters"][name] for status in up) for name in first["counters"]
         },
-        "readingPaused": any(status["readingPaused"] for status in statuses),
+        "readingPaused": any(status["readingPaused"] for status in up),
         "store": None,
         "workers": statuses,
     }
-    stores = [status["store"] for status in statuses if status["store"] is not None]
+    stores = [status["store"] for status in up if status["store"] is not None]
     if stores:
         total["store"] = {
             "pendingWrites": sum(store["pendingWrites"] for store in stores),

@@ -19,8 +19,7 @@ from pydantic import BaseModel, Field
 from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.staticfiles import StaticFiles
 
-from ..cluster import PeerCallError
-from .cluster_reads import status_everywhere, unavailable
+from .cluster_reads import STATUS_TIMEOUT_SECONDS, status_everywhere
 from .errors import JSON_MEDIA_TYPE
 
 if TYPE_CHECKING:
@@ -74,7 +73,9 @@ class EngineStatus(BaseModel):
     workers: list[dict[str, Any]] | None = Field(
         default=None,
         description="With several worker processes: each worker's own figures, in worker "
-        "order, while the fields above add them up. Null for a single process.",
+        "order, with \"up\": true, while the fields above add them up. A worker that did "
+        f"not reply within {STATUS_TIMEOUT_SECONDS:g} s (restarting or stuck) is "
+        '{"up": false, "error": reason} and left out of the totals. Null for a single process.',
     )
 
 
@@ -144,10 +145,7 @@ def add_dashboard_routes(app: FastAPI, engine: Engine) -> None:
         status = engine_status(engine, app)
         peers = app.state.peers
         if peers is not None:
-            try:
-                status = await status_everywhere(peers, status)
-            except PeerCallError as error:
-                return unavailable(error)
+            status = await status_everywhere(peers, status)
         return Response(orjson.dumps(status), media_type=JSON_MEDIA_TYPE)
 
     @app.get("/docs", include_in_schema=False)

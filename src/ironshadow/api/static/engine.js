@@ -1,6 +1,8 @@
 // The engine view: GET /api/engine every REFRESH_SECONDS. Rates are the change of a counter
 // between two readings divided by the time between them. With several worker processes the
-// figures are the engine's totals, and a table shows each worker's own.
+// figures are the totals of the workers that replied, and a table shows each worker's own.
+// A worker's rates count only between two readings of the same process: a worker that did
+// not reply, or restarted (its counters went down), adds nothing to that interval's rates.
 import { getJson } from "./api.js";
 import { TimeChart } from "./chart.js";
 import { element, formatNumber } from "./format.js";
@@ -36,7 +38,7 @@ export function mountEngine(root) {
           element("th", { class: "number", text: "PUBLISH received/s" }),
           element("th", { class: "number", text: "shadow updates/s" }),
           element("th", { class: "number", text: "shadow writes waiting" }),
-          element("th", { text: "backpressure" }),
+          element("th", { text: "state" }),
         ),
       ),
       workerRows,
@@ -89,15 +91,19 @@ export function mountEngine(root) {
     let status;
     try {
       status = await getJson("/api/engine");
-      error.textContent = "";
     } catch (failure) {
       error.textContent = `Reading /api/engine failed: ${failure.message}`;
       return;
     }
     const counters = status.counters;
+    const down = (status.workers ?? []).flatMap((worker, index) => (worker.up ? [] : [index]));
+    error.textContent = down.length
+      ? `${down.length > 1 ? "Workers" : "Worker"} ${down.join(", ")} did not reply (restarting or stuck); ` +
+        `the figures leave ${down.length > 1 ? "them" : "it"} out.`
+      : "";
     if (previous) {
       const seconds = status.timestamp - previous.timestamp;
-      const rate = (name) => (counters[name] - previous.counters[name]) / seconds;
+      const rate = (name) => increase(status, previous, name) / seconds;
       show("received", formatNumber(rate("publishReceived"), 1));
       show("sent", formatNumber(rate("publishSent"), 1));
       show("updates", formatNumber(rate("shadowUpdates"), 1));
@@ -134,9 +140,19 @@ export function mountEngine(root) {
     if (!workers) return;
     const seconds = previous ? status.timestamp - previous.timestamp : 0;
     const rows = workers.map((worker, index) => {
+      if (!worker.up) {
+        const row = element("tr", { "data-worker": String(index), class: "alert" }, element("td", { text: String(index) }));
+        for (const name of ["clients", "received", "updates", "writes"]) {
+          row.append(element("td", { class: `number ${name}`, text: "–" }));
+        }
+        row.append(element("td", { class: "pressure", text: "not replying" }));
+        return row;
+      }
       const before = previous?.workers?.[index];
-      const rate = (name) =>
-        before && seconds > 0 ? formatNumber((worker.counters[name] - before.counters[name]) / seconds, 1) : "–";
+      const rate = (name) => {
+        const change = counterIncrease(worker, before, name);
+        return change === null || seconds <= 0 ? "–" : formatNumber(change / seconds, 1);
+      };
       const store = worker.store;
       let pressure = "normal";
       if (store?.pressure) {
@@ -158,10 +174,28 @@ export function mountEngine(root) {
     workerRows.replaceChildren(...rows);
   }
 
+  // The increase of counter `name` from `previous` to `status`: the sum over the workers
+  // that gave both readings from the same process.
+  function increase(status, previous, name) {
+    if (!status.workers) return status.counters[name] - previous.counters[name];
+    return status.workers.reduce(
+      (sum, worker, index) => sum + (counterIncrease(worker, previous.workers?.[index], name) ?? 0),
+      0,
+    );
+  }
+
   load();
   const timer = setInterval(load, REFRESH_SECONDS * 1000);
   return () => {
     clearInterval(timer);
     chart.destroy();
   };
+}
+
+// The increase of one worker's counter between two readings, or null when either reading
+// is missing or down, or the counter went down because the worker restarted in between.
+function counterIncrease(worker, before, name) {
+  if (!worker?.up || !before?.up) return null;
+  const change = worker.counters[name] - before.counters[name];
+  return change >= 0 ? change : null;
 }
