@@ -78,8 +78,8 @@ class Request(NamedTuple):
     operation: str
     payload: bytes
     client_id: str
-    # The routed message, held so that the publisher's acknowledgement waits for the request
-    # to be applied.
+    # The routed message. With stores it is held, so that the publisher's acknowledgement
+    # waits until the change is durable.
     message: Message
 
 
@@ -195,7 +195,10 @@ class ShadowService(BrokerHooks):
         self._inflight[client_id] = inflight + 1
         if not self._pending:
             asyncio.get_running_loop().call_soon(self._apply_pending)
-        message.hold()
+        if self.pipeline is not None:
+            # The publisher's acknowledgement waits until the change is durable. Without
+            # stores, the next loop iteration applies it before any more input is read.
+            message.hold()
         self._pending.append(
             Request(thing, shadow_name, operation, message.payload, client_id, message)
         )
@@ -215,8 +218,11 @@ class ShadowService(BrokerHooks):
                     del inflight[request.client_id]
                 self._handle(request, now)
         finally:
-            messages = [request.message for request in pending]
-            self._end_batch(lambda: _release_all(messages))
+            if self.pipeline is not None:
+                messages = [request.message for request in pending]
+                self._end_batch(lambda: _release_all(messages))
+            else:
+                self._end_batch(_nothing)
             if self._reading_held:
                 # A store pause begun meanwhile outlasts this one: see Broker.resume_reading.
                 self._reading_held = False
@@ -253,8 +259,10 @@ class ShadowService(BrokerHooks):
         operation = request.operation
         has_subscribers = self.broker.has_subscribers
         try:
-            key = self._checked_key(request.thing, request.shadow_name)
+            key = shadow_key(request.thing, request.shadow_name)
             current = self.shadows.get(key)
+            if current is None:  # a stored shadow's names were checked when it was created
+                self._checked_key(request.thing, request.shadow_name)
             if operation == "update":
                 result = apply_update(current, request.payload, now, self.limits)
                 self._store(key, request.thing, request.shadow_name, result.shadow, now, result)
