@@ -172,6 +172,13 @@ class BrokerThread:
             raise TimeoutError("the broker loop did not run the call within 10 s")
         return result[0] if result else None
 
+    def pause_reading(self) -> None:
+        """Stop the engine reading from its connections, as a store that falls behind does."""
+        self.call(self.broker.pause_reading)
+
+    def resume_reading(self) -> None:
+        self.call(self.broker.resume_reading)
+
     def owner(self, name: str) -> BrokerThread:
         """Return the engine that serves the client id or thing ``name``: this one.
 
@@ -271,6 +278,28 @@ class ClusterThreads:
     def engines(self) -> list[BrokerThread]:
         """Return every worker."""
         return self.threads
+
+    def pause_reading(self) -> None:
+        """Stop every worker reading from its connections, as when the store of one falls
+        behind: worker 0 reports pressure, and the others pause on its PRESSURE frame.
+        Return once all of them are paused."""
+        worker = self.threads[0].server.worker
+        self.threads[0].call(worker.store_pressure, True)
+        self._wait_for_pause(True)
+
+    def resume_reading(self) -> None:
+        worker = self.threads[0].server.worker
+        self.threads[0].call(worker.store_pressure, False)
+        self._wait_for_pause(False)
+
+    def _wait_for_pause(self, paused: bool) -> None:
+        deadline = time.monotonic() + scaled(10)
+        for thread in self.threads:
+            broker = thread.broker
+            while thread.call(lambda broker=broker: broker.reading_paused) != paused:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"worker reading_paused did not become {paused} in 10 s")
+                time.sleep(0.01)
 
     def settled(self) -> bool:
         """Return whether no worker is waiting to send a SUBACK, so that every worker

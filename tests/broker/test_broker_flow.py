@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 from conftest import scaled
 from ironshadow.mqtt import Pingreq, Pingresp, Puback, Publish
 from mqtt_client import TestClient
@@ -151,59 +149,61 @@ def test_fast_subscriber_unaffected_by_stalled(make_broker):
         assert len(fast.expect().payload) == len(PAYLOAD)
 
 
-@pytest.mark.one_process("pauses one engine's reading")
 def test_pause_stops_routing(broker):
     subscriber = TestClient(broker.port, "sub")
     subscriber.subscribe("p/t", 0)
     publisher = TestClient(broker.port, "pub")
-    broker.call(broker.broker.pause_reading)
+    broker.pause_reading()
     publisher.publish("p/t", b"held", 0)
     subscriber.expect_none()
-    broker.call(broker.broker.resume_reading)
+    broker.resume_reading()
     assert subscriber.expect().payload == b"held"
 
 
-@pytest.mark.one_process("pauses one engine's reading")
 def test_pause_holds_new_connect(broker):
-    broker.call(broker.broker.pause_reading)
+    broker.pause_reading()
     client = TestClient(broker.port, "late", connect=False)
     client.connect(wait=False)
     assert not client.connected.wait(scaled(0.5))
-    broker.call(broker.broker.resume_reading)
+    broker.resume_reading()
     assert client.connected.wait(scaled(5))
 
 
-@pytest.mark.one_process("pauses one engine's reading")
 def test_keep_alive_frozen_while_paused(broker):
     client = RawClient(broker.port)
     client.connect("dev", keep_alive=1)
-    broker.call(broker.broker.pause_reading)
+    broker.pause_reading()
     # Longer than 1.5 keep-alive periods plus one sweep interval.
     time.sleep(2.5)
     assert client.is_open()
-    broker.call(broker.broker.resume_reading)
+    broker.resume_reading()
     client.send(Pingreq())
     assert isinstance(client.receive(), Pingresp)
 
 
-@pytest.mark.one_process("pauses one engine's reading")
 def test_keep_alive_enforced_after_resume(broker):
     client = RawClient(broker.port)
     client.connect("dev", keep_alive=1)
-    broker.call(broker.broker.pause_reading)
+    broker.pause_reading()
     time.sleep(0.5)
-    broker.call(broker.broker.resume_reading)
+    broker.resume_reading()
     client.wait_closed(timeout=3)
 
 
-@pytest.mark.one_process("pauses one engine's reading")
+def reading_paused(server) -> list[bool]:
+    """Return each engine's ``reading_paused`` flag."""
+    return [
+        engine.call(lambda engine=engine: engine.broker.reading_paused)
+        for engine in server.engines
+    ]
+
+
 def test_pause_flag_and_idempotence(broker):
-    core = broker.broker
-    broker.call(core.pause_reading)
-    broker.call(core.pause_reading)
-    assert broker.call(lambda: core.reading_paused)
-    broker.call(core.resume_reading)
-    assert not broker.call(lambda: core.reading_paused)
-    broker.call(core.resume_reading)
+    broker.pause_reading()
+    broker.pause_reading()
+    assert all(reading_paused(broker))
+    broker.resume_reading()
+    assert not any(reading_paused(broker))
+    broker.resume_reading()
     client = TestClient(broker.port, "after")
     assert client.client.is_connected()
