@@ -1236,13 +1236,19 @@ class Broker:
                 return 0
             count = 0
             for record in records.values():
-                if record.no_local and record.session.client_id == origin:
+                session = record.session
+                if record.no_local and session.client_id == origin:
+                    continue
+                count += 1
+                consumer = session.consumer
+                if consumer is not None:
+                    # An internal consumer takes the message as it is, as deliver() gives it.
+                    consumer(message)
                     continue
                 qos = record.qos if record.qos < msg_qos else msg_qos
                 retain = message.retain and record.retain_as_published
                 ids = [record.subscription_id] if record.subscription_id else None
-                self.deliver(record.session, Delivery(message, qos, retain, ids))
-                count += 1
+                self.deliver(session, Delivery(message, qos, retain, ids))
             return count
         # Several filters match: each session gets one copy with the highest QoS of its
         # matching subscriptions and all their subscription identifiers [MQTT-3.3.4-2].
