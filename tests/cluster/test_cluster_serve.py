@@ -26,6 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 
 from conftest import free_port, kill_worker_repeatedly, open_clients, scaled
 from ironshadow.cluster import owner_of
+from ironshadow.mqtt.constants import MQTT_3_1_1
 from ironshadow.mqtt.packets import Connack, Connect, Disconnect, Puback, Publish
 from ironshadow.mqtt.reason_codes import ReasonCode
 from mqtt_client import V5, V311, TestClient, properties
@@ -1157,6 +1158,35 @@ def test_restarted_worker_skips_delayed_peer(tmp_path: Path) -> None:
         text = cluster.log_text()
         assert "no bus links with worker(s)" not in text
         assert "waiting for bus links" not in text
+    finally:
+        status = cluster.stop()
+    assert status == 0, cluster.log_tail()
+
+
+def test_client_handed_to_starting_worker_waits(tmp_path: Path) -> None:
+    """A client handed to a worker that still waits for its links is served once they are
+    open both ways, so the acknowledgement of a request to another worker comes back."""
+    cluster = Cluster(tmp_path / "data")
+    try:
+        cluster.wait_until_running()
+        pids = worker_pids(cluster)
+        # Worker 1 stopped: the next process of worker 2 links to it, but not it to worker 2.
+        os.kill(pids[1], signal.SIGSTOP)
+        try:
+            os.kill(pids[2], signal.SIGKILL)
+            cluster.wait_for_log("worker 2: bus link to worker 0 open", 2)
+            device = RawClient(cluster.port, MQTT_3_1_1)
+            thing = client_owned_by(1, "boiler")
+            update = json.dumps({"state": {"reported": {"bar": 3}}}).encode()
+            device.send(
+                Connect(client_owned_by(2, "gateway"), MQTT_3_1_1),
+                Publish(f"$aws/things/{thing}/shadow/update", update, 1, packet_id=7),
+            )
+            time.sleep(1)
+        finally:
+            os.kill(pids[1], signal.SIGCONT)
+        assert device.receive(Connack, timeout=RESPONSE_TIMEOUT_S).reason_code == 0
+        assert device.receive(Puback, timeout=RESPONSE_TIMEOUT_S).packet_id == 7
     finally:
         status = cluster.stop()
     assert status == 0, cluster.log_tail()

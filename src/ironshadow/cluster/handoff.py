@@ -244,7 +244,9 @@ class HandoffListener:
         self._sock: socket.socket | None = None
         self._readers: set[_HandoffReader] = set()
 
-    def start(self) -> None:
+    def listen(self) -> None:
+        """Open the hand-off socket. Peers may connect and send at once, and what they send
+        waits in the socket until :meth:`start`."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -252,7 +254,13 @@ class HandoffListener:
         sock.listen(64)
         sock.setblocking(False)
         self._sock = sock
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept)
+
+    def start(self) -> None:
+        """Accept the peers' hand-offs from now on."""
+        if self._sock is None:
+            self.listen()
+        assert self._sock is not None
+        asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept)
 
     def _accept(self) -> None:
         assert self._sock is not None

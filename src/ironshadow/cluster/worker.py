@@ -542,28 +542,32 @@ class ClusterWorker:
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open this worker's bus and hand-off sockets, start linking to the peers, then
-        start the engine."""
-        loop = asyncio.get_running_loop()
-        path = self.spec.bus_path(self.index)
-        if os.path.exists(path):
-            os.unlink(path)
-        self._server = await loop.create_unix_server(self._accept_link, path)
-        self._handoff.start()
-        for peer in self._links:
-            task = loop.create_task(self._keep_linked(peer))
-            self._tasks.add(task)
-        await self._wait_for_links()
-        await self.engine.start()
-        # The links opened before the sessions were restored from this worker's folder.
-        for link in self._links.values():
-            if link is not None:
-                self._announce_sessions(link)
+        """Load the engine's stores, open this worker's bus and hand-off sockets, link to
+        the peers, then serve.
+
+        The peers link to the bus socket, so no request of theirs arrives before the shadows
+        are loaded. Connections that they hand over wait in the hand-off socket until this
+        worker serves, so that a client's requests to other workers find them linked both
+        ways: a reply sent over a link that is not open yet would be lost.
+        """
+        await self.engine.open()
         foreign = self._forget_foreign_shadows()
         if foreign:
             log.info(
                 "worker %d: forgot %d loaded shadows that other workers own", self.index, foreign
             )
+        loop = asyncio.get_running_loop()
+        path = self.spec.bus_path(self.index)
+        if os.path.exists(path):
+            os.unlink(path)
+        self._server = await loop.create_unix_server(self._accept_link, path)
+        self._handoff.listen()
+        for peer in self._links:
+            task = loop.create_task(self._keep_linked(peer))
+            self._tasks.add(task)
+        await self._wait_for_links()
+        await self.engine.serve()
+        self._handoff.start()
         # From here on, and not for the retained messages restored at start, every retained
         # message set on this worker goes to every peer.
         self._retained.on_store = self._retained_stored
@@ -1744,6 +1748,9 @@ class ClusterWorker:
 
     def _send_released(self, peer: int, data: bytes) -> None:
         link = self._links[peer]
+        # NOTE: lost when the link to the requester is not open, and its publisher then waits
+        # for the acknowledgement until that link opens and closes. start() opens both
+        # directions before a worker serves, so a restart does not lead here.
         if link is not None:
             link.send(data)
 

@@ -123,6 +123,15 @@ class Engine:
     async def start(self) -> None:
         """Open the stores, load every shadow, retained message and persistent session, then
         open the MQTT listener."""
+        await self.open()
+        await self.serve()
+
+    async def open(self) -> None:
+        """Open the stores and load every shadow, retained message and persistent session.
+
+        A cluster worker calls this before it links to its peers, so that no request of theirs
+        reaches a shadow that is not loaded yet, and :meth:`serve` once it is linked.
+        """
         if self.pipeline is not None:
             assert self._hot is not None and self._history is not None
             await self._hot.open()
@@ -136,9 +145,16 @@ class Engine:
             log.info("loaded %d shadows in %.1f s", count, time.monotonic() - started)
             self.pipeline.start()
             self._retention_task = asyncio.get_running_loop().create_task(self._retention_loop())
-        try:
-            if self._mqtt_state is not None:
+        if self._mqtt_state is not None:
+            try:
                 await self._mqtt_state.start()
+            except BaseException:
+                await self._close_stores()
+                raise
+
+    async def serve(self) -> None:
+        """Open the MQTT listener, after :meth:`open`."""
+        try:
             await self.broker.start()
         except BaseException:
             await self._close_stores()
