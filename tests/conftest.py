@@ -75,6 +75,12 @@ def name_owned_by(worker: int, workers: int, prefix: str) -> str:
     return f"{prefix}-{number}"
 
 
+def logged_worker_pids(log_text: str, worker: int) -> list[int]:
+    """Return the PIDs of the processes of ``worker`` that the supervisor's log shows it
+    started, oldest first."""
+    return [int(pid) for pid in re.findall(rf"worker {worker} started \(pid (\d+)\)", log_text)]
+
+
 def kill_worker_repeatedly(read_log: Callable[[], str], worker: int, kills: int) -> float:
     """Kill ``worker`` of ``ironshadow serve --workers N`` ``kills`` times: its running
     process, then each next one as soon as the supervisor logs its start.
@@ -82,14 +88,13 @@ def kill_worker_repeatedly(read_log: Callable[[], str], worker: int, kills: int)
     ``read_log`` returns the supervisor's log so far. Each exit in a row doubles the restart
     delay. Returns the delay that the last kill set, as the supervisor logged it.
     """
-    started = re.compile(rf"worker {worker} started \(pid (\d+)\)")
     deadline = time.monotonic() + scaled(30)
     pid = 0
     for kill in range(kills):
-        while len(starts := started.findall(read_log())) <= kill:
+        while len(starts := logged_worker_pids(read_log(), worker)) <= kill:
             assert time.monotonic() < deadline, f"worker {worker} did not start again"
             time.sleep(0.02)
-        pid = int(starts[kill])
+        pid = starts[kill]
         os.kill(pid, signal.SIGKILL)
     restarting = re.compile(
         rf"worker {worker} \(pid {pid}\) was killed by SIGKILL; restarting it in ([0-9.]+) s"

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -22,7 +23,13 @@ import httpx
 import pytest
 from api_harness import EngineApiThread, http_client, running_engine
 
-from conftest import free_port, kill_worker_repeatedly, name_owned_by, scaled
+from conftest import (
+    free_port,
+    kill_worker_repeatedly,
+    logged_worker_pids,
+    name_owned_by,
+    scaled,
+)
 from ironshadow.engine import StorageConfig
 from mqtt_client import TestClient
 
@@ -72,8 +79,10 @@ def test_engine_status_counts_clients_and_updates(tmp_path: Path) -> None:
         TestClient(engine.mqtt_port, client_id="mill-1")
         update = {"state": {"reported": {"rpm": 900}}}
         assert client.post("/things/mill-1/shadow", json=update).status_code == 200
-        status = client.get("/api/engine").json()
+        response = client.get("/api/engine")
+        status = response.json()
 
+    assert response.headers["Cache-Control"] == "no-store"
     assert status["connections"]["mqtt"] == 1
     assert status["connections"]["offlineSessions"] == 0
     assert status["counters"]["shadowUpdates"] == 1
@@ -257,6 +266,21 @@ def test_engine_view_lists_workers(browser: Any, tmp_path: Path) -> None:
         )
         expect(page.locator('#workers tr[data-worker="0"] td.pressure')).to_have_text("normal")
         screenshot(page, "engine-worker-down")
+
+        # With every worker stopped, the page reports each reading given up after 5 s.
+        expect(row.locator("td.pressure")).to_have_text("normal", timeout=2 * timeout_ms)
+        pids = [logged_worker_pids(log_path.read_text(), worker)[-1] for worker in (0, 1)]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            expect(page.locator("p.message.error")).to_contain_text(
+                "Reading /api/engine failed: no reply within 5 s (figures below from",
+                timeout=timeout_ms,
+            )
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        expect(page.locator("p.message.error")).to_have_text("", timeout=timeout_ms)
         page.close()
     finally:
         engine.terminate()

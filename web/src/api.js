@@ -18,9 +18,16 @@ async function readResponse(response) {
   return body;
 }
 
-export async function getJson(path) {
-  const response = await fetch(path, { headers: { Accept: "application/json" } });
-  return readResponse(response);
+// With `timeoutSeconds`, a request without a reply by then fails with "no reply within N s".
+export async function getJson(path, { timeoutSeconds } = {}) {
+  const options = { headers: { Accept: "application/json" } };
+  if (timeoutSeconds) options.signal = AbortSignal.timeout(timeoutSeconds * 1000);
+  try {
+    return await readResponse(await fetch(path, options));
+  } catch (failure) {
+    if (failure.name === "TimeoutError") throw new Error(`no reply within ${timeoutSeconds} s`);
+    throw failure;
+  }
 }
 
 export async function postJson(path, document) {

@@ -8,6 +8,9 @@ import { TimeChart } from "./chart.js";
 import { element, formatNumber } from "./format.js";
 
 const REFRESH_SECONDS = 1;
+// The engine waits up to 2 s for each worker's figures. A reading that takes much longer
+// waits on a stuck process that holds this page's connection, so it is given up.
+const READ_TIMEOUT_SECONDS = 5;
 // Ten minutes of readings in the chart.
 const CHART_POINTS = 600;
 
@@ -87,13 +90,21 @@ export function mountEngine(root) {
     figures[key].parentElement.classList.toggle("alert", alert);
   }
 
+  // A reading still waiting for its reply when the next one is due is left to finish.
+  let reading = false;
+
   async function load() {
+    if (reading) return;
+    reading = true;
     let status;
     try {
-      status = await getJson("/api/engine");
+      status = await getJson("/api/engine", { timeoutSeconds: READ_TIMEOUT_SECONDS });
     } catch (failure) {
-      error.textContent = `Reading /api/engine failed: ${failure.message}`;
+      const age = previous ? ` (figures below from ${new Date(previous.timestamp * 1000).toLocaleTimeString()})` : "";
+      error.textContent = `Reading /api/engine failed: ${failure.message}${age}`;
       return;
+    } finally {
+      reading = false;
     }
     const counters = status.counters;
     const down = (status.workers ?? []).flatMap((worker, index) => (worker.up ? [] : [index]));

@@ -146,7 +146,12 @@ def add_dashboard_routes(app: FastAPI, engine: Engine) -> None:
         peers = app.state.peers
         if peers is not None:
             status = await status_everywhere(peers, status)
-        return Response(orjson.dumps(status), media_type=JSON_MEDIA_TYPE)
+        # Figures of one moment: a browser must not show a stored copy as current.
+        return Response(
+            orjson.dumps(status),
+            media_type=JSON_MEDIA_TYPE,
+            headers={"Cache-Control": "no-store"},
+        )
 
     @app.get("/docs", include_in_schema=False)
     async def openapi_page() -> HTMLResponse:
