@@ -1190,3 +1190,25 @@ def test_client_handed_to_starting_worker_waits(tmp_path: Path) -> None:
     finally:
         status = cluster.stop()
     assert status == 0, cluster.log_tail()
+
+
+def test_unreachable_owner_logged_rarely(tmp_path: Path) -> None:
+    """While a thing's owner is down, each QoS 1 request for it closes its publisher, and
+    the reason is logged once rather than for every request."""
+    cluster = Cluster(tmp_path / "data")
+    try:
+        cluster.wait_until_running()
+        # Five exits in a row keep worker 1 down for 8 s.
+        assert kill_worker_repeatedly(cluster.log_text, 1, 5) == 8.0
+        topic = f"$aws/things/{client_owned_by(1, 'kiln')}/shadow/update"
+        for _ in range(3):
+            device = RawClient(cluster.port, MQTT_3_1_1)
+            device.connect(client_owned_by(0, "panel"))
+            device.send(Publish(topic, b'{"state": {"reported": {"on": 1}}}', 1, packet_id=1))
+            device.wait_closed(timeout=RESPONSE_TIMEOUT_S)
+        text = cluster.log_text()
+        assert text.count("worker 1 cannot be reached before confirming") == 1, text
+        assert "(1 closed so in all)" in text
+    finally:
+        status = cluster.stop()
+    assert status == 0, cluster.log_tail()

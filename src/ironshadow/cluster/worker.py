@@ -426,6 +426,8 @@ class ClusterWorker:
         # Calls that got no reply, and when that was last logged.
         self._calls_failed = 0
         self._calls_failed_logged_at = 0.0
+        # Publishing connections closed because their shadow requests were not confirmed.
+        self._publishers_closed = 0
         # Procedures that peers run on this worker with CALL frames, by name: each takes the
         # arguments as a dict and returns a JSON-serialisable result. Set by the command line,
         # which builds them with the HTTP API's code.
@@ -1342,7 +1344,7 @@ class ClusterWorker:
         else:
             # Hold the message, never to release it: the publisher gets no acknowledgement.
             message.hold()
-            self._disconnect_publishers([message], f"worker {owner} cannot be reached")
+            self._disconnect_publishers([message], f"worker {owner} cannot be reached", True)
         return True
 
     # --- session takeover -------------------------------------------------------------
@@ -1760,13 +1762,16 @@ class ClusterWorker:
         if message is not None:
             message.release()
 
-    def _disconnect_publishers(self, messages: list[Message], reason: str) -> None:
+    def _disconnect_publishers(
+        self, messages: list[Message], reason: str, rarely: bool = False
+    ) -> None:
         """Close the connections that published ``messages``, which stay unacknowledged.
 
         Each message is a QoS 1 or 2 shadow request that its owner may not have stored. The
         client sends it again after it reconnects (with a persistent session), or knows that
         it was not delivered. An acknowledgement would report as stored an update that may be
-        lost.
+        lost. With ``rarely``, the same ``reason`` is logged at most once a minute: while an
+        owner is down, every request for its things comes here on its own.
         """
         closed = 0
         loop = self.broker.loop
@@ -1777,15 +1782,19 @@ class ClusterWorker:
                 # Soon rather than now: this may run inside the connection's own PUBLISH.
                 loop.call_soon(connection.close, ReasonCode.SERVER_BUSY)
                 closed += 1
-        if messages:
-            log.warning(
-                "worker %d: %s before confirming %d shadow request(s); closed %d publishing "
-                "connection(s) without acknowledging them, so that the clients send them again",
-                self.index,
-                reason,
-                len(messages),
-                closed,
-            )
+        if not messages:
+            return
+        self._publishers_closed += closed
+        text = (
+            "worker %d: %s before confirming %d shadow request(s); closed %d publishing "
+            "connection(s) without acknowledging them, so that the clients send them again "
+            "(%d closed so in all)"
+        )
+        args = (self.index, reason, len(messages), closed, self._publishers_closed)
+        if rarely:
+            self.broker._log_rarely("unconfirmed-requests", reason, text, *args)
+        else:
+            log.warning(text, *args)
 
     # --- HTTP requests and metrics for other workers ---------------------------------
 
