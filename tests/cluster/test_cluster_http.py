@@ -203,7 +203,7 @@ def test_engine_status_adds_up_workers(cluster: Cluster) -> None:
             for number in range(5):
                 publisher.publish("plant/gauge", b"%d" % number, qos=1)
         after = client.get("/api/engine").json()
-    assert len(after["workers"]) == WORKERS
+    assert [status["worker"] for status in after["workers"]] == list(range(WORKERS))
     received = after["counters"]["publishReceived"] - before["counters"]["publishReceived"]
     assert received == 5 * WORKERS
     per_worker = [
@@ -470,6 +470,7 @@ def test_stopped_owner_gives_503(tmp_path: Path) -> None:
                 workers = engine["workers"]
                 assert [worker["up"] for worker in workers] == [True, False, True]
                 assert workers[1] == {
+                    "worker": 1,
                     "up": False,
                     "error": "worker 1 could not run engine_status: it did not reply within 2 s",
                 }

@@ -151,15 +151,15 @@ async def status_everywhere(peers: Peers, local: dict[str, Any]) -> dict[str, An
         try:
             status = await peers.call(peer, "engine_status", {}, STATUS_TIMEOUT_SECONDS)
         except PeerCallError as error:
-            return {"up": False, "error": str(error)}
-        return {**status, "up": True}
+            return {"worker": peer, "up": False, "error": str(error)}
+        return {**status, "worker": peer, "up": True}
 
     statuses = list(
         await asyncio.gather(
             *(status_of(peer) for peer in range(peers.workers) if peer != peers.index)
         )
     )
-    statuses.insert(peers.index, {**local, "up": True})
+    statuses.insert(peers.index, {**local, "worker": peers.index, "up": True})
     return merge_statuses(statuses)
 
 

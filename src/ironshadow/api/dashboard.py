@@ -73,9 +73,10 @@ class EngineStatus(BaseModel):
     workers: list[dict[str, Any]] | None = Field(
         default=None,
         description="With several worker processes: each worker's own figures, in worker "
-        "order, with \"up\": true, while the fields above add them up. A worker that did "
-        f"not reply within {STATUS_TIMEOUT_SECONDS:g} s (restarting or stuck) is "
-        '{"up": false, "error": reason} and left out of the totals. Null for a single process.',
+        'order, with "worker": its index and "up": true, while the fields above add them up. '
+        f"A worker that did not reply within {STATUS_TIMEOUT_SECONDS:g} s (restarting or "
+        'stuck) is {"worker": index, "up": false, "error": reason} and left out of the '
+        "totals. Null for a single process.",
     )
 
 
