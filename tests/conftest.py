@@ -89,12 +89,14 @@ def kill_worker_repeatedly(read_log: Callable[[], str], worker: int, kills: int)
     delay. Returns the delay that the last kill set, as the supervisor logged it.
     """
     deadline = time.monotonic() + scaled(30)
+    running = len(logged_worker_pids(read_log(), worker)) - 1
+    assert running >= 0, f"worker {worker} has not started"
     pid = 0
     for kill in range(kills):
-        while len(starts := logged_worker_pids(read_log(), worker)) <= kill:
+        while len(starts := logged_worker_pids(read_log(), worker)) <= running + kill:
             assert time.monotonic() < deadline, f"worker {worker} did not start again"
             time.sleep(0.02)
-        pid = starts[kill]
+        pid = starts[running + kill]
         os.kill(pid, signal.SIGKILL)
     restarting = re.compile(
         rf"worker {worker} \(pid {pid}\) was killed by SIGKILL; restarting it in ([0-9.]+) s"
