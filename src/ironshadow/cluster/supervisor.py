@@ -225,17 +225,22 @@ class Supervisor:
 
     def _check_workers(self) -> None:
         now = time.monotonic()
+        # Every exit is noted before any restart, so that a worker restarted now does not
+        # wait for a peer that died since the last check.
         for worker in self.workers:
             process = worker.process
-            if process is not None:
-                status = process.poll()
-                if status is None:
-                    continue
-                worker.process = None
-                self._worker_exited(worker, process.pid, status, now)
-                if self._stopping:
-                    return
-            elif worker.restart_at is not None and now >= worker.restart_at:
+            if process is None:
+                continue
+            status = process.poll()
+            if status is None:
+                continue
+            worker.process = None
+            self._worker_exited(worker, process.pid, status, now)
+            if self._stopping:
+                return
+        for worker in self.workers:
+            restart_at = worker.restart_at
+            if worker.process is None and restart_at is not None and now >= restart_at:
                 self._start(worker, restart=True)
 
     def _worker_exited(self, worker: _Worker, pid: int, status: int, now: float) -> None:
