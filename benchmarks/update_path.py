@@ -39,6 +39,9 @@ from ironshadow.engine import Engine
 from ironshadow.mqtt.constants import MQTT_3_1_1
 from ironshadow.mqtt.packets import Connect, Publish
 
+# Seconds that the engine gets to admit every device before the run starts.
+ADMIT_SECONDS = 30.0
+
 
 class CountingTransport(asyncio.Transport):
     """A transport that counts what the engine writes and sends nothing."""
@@ -109,8 +112,14 @@ async def run_once(devices: int, rounds: int, per_iteration: int, qos: int) -> f
             connection.connection_made(CountingTransport(40000 + number))
             connection.data_received(Connect(f"sensor-{number}").encode())
             connections.append(connection)
-        # Let the engine admit every CONNECT.
+        # Let the engine admit every CONNECT. The shadow service's own session is one more.
+        deadline = time.monotonic() + ADMIT_SECONDS
         while len(engine.broker.sessions) < devices + 1:
+            if time.monotonic() > deadline:
+                raise SystemExit(
+                    f"only {len(engine.broker.sessions) - 1} of {devices} devices were admitted "
+                    f"within {ADMIT_SECONDS:g} s; the engine's log lines above say why"
+                )
             await asyncio.sleep(0)
         packets = [update_packets(f"sensor-{number}", qos, rounds) for number in range(devices)]
         applied_before = engine.shadows.updates_applied

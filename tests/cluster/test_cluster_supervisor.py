@@ -38,7 +38,7 @@ def wait_dead(pid: int) -> None:
     raise AssertionError(f"process {pid} did not exit")
 
 
-def test_restart_skips_peer_that_died_in_same_check(tmp_path: Path) -> None:
+def test_restart_skips_just_dead_peer(tmp_path: Path) -> None:
     listener = bind_listener("127.0.0.1", free_port(), 16)
     supervisor = Supervisor([sys.executable, "-c", STAND_IN, str(tmp_path)], 3, listener)
     supervisor.directory = str(tmp_path)
@@ -51,7 +51,7 @@ def test_restart_skips_peer_that_died_in_same_check(tmp_path: Path) -> None:
         wait_dead(first.process.pid)
         supervisor._check_workers()
         assert first.restart_at is not None
-        # Worker 1 dies while worker 0 waits for its restart, and one check sees both.
+        # Worker 1 dies while worker 0 waits for its restart, and one check notes both.
         os.kill(second.process.pid, signal.SIGKILL)
         wait_dead(second.process.pid)
         time.sleep(max(0.0, first.restart_at - time.monotonic()))

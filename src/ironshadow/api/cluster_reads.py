@@ -12,7 +12,8 @@ through :class:`Peers`, the serving worker's :class:`~ironshadow.cluster.Cluster
   replies (:func:`merge_statuses`).
 
 :func:`register_procedures` installs the procedures that the CALL frames run, on every
-worker. A worker that does not reply makes the request fail with 503 and Retry-After.
+worker. A worker that does not reply makes a thing read fail with 503 and Retry-After, and
+is listed as down by ``GET /api/engine``.
 """
 
 from __future__ import annotations

@@ -114,7 +114,8 @@ METRICS_CALL_TIMEOUT = 2.0
 # waiting for its store.
 HTTP_RETRY_AFTER = 1
 # Seconds that a starting worker waits for its bus links to and from every peer before it
-# accepts clients. The peers start at the same moment, and a start takes about a second.
+# accepts clients. The peers start at the same moment and each links once its stores are
+# loaded, so with similar stores they are ready within about a second of each other.
 LINK_WAIT = 10.0
 # Seconds of that wait after which the worker logs which peers it waits for.
 LINK_WAIT_NOTICE = 3.0
@@ -654,7 +655,8 @@ class ClusterWorker:
                 return
             waited = time.monotonic() - started
             if waited >= LINK_WAIT_NOTICE and not announced:
-                # A peer that died after this worker started keeps it waiting.
+                # A peer still loading its stores, or one that died after this worker
+                # started, keeps it waiting.
                 announced = True
                 log.info(
                     "worker %d: waiting for bus links with worker(s) %s; accepting clients "
@@ -1770,8 +1772,9 @@ class ClusterWorker:
         Each message is a QoS 1 or 2 shadow request that its owner may not have stored. The
         client sends it again after it reconnects (with a persistent session), or knows that
         it was not delivered. An acknowledgement would report as stored an update that may be
-        lost. With ``rarely``, the same ``reason`` is logged at most once a minute: while an
-        owner is down, every request for its things comes here on its own.
+        lost. With ``rarely``, the same ``reason`` is logged at most once a minute (see
+        ``Broker._log_rarely``), because while an owner is down every request for its
+        things comes here on its own.
         """
         closed = 0
         loop = self.broker.loop
