@@ -78,7 +78,7 @@ def name_owned_by(worker: int, workers: int, prefix: str) -> str:
 def logged_worker_pids(log_text: str, worker: int) -> list[int]:
     """Return the PIDs of the processes of ``worker`` that the supervisor's log shows it
     started, oldest first."""
-    return [int(pid) for pid in re.findall(rf"worker {worker} started \(pid (\d+)\)", log_text)]
+    return [int(pid) for pid in re.findall(rf"worker {worker} launched as pid (\d+)", log_text)]
 
 
 def kill_worker_repeatedly(read_log: Callable[[], str], worker: int, kills: int) -> float:

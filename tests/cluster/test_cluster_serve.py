@@ -1046,7 +1046,7 @@ def test_connection_limits_hold_for_the_engine(tmp_path: Path) -> None:
         # From the supervisor's log: reading $SYS would take a connection.
         pids = {
             int(index): int(pid)
-            for index, pid in re.findall(r"worker (\d+) started \(pid (\d+)\)", cluster.log_text())
+            for index, pid in re.findall(r"worker (\d+) launched as pid (\d+)", cluster.log_text())
         }
         # Two devices of worker 1 take 127.0.0.1's share; each worker would allow two more.
         devices = [RawClient(cluster.port) for _ in range(2)]
@@ -1150,7 +1150,7 @@ def test_restarted_worker_skips_delayed_peer(tmp_path: Path) -> None:
         cluster.wait_for_log("worker 0: worker(s) 2 not running; linking with them when")
         # Worker 0's next process serves while worker 2 still waits for its restart.
         cluster.wait_for_log("worker 0 of 3 (pid", 2)
-        assert cluster.log_text().count("worker 2 started (pid") == 5, cluster.log_tail()
+        assert cluster.log_text().count("worker 2 launched as pid") == 5, cluster.log_tail()
         # Once worker 2 is back, every worker is linked with every other one again.
         cluster.wait_for_log("worker 2 of 3 (pid", 2)
         cluster.wait_for_log("worker 0: bus link to worker 2 open", 2)

@@ -12,8 +12,10 @@ through :class:`Peers`, the serving worker's :class:`~ironshadow.cluster.Cluster
   replies (:func:`merge_statuses`).
 
 :func:`register_procedures` installs the procedures that the CALL frames run, on every
-worker. A worker that does not reply makes a thing read fail with 503 and Retry-After, and
-is listed as down by ``GET /api/engine``.
+worker. A worker that does not reply makes a read of one of its things fail with 503 and
+Retry-After. ``GET /things`` and ``GET /api/engine`` leave it out of their response and
+name it there, so that the dashboard goes on showing the rest of the fleet while a worker
+restarts.
 """
 
 from __future__ import annotations
@@ -36,8 +38,13 @@ RETRY_AFTER_SECONDS = 1
 # Seconds that GET /api/engine waits for each worker's figures. The dashboard reads them
 # every second, and a worker collects them from counters in memory.
 STATUS_TIMEOUT_SECONDS = 2.0
+# Seconds that GET /things waits for each worker's page. A worker reads it from memory and
+# checks at most MAX_SCANNED_PER_PAGE names.
+LIST_TIMEOUT_SECONDS = 2.0
 
 ThingPage = tuple[list[dict[str, Any]], str | None]
+# A worker left out of a response: {"worker": index, "error": reason}.
+Missing = dict[str, Any]
 
 
 class Peers(Protocol):
@@ -110,10 +117,12 @@ def remote_owner(peers: Peers | None, thing: str) -> int | None:
     return None if owner == peers.index else owner
 
 
-def unavailable(error: PeerCallError) -> Response:
+def unavailable(error: PeerCallError, thing: str) -> Response:
+    """Return the 503 for a read of ``thing`` whose owner did not answer."""
     return error_response(
         503,
-        f"{error}. Retry the request shortly.",
+        f"Thing {thing!r} belongs to worker {error.peer}, which did not answer: "
+        f"{error.reason}. Retry the request shortly.",
         headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
     )
 
@@ -125,20 +134,29 @@ async def list_everywhere(
     connected: bool | None,
     page_size: int,
     after: str | None,
-) -> ThingPage:
-    """Return the page of things over every worker, given this worker's own ``local`` page.
+) -> tuple[list[dict[str, Any]], str | None, list[Missing]]:
+    """Return the page of things over every worker, given this worker's own ``local`` page,
+    and the workers that did not reply within LIST_TIMEOUT_SECONDS.
 
-    Raises PeerCallError when a worker does not reply.
+    The page leaves out the things of those workers, and its cursor goes on past them: a
+    client that pages on while a worker restarts does not see that worker's things.
     """
     arguments = {"prefix": prefix, "connected": connected, "pageSize": page_size, "after": after}
+
+    async def page_of(peer: int) -> ThingPage | Missing:
+        try:
+            page = await peers.call(peer, "list_page", arguments, LIST_TIMEOUT_SECONDS)
+        except PeerCallError as error:
+            return {"worker": peer, "error": error.reason}
+        return page["things"], page["cursor"]
+
     results = await asyncio.gather(
-        *(
-            peers.call(peer, "list_page", arguments)
-            for peer in range(peers.workers)
-            if peer != peers.index
-        )
+        *(page_of(peer) for peer in range(peers.workers) if peer != peers.index)
     )
-    return merge_pages([local, *((page["things"], page["cursor"]) for page in results)], page_size)
+    pages = [local, *(result for result in results if isinstance(result, tuple))]
+    missing = [result for result in results if isinstance(result, dict)]
+    things, cursor = merge_pages(pages, page_size)
+    return things, cursor, missing
 
 
 async def status_everywhere(peers: Peers, local: dict[str, Any]) -> dict[str, Any]:
@@ -152,7 +170,7 @@ async def status_everywhere(peers: Peers, local: dict[str, Any]) -> dict[str, An
         try:
             status = await peers.call(peer, "engine_status", {}, STATUS_TIMEOUT_SECONDS)
         except PeerCallError as error:
-            return {"worker": peer, "up": False, "error": str(error)}
+            return {"worker": peer, "up": False, "error": error.reason}
         return {**status, "worker": peer, "up": True}
 
     statuses = list(

@@ -106,6 +106,13 @@ class ThingDetail(ThingSummary):
     namedShadows: list[str] = Field(description="Names of the thing's named shadows, sorted.")
 
 
+class UnavailableWorker(BaseModel):
+    """A worker whose things a list leaves out."""
+
+    worker: int = Field(description="The worker's index.")
+    error: str = Field(description="Why it did not respond, such as 'no reply within 2 s'.")
+
+
 class ThingList(BaseModel):
     """A page of things in name order."""
 
@@ -115,6 +122,11 @@ class ThingList(BaseModel):
         "can hold fewer than pageSize things while nextToken is not null."
     )
     timestamp: int = Field(description="When the response was generated, in epoch seconds.")
+    unavailableWorkers: list[UnavailableWorker] = Field(
+        description="With several workers, those that did not answer in time (restarting or "
+        "stuck). Their things are missing from this page, and nextToken goes on past them. "
+        "Empty when every worker answered."
+    )
 
 
 def _section_schema(description: str) -> dict[str, Any]:

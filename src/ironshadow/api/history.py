@@ -123,7 +123,7 @@ def add_history_routes(app: FastAPI, engine: Engine) -> None:
             try:
                 points = await peers.call(owner, "history", arguments)
             except PeerCallError as error:
-                return unavailable(error)
+                return unavailable(error, thing)
         body = {
             "thing": thing,
             "name": name,

@@ -304,7 +304,7 @@ def create_app(
             try:
                 names = await app.state.peers.call(owner, "named_shadows", {"thing": thing})
             except PeerCallError as error:
-                return unavailable(error)
+                return unavailable(error, thing)
         start = 0 if after is None else bisect.bisect_right(names, after)
         page = names[start : start + page_size]
         more = start + page_size < len(names)
@@ -380,17 +380,16 @@ def create_app(
         after = decode_token(next_token)
         things, cursor = directory.list_page(prefix, connected, page_size, after)
         peers = app.state.peers
+        missing: list[dict[str, Any]] = []
         if peers is not None:
-            try:
-                things, cursor = await list_everywhere(
-                    peers, (things, cursor), prefix, connected, page_size, after
-                )
-            except PeerCallError as error:
-                return unavailable(error)
+            things, cursor, missing = await list_everywhere(
+                peers, (things, cursor), prefix, connected, page_size, after
+            )
         document = {
             "things": things,
             "nextToken": encode_token(cursor),
             "timestamp": int(time.time()),
+            "unavailableWorkers": missing,
         }
         return Response(orjson.dumps(document), media_type=JSON_MEDIA_TYPE)
 
@@ -421,7 +420,7 @@ def create_app(
             try:
                 detail = await app.state.peers.call(owner, "describe", {"thing": thing})
             except PeerCallError as error:
-                return unavailable(error)
+                return unavailable(error, thing)
         if detail is None:
             return error_response(
                 404, f"Thing not found: {thing!r} has no shadow and has never connected"

@@ -221,7 +221,7 @@ class Supervisor:
         )
         worker.started_at = time.monotonic()
         worker.restart_at = None
-        log.info("worker %d started (pid %d)", worker.index, worker.process.pid)
+        log.info("worker %d launched as pid %d", worker.index, worker.process.pid)
 
     def _check_workers(self) -> None:
         now = time.monotonic()

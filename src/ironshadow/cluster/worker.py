@@ -282,7 +282,16 @@ class _Call:
 
 
 class PeerCallError(Exception):
-    """A procedure run on another worker failed, or its worker did not reply in time."""
+    """A procedure run on another worker failed, or its worker did not reply in time.
+
+    ``reason`` says why, in words for the user of the API (for example "no reply within
+    2 s"), without naming the procedure.
+    """
+
+    def __init__(self, peer: int, reason: str) -> None:
+        super().__init__(f"worker {peer} did not answer: {reason}")
+        self.peer = peer
+        self.reason = reason
 
 
 class ClusterIndex(SubscriptionIndex):
@@ -580,7 +589,7 @@ class ClusterWorker:
         if interval > 0:
             self._sys_timer = loop.call_later(interval, self._publish_sys)
         log.info(
-            "worker %d of %d (pid %d) started; owns the client ids and things whose CRC-32 "
+            "worker %d of %d (pid %d) is serving; it owns the client ids and things whose CRC-32 "
             "modulo %d is %d",
             self.index,
             self.workers,
@@ -1817,10 +1826,14 @@ class ClusterWorker:
             return None
 
         def fail(reason: str) -> Reply:
-            message = (
-                f"Thing {thing!r} belongs to worker {owner}, and {reason}. Retry the request "
-                "shortly; an update or delete may have been applied, so read the shadow first."
-            )
+            message = f"Thing {thing!r} belongs to worker {owner}, which did not answer: {reason}."
+            if operation == "get":
+                message += " Retry the request shortly."
+            else:
+                message += (
+                    f" The {operation} may have been applied there: read the shadow before "
+                    "you retry it."
+                )
             return Reply(503, ShadowError(503, message).payload(int(time.time())), HTTP_RETRY_AFTER)
 
         body = bus.encode_http_call(
@@ -1840,10 +1853,9 @@ class ClusterWorker:
         number = self._next_call_number()
         body = number.to_bytes(4, "big") + encode_string(procedure) + orjson.dumps(arguments)
 
-        def fail(reason: str) -> PeerCallError:
-            return PeerCallError(f"worker {peer} could not run {procedure}: {reason}")
-
-        result = await self._call(peer, bus.CALL, body, timeout, fail)
+        result = await self._call(
+            peer, bus.CALL, body, timeout, lambda reason: PeerCallError(peer, reason)
+        )
         if isinstance(result, PeerCallError):
             raise result
         return result
@@ -1906,14 +1918,14 @@ class ClusterWorker:
         link = self._links[peer]
         if link is None:
             future.set_result(
-                fail("it cannot be reached: no bus link to it is open, as while it restarts")
+                fail("no bus link to it is open, as while it restarts")
             )
             return future
         if link.congested():
-            future.set_result(fail("it cannot be reached: its bus link is congested"))
+            future.set_result(fail("its bus link is congested"))
             return future
         if not link.send(bus.frame(kind, body)):
-            future.set_result(fail("it cannot be reached: its bus link has just closed"))
+            future.set_result(fail("its bus link has just closed"))
             return future
         number = int.from_bytes(body[:4], "big")
         timer = loop.call_later(timeout, self._call_timed_out, number, timeout)
@@ -1923,7 +1935,7 @@ class ClusterWorker:
     def _call_timed_out(self, number: int, timeout: float) -> None:
         call = self._calls.pop(number, None)
         if call is not None:
-            reason = f"it did not reply within {timeout:g} s"
+            reason = f"no reply within {timeout:g} s"
             self._log_call_failure(call.peer, reason)
             if not call.future.done():
                 call.future.set_result(call.fail(reason))
@@ -1935,7 +1947,7 @@ class ClusterWorker:
         if now - self._calls_failed_logged_at >= bus.DropCounter.INTERVAL:
             self._calls_failed_logged_at = now
             log.warning(
-                "worker %d: a REST or metrics request to worker %d failed because %s "
+                "worker %d: a REST or metrics request to worker %d failed: %s "
                 "(%d such failures in all)",
                 self.index,
                 peer,
@@ -1987,7 +1999,7 @@ class ClusterWorker:
                 result: Any = orjson.loads(bytes(body[pos + 5 : end]))
             else:
                 reason = bytes(body[pos + 5 : end]).decode(errors="replace")
-                result = PeerCallError(f"worker {peer} failed: {reason}")
+                result = PeerCallError(peer, f"the request failed there: {reason}")
             self._finish_call(number, result)
         else:
             raise ValueError(f"unknown frame kind {kind}")
