@@ -51,6 +51,7 @@ def test_dashboard_page_and_files() -> None:
         page = client.get("/")
         script = client.get("/static/app.js")
         chart_library = client.get("/static/vendor/uPlot.esm.js")
+        icon = client.get("/static/icon.svg")
         missing = client.get("/static/nothing.js")
 
     assert page.status_code == 200
@@ -59,6 +60,9 @@ def test_dashboard_page_and_files() -> None:
     assert script.status_code == 200
     assert "javascript" in script.headers["content-type"]
     assert chart_library.status_code == 200
+    assert '<link rel="icon" type="image/svg+xml" href="/static/icon.svg">' in page.text
+    assert icon.status_code == 200
+    assert icon.headers["content-type"] == "image/svg+xml"
     assert missing.status_code == 404
 
 
@@ -69,7 +73,8 @@ def test_dashboard_loads_nothing_from_other_hosts() -> None:
     ]
     assert own_files
     for path in own_files:
-        text = path.read_text()
+        # The SVG namespace names the format; nothing is loaded from it.
+        text = path.read_text().replace('xmlns="http://www.w3.org/2000/svg"', "")
         assert "http://" not in text, path
         assert "https://" not in text, path
 
@@ -237,8 +242,9 @@ def test_engine_view_lists_workers(browser: Any, tmp_path: Path) -> None:
         # A plain TCP client is handed to the worker that owns its id: two on worker 0,
         # one on worker 1.
         owners = [0, 0, 1]
-        for number, owner in enumerate(owners):
-            TestClient(mqtt_port, client_id=name_owned_by(owner, 2, f"lathe{number}"))
+        names = [name_owned_by(owner, 2, f"lathe{number}") for number, owner in enumerate(owners)]
+        for name in names:
+            TestClient(mqtt_port, client_id=name)
 
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.set_default_timeout(timeout_ms)
@@ -267,7 +273,24 @@ def test_engine_view_lists_workers(browser: Any, tmp_path: Path) -> None:
         expect(page.locator('#workers tr[data-worker="0"] td.pressure')).to_have_text("normal")
         screenshot(page, "engine-worker-down")
 
+        # The fleet view lists worker 0's things and says that worker 1's are missing.
+        page.click('header a[data-view="fleet"]')
+        notice = page.locator("#fleet-notice")
+        expect(notice).to_contain_text(
+            "Worker 1 did not answer (restarting or stuck): its things are missing from this "
+            "list. Worker 1: no bus link to it is open"
+        )
+        expect(page.locator("#things tbody tr[data-thing]")).to_have_count(2)
+        for name in names[:2]:
+            expect(page.locator(f'#things tr[data-thing="{name}"]')).to_have_count(1)
+        screenshot(page, "fleet-worker-down")
+        # Worker 1 comes back without its thing: the memory-only engine forgot the client.
+        expect(notice).to_have_text("", timeout=2 * timeout_ms)
+        expect(page.locator("#things tbody tr[data-thing]")).to_have_count(2)
+        page.click('header a[data-view="engine"]')
+
         # With every worker stopped, the page reports each reading given up after 5 s.
+        row = page.locator('#workers tr[data-worker="1"]')
         expect(row.locator("td.pressure")).to_have_text("normal", timeout=2 * timeout_ms)
         pids = [logged_worker_pids(log_path.read_text(), worker)[-1] for worker in (0, 1)]
         for pid in pids:

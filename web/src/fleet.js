@@ -6,6 +6,8 @@ import { thingHash } from "./thing.js";
 
 const PAGE_SIZE = 50;
 const REFRESH_SECONDS = 2;
+// A page request without a reply by then is given up and reported.
+const READ_TIMEOUT_SECONDS = 5;
 // Wait after the last keystroke in the prefix box before requesting, in milliseconds.
 const TYPING_DELAY_MS = 250;
 
@@ -37,6 +39,8 @@ export function mountFleet(root) {
   const next = element("button", { type: "button", text: "Next" });
   const pageLabel = element("span", { class: "muted" });
   const error = element("span", { class: "message error" });
+  // Workers left out of the page, while they restart or are stuck.
+  const notice = element("p", { id: "fleet-notice", class: "message error" });
   const body = element("tbody");
   const table = element(
     "table",
@@ -63,23 +67,42 @@ export function mountFleet(root) {
       { class: "fleet" },
       element("h1", { text: "Fleet" }),
       element("div", { class: "toolbar" }, prefixInput, statusSelect, previous, next, pageLabel, error),
+      notice,
       table,
     ),
   );
 
-  async function load() {
+  // A request still waiting for its reply when the next refresh is due is left to finish.
+  // A request made by the user (a new filter or page) runs anyway, and only the newest
+  // reply is shown.
+  let latest = 0;
+  let waiting = false;
+
+  async function load({ refresh = false } = {}) {
+    if (refresh && waiting) return;
+    const request = ++latest;
+    waiting = true;
     const params = new URLSearchParams({ pageSize: String(PAGE_SIZE) });
     if (filter.prefix) params.set("prefix", filter.prefix);
     if (filter.status !== "all") params.set("connected", String(filter.status === "connected"));
     const token = tokens[tokens.length - 1];
     if (token) params.set("nextToken", token);
+    let page = null;
+    let failure = null;
     try {
-      const page = await getJson(`/things?${params}`);
+      page = await getJson(`/things?${params}`, { timeoutSeconds: READ_TIMEOUT_SECONDS });
+    } catch (caught) {
+      failure = caught;
+    }
+    if (request !== latest) return;
+    waiting = false;
+    if (failure) {
+      error.textContent = `Loading things failed: ${failure.message}`;
+    } else {
       error.textContent = "";
       nextToken = page.nextToken;
       render(page.things);
-    } catch (failure) {
-      error.textContent = `Loading things failed: ${failure.message}`;
+      notice.textContent = missingText(page.unavailableWorkers ?? []);
     }
     previous.disabled = tokens.length === 1;
     next.disabled = !nextToken;
@@ -108,6 +131,17 @@ export function mountFleet(root) {
       rows.push(element("tr", {}, element("td", { colspan: "5", class: "muted", text: "No things match." })));
     }
     body.replaceChildren(...rows);
+  }
+
+  function missingText(missing) {
+    if (missing.length === 0) return "";
+    const workers = missing.map((entry) => entry.worker).join(", ");
+    const plural = missing.length > 1;
+    return (
+      `${plural ? "Workers" : "Worker"} ${workers} did not answer (restarting or stuck): ` +
+      `${plural ? "their" : "its"} things are missing from this list. ` +
+      missing.map((entry) => `Worker ${entry.worker}: ${entry.error}.`).join(" ")
+    );
   }
 
   function restart() {
@@ -140,7 +174,7 @@ export function mountFleet(root) {
   });
 
   load();
-  const timer = setInterval(load, REFRESH_SECONDS * 1000);
+  const timer = setInterval(() => load({ refresh: true }), REFRESH_SECONDS * 1000);
   return () => {
     clearInterval(timer);
     clearTimeout(typingTimer);

@@ -92,6 +92,8 @@ export function mountEngine(root) {
 
   // A reading still waiting for its reply when the next one is due is left to finish.
   let reading = false;
+  // Whether a reading failed since the last one shown, so that the chart breaks its lines.
+  let missed = false;
 
   async function load() {
     if (reading) return;
@@ -102,6 +104,7 @@ export function mountEngine(root) {
     } catch (failure) {
       const age = previous ? ` (figures below from ${new Date(previous.timestamp * 1000).toLocaleTimeString()})` : "";
       error.textContent = `Reading /api/engine failed: ${failure.message}${age}`;
+      missed = true;
       return;
     } finally {
       reading = false;
@@ -118,6 +121,8 @@ export function mountEngine(root) {
       show("received", formatNumber(rate("publishReceived"), 1));
       show("sent", formatNumber(rate("publishSent"), 1));
       show("updates", formatNumber(rate("shadowUpdates"), 1));
+      // uPlot leaves a gap at a null value instead of drawing a line across the failed readings.
+      if (missed) chart.append((previous.timestamp + status.timestamp) / 2, [null, null]);
       chart.append(status.timestamp, [rate("publishReceived"), rate("publishSent")]);
     }
     const dropped = counters.publishDropped + counters.queueDropped;
@@ -142,6 +147,7 @@ export function mountEngine(root) {
     }
     showWorkers(status, previous);
     previous = status;
+    missed = false;
   }
 
   // One row per worker; its rates need the same worker's previous reading.
