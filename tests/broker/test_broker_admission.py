@@ -5,8 +5,23 @@ from __future__ import annotations
 import selectors
 import time
 
+import pytest
+
 from conftest import CONNECT_RATE_SHARE, scaled
-from ironshadow.mqtt import Connack, Connect, Puback, Publish, Suback, Subscribe, Subscription
+from ironshadow.broker import core
+from ironshadow.mqtt import (
+    MQTT_3_1_1,
+    Connack,
+    Connect,
+    Disconnect,
+    Puback,
+    Publish,
+    Suback,
+    Subscribe,
+    Subscription,
+)
+from ironshadow.mqtt.properties import PropertyId
+from ironshadow.mqtt.reason_codes import ReasonCode
 from mqtt_client import TestClient
 from raw_client import RawClient
 
@@ -16,13 +31,96 @@ def test_extra_connection_rejected(make_broker):
     TestClient(broker.port, "first")
     TestClient(broker.port, "second")
     extra = RawClient(broker.port)
-    extra.send(Connect("third", 5))
+    connack = extra.connect("third")
+    assert connack.reason_code == ReasonCode.SERVER_BUSY
+    reason = connack.properties[PropertyId.REASON_STRING]
+    assert "the maximum is 2" in reason
+    assert "only a client whose previous connection is still open may connect" in reason
     assert extra.wait_closed() == []
-    rejected = sum(
+    assert rejected_connections(broker) == 1
+
+
+def test_extra_connection_rejected_v311(make_broker):
+    broker = make_broker(max_connections=1)
+    TestClient(broker.port, "first")
+    extra = RawClient(broker.port, MQTT_3_1_1)
+    assert extra.connect("second").reason_code == 3  # Server unavailable
+    assert extra.wait_closed() == []
+
+
+def test_takeover_at_the_limit(make_broker):
+    """A device that reconnects while its old connection still occupies a place (the
+    engine did not see the network drop) takes that place over at the limit."""
+    broker = make_broker(max_connections=2)
+    old = RawClient(broker.port)
+    assert old.connect("press-1", keep_alive=60).reason_code == ReasonCode.SUCCESS
+    TestClient(broker.port, "press-2")
+
+    new = RawClient(broker.port)
+    assert new.connect("press-1", keep_alive=60).reason_code == ReasonCode.SUCCESS
+    packets = old.wait_closed()
+    assert len(packets) == 1
+    assert isinstance(packets[0], Disconnect)
+    assert packets[0].reason_code == ReasonCode.SESSION_TAKEN_OVER
+    assert new.is_open(wait=0.2)
+    assert open_connections(broker) == 2
+    # The new connection has taken the old one's place, so the limit is still reached.
+    other = RawClient(broker.port)
+    assert other.connect("press-3").reason_code == ReasonCode.SERVER_BUSY
+    assert rejected_connections(broker) == 1
+
+
+def test_silent_socket_over_the_limit_closed(make_broker):
+    broker = make_broker(max_connections=1)
+    TestClient(broker.port, "first")
+    late = RawClient(broker.port)
+    # It may still send CONNECT, for OVER_LIMIT_CONNECT_TIMEOUT.
+    assert late.is_open(wait=0.2)
+    assert late.wait_closed(timeout=scaled(5)) == []
+    assert rejected_connections(broker) == 1
+    assert open_connections(broker) == 1
+
+
+def test_place_freed_before_connect(make_broker):
+    """A connection accepted over the limit gets a place that frees up before its CONNECT."""
+    broker = make_broker(max_connections=1)
+    first = RawClient(broker.port)
+    assert first.connect("first").reason_code == ReasonCode.SUCCESS
+    waiting = RawClient(broker.port)
+    assert waiting.is_open(wait=0.2)
+    first.close()
+    deadline = time.monotonic() + scaled(5)
+    while open_connections(broker) > 1:
+        assert time.monotonic() < deadline, "the first connection stayed open"
+        time.sleep(0.01)
+    assert waiting.connect("second").reason_code == ReasonCode.SUCCESS
+    # It has the only place now.
+    assert RawClient(broker.port).connect("third").reason_code == ReasonCode.SERVER_BUSY
+
+
+@pytest.mark.one_process("each worker keeps its own connections over the limit")
+def test_connections_over_the_limit_bounded(make_broker):
+    broker = make_broker(max_connections=1)
+    engine = broker.engines[0]
+    room = engine.call(lambda: engine.broker.max_over_limit)
+    # As many as the open-file limit leaves, and at least MIN_OVER_LIMIT.
+    assert room >= core.MIN_OVER_LIMIT
+    engine.call(lambda: setattr(engine.broker, "max_over_limit", 1))
+    TestClient(broker.port, "first")
+    waiting = RawClient(broker.port)
+    assert waiting.is_open(wait=0.2)
+    # Closed at accept, well before OVER_LIMIT_CONNECT_TIMEOUT.
+    started = time.monotonic()
+    assert RawClient(broker.port).wait_closed() == []
+    assert time.monotonic() - started < core.OVER_LIMIT_CONNECT_TIMEOUT
+    assert waiting.connect("first").reason_code == ReasonCode.SUCCESS
+
+
+def rejected_connections(broker) -> int:
+    return sum(
         engine.call(lambda engine=engine: engine.broker.stats.connections_rejected)
         for engine in broker.engines
     )
-    assert rejected == 1
 
 
 def test_slot_freed_after_disconnect(make_broker):
@@ -64,7 +162,7 @@ def test_limit_counts_open_sockets(make_broker):
     silent = RawClient(broker.port)
     assert silent.is_open(wait=0.1)
     late = RawClient(broker.port)
-    assert late.wait_closed() == []
+    assert late.connect("late").reason_code == ReasonCode.SERVER_BUSY
 
 
 def connect_all(clients: list[RawClient]) -> list[float]:

@@ -1056,8 +1056,10 @@ def test_connection_limits_hold_for_the_engine(tmp_path: Path) -> None:
         others = [RawClient(cluster.port, source=f"127.0.0.{number}") for number in (2, 3)]
         for other in others:
             assert other.connect(client_owned_by(0, "b")).reason_code == ReasonCode.SUCCESS
-        # Four connections are open in the engine: a fifth is closed at accept.
-        assert RawClient(cluster.port, source="127.0.0.4").wait_closed() == []
+        # Four connections are open in the engine: a fifth, with a new client id, is
+        # rejected at its CONNECT.
+        fifth = RawClient(cluster.port, source="127.0.0.4")
+        assert fifth.connect(client_owned_by(2, "e")).reason_code == ReasonCode.SERVER_BUSY
 
         os.kill(pids[1], signal.SIGKILL)
         for device in devices:
@@ -1115,6 +1117,38 @@ def test_connection_limit_holds_in_a_burst(tmp_path: Path) -> None:
         assert all(isinstance(reply, Connack) for reply in replies), replies
         accepted = sum(reply.reason_code == ReasonCode.SUCCESS for reply in replies)
         assert accepted == limit
+    finally:
+        status = cluster.stop()
+    assert status == 0, cluster.log_tail()
+
+
+def test_takeover_at_the_engine_limit(tmp_path: Path) -> None:
+    """Devices of every worker reconnect while their old connections still hold all the
+    places of --max-connections: each new connection is passed to the device's owner and
+    takes over there, and the limit still holds afterwards."""
+    cluster = Cluster(tmp_path / "data", WORKERS, "--max-connections", str(WORKERS))
+    try:
+        cluster.wait_until_running()
+        names = [client_owned_by(worker, "kiln") for worker in range(WORKERS)]
+        current = {}
+        for name in names:
+            current[name] = RawClient(cluster.port)
+            assert current[name].connect(name, keep_alive=60).reason_code == ReasonCode.SUCCESS
+        # Twice each, so that some of the new connections land on another worker than
+        # the owner and are passed to it.
+        for _round in range(2):
+            for name in names:
+                new = RawClient(cluster.port)
+                assert new.connect(name, keep_alive=60).reason_code == ReasonCode.SUCCESS
+                packets = current[name].wait_closed()
+                assert [packet.reason_code for packet in packets] == [
+                    ReasonCode.SESSION_TAKEN_OVER
+                ]
+                current[name] = new
+        assert all(client.is_open() for client in current.values())
+        other = RawClient(cluster.port)
+        assert other.connect("stranger").reason_code == ReasonCode.SERVER_BUSY
+        assert other.wait_closed() == []
     finally:
         status = cluster.stop()
     assert status == 0, cluster.log_tail()

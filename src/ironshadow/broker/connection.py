@@ -93,6 +93,7 @@ class MQTTConnection(asyncio.Protocol):
         "opened_at",
         "out",
         "out_size",
+        "over_limit",
         "peer",
         "pending_acks",
         "pending_qos0",
@@ -133,6 +134,8 @@ class MQTTConnection(asyncio.Protocol):
         self.last_received = now
         self.out: list[bytes] = []
         self.out_size = 0
+        # Accepted over the broker's connection limit: it may only take over a session.
+        self.over_limit = False
         # Acknowledgements waiting for consumers to store their messages, in arrival order:
         # [packet bytes, or None for a QoS 0 message; ready].
         self.pending_acks: deque[list[Any]] = deque()

@@ -49,7 +49,7 @@ from .config import (
 )
 from .connection import CLOSED, CONNECTED, CONNECTING, MQTTConnection
 from .hooks import BrokerHooks
-from .limits import AbuseLimits
+from .limits import MAX_CONNECTIONS, AbuseLimits
 from .message import Message
 from .retained import RetainedStore
 from .session import (
@@ -84,6 +84,14 @@ def default_max_connections() -> int:
 # and the gap between the two keeps it from switching on every close.
 ACCEPT_STOP_SHARE = 0.9
 ACCEPT_RESUME_SHARE = 0.85
+# Connections accepted over max_connections at once, at least: as many more as the open-file
+# limit leaves (see Broker.max_over_limit). Each waits for its CONNECT and stays only if it
+# takes over the session of a connected client, as a device does that reconnects after a
+# network drop that the engine did not notice: its old connection still occupies a place
+# until its keep alive expires.
+MIN_OVER_LIMIT = 64
+# Seconds that a connection accepted over max_connections has to send CONNECT.
+OVER_LIMIT_CONNECT_TIMEOUT = 2.0
 # Client ids of the engine's internal consumers; clients may not use them.
 INTERNAL_CLIENT_PREFIX = "$internal/"
 # Shortest interval between two batches of queued CONNECTs, in seconds.
@@ -142,6 +150,9 @@ class Broker:
         self._connects_waiting: set[MQTTConnection] = set()
         self.sessions: dict[str, Session] = {}
         self.connections: set[MQTTConnection] = set()
+        # Those of ``connections`` accepted over max_connections that have not sent
+        # CONNECT yet (see MIN_OVER_LIMIT).
+        self.over_limit = 0
         self.index = SubscriptionIndex()
         self.retained = RetainedStore()
         self.stats = BrokerStats()
@@ -165,7 +176,10 @@ class Broker:
         self._sys_handle: asyncio.TimerHandle | None = None
         self._log_times: dict[tuple[str, str], float] = {}
         self._deny = tuple(self.config.deny_subscriptions)
-        self.max_connections = self.config.max_connections or default_max_connections()
+        descriptors = default_max_connections()
+        self.max_connections = self.config.max_connections or descriptors
+        # The maximum of ``over_limit``: the descriptors left above max_connections.
+        self.max_over_limit = max(MIN_OVER_LIMIT, descriptors - self.max_connections)
         self.hooks: list[BrokerHooks] = []
         self._lingering: set[asyncio.Transport] = set()
         # Retained topics and sessions changed since the last save, when the engine persists
@@ -417,24 +431,30 @@ class Broker:
         self.loop.call_later(seconds, close)
 
     def connection_made(self, connection: MQTTConnection) -> None:
-        if not self.limits.connection_opened(connection):
-            self._reject_at_accept(connection)
-            return
+        over = self.limits.connection_opened(connection)
         limit = self.max_connections
-        if len(self.connections) >= limit:
+        if over is None and len(self.connections) - self.over_limit >= limit:
             # The limits above counted it, or the worker that passed it here did: undo that.
             self.limits.connection_closed(connection)
-            self._log_rarely(
-                "max-connections",
-                "",
-                "connection from %s rejected: %d connections open, the maximum is %d",
-                connection.peer,
-                len(self.connections),
-                limit,
-            )
-            self._reject_at_accept(connection)
-            return
-        if not connection.counted_by_peer():
+            over = MAX_CONNECTIONS
+        if over is not None:
+            if over != MAX_CONNECTIONS:
+                self._reject_at_accept(connection)
+                return
+            if self.over_limit >= self.max_over_limit:
+                self._log_rarely(
+                    "max-connections",
+                    "",
+                    "connection from %s rejected: %s",
+                    connection.peer,
+                    self._connection_limit_text(),
+                )
+                self._reject_at_accept(connection)
+                return
+            # Kept until its CONNECT shows whether it takes over a session (see _connect).
+            connection.over_limit = True
+            self.over_limit += 1
+        elif not connection.counted_by_peer():
             # The worker that accepted it and passed it here counted it already.
             self.stats.connections_accepted += 1
         self.connections.add(connection)
@@ -443,6 +463,24 @@ class Broker:
         if self.reading_paused:
             connection.transport.pause_reading()
             self.release_after_pause(connection)
+
+    def _connection_limit_text(self) -> str:
+        """Return how many connections are open against the limit that was reached: the
+        whole engine's with several workers, unless this worker's own limit is lower."""
+        open_here = len(self.connections) - self.over_limit
+        if self.limits.shared is None or open_here >= self.max_connections:
+            return f"{open_here} connections open, the maximum is {self.max_connections}"
+        return (
+            f"the workers hold {self.limits.engine_connections()} connections, the maximum "
+            f"is {self.config.max_connections} (max_connections)"
+        )
+
+    def _place_freed(self, connection: MQTTConnection) -> bool:
+        """Count a connection accepted over max_connections, and return True, when a place
+        has been freed since it was accepted."""
+        if len(self.connections) - self.over_limit >= self.max_connections:
+            return False
+        return self.limits.connection_opened(connection) is None
 
     def _reject_at_accept(self, connection: MQTTConnection) -> None:
         self.stats.connections_rejected += 1
@@ -504,7 +542,10 @@ class Broker:
         log.info("%d connections open: accepting again", len(self.connections))
 
     def connection_lost(self, connection: MQTTConnection) -> None:
-        if connection in self.connections:
+        if connection.over_limit:
+            connection.over_limit = False  # never counted in the limits
+            self.over_limit -= 1
+        elif connection in self.connections:
             self.limits.connection_closed(connection)
         self.connections.discard(connection)
         self.descriptors_released()
@@ -837,14 +878,17 @@ class Broker:
         v311_code: int,
         reason: str,
         quiet_repeats: bool = False,
+        log_group: str = "",
     ) -> None:
         """Send CONNACK with the failure code and close; ``quiet_repeats`` logs each client's
-        rejections at most once per LOG_REPEAT_INTERVAL, for failures a client may repeat."""
+        rejections at most once per LOG_REPEAT_INTERVAL, for failures a client may repeat.
+        With ``log_group``, such rejections are logged at most once per interval for all
+        clients together, under that name."""
         self.stats.connections_rejected += 1
         if quiet_repeats:
             self._log_rarely(
-                "connect-rejected",
-                connection.client_id,
+                log_group or "connect-rejected",
+                "" if log_group else connection.client_id,
                 "connection of client %r from %s rejected: %s",
                 connection.client_id,
                 connection.peer,
@@ -937,6 +981,26 @@ class Broker:
         # Session takeover [MQTT-3.1.4-3]: the old connection is closed (its will published
         # as for any unexpected close) before this one attaches.
         session = self.sessions.get(client_id)
+        if connection.over_limit:
+            taking_over = session is not None and session.connection is not None
+            if not taking_over and not self._place_freed(connection):
+                self._reject_connect(
+                    connection,
+                    ReasonCode.SERVER_BUSY,
+                    ConnackReturnCode.SERVER_UNAVAILABLE,
+                    f"{self._connection_limit_text()}. At the limit, only a client whose "
+                    "previous connection is still open may connect, to take it over. Retry "
+                    "later",
+                    quiet_repeats=True,
+                    log_group="max-connections",
+                )
+                return
+            connection.over_limit = False
+            self.over_limit -= 1
+            if taking_over:
+                # The old connection closes below, which gives back its place.
+                self.limits.count_over_limit(connection)
+            self.stats.connections_accepted += 1
         if session is not None and session.connection is not None:
             old = session.connection
             log.info("client %s from %s takes over its session from %s", client_id,
@@ -1475,7 +1539,23 @@ class Broker:
         queued.update(id(connection) for connection in self._connects_waiting)
         for connection in list(self.connections):
             if connection.state == CONNECTING:
-                if now - connection.opened_at > connect_timeout and id(connection) not in queued:
+                if (
+                    connection.over_limit
+                    and now - connection.opened_at > OVER_LIMIT_CONNECT_TIMEOUT
+                    and id(connection) not in queued
+                ):
+                    self._log_rarely(
+                        "max-connections",
+                        "",
+                        "connection from %s rejected: it was accepted over the connection "
+                        "limit and sent no CONNECT within %.0f s",
+                        connection.peer,
+                        OVER_LIMIT_CONNECT_TIMEOUT,
+                    )
+                    # As at accept: a WebSocket client gets close code 1013 (try again later).
+                    self.connection_lost(connection)
+                    self._reject_at_accept(connection)
+                elif now - connection.opened_at > connect_timeout and id(connection) not in queued:
                     log.info(
                         "connection from %s closed: no CONNECT within %.0f s",
                         connection.peer,

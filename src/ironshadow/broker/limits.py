@@ -8,7 +8,9 @@ Per source address:
 
 - ``max_connections_per_address``: open connections, counted when the socket is accepted and
   before any CONNECT is read. A socket over the limit is closed at once. The count of an
-  address is removed when its last connection closes.
+  address is removed when its last connection closes. (A socket over ``max_connections``,
+  the limit of the whole broker, may instead wait for its CONNECT, to take over the session
+  of a connected client: see ``Broker.connection_made``.)
 - ``connect_rate_per_address``: CONNECT packets per second, as a token bucket that holds up to
   ``connect_burst_per_address`` tokens and starts full. A CONNECT without a token gets CONNACK
   0x9F Connection rate exceeded (v5) or return code 3 Server unavailable (3.1.1), and the
@@ -59,6 +61,9 @@ if TYPE_CHECKING:
     from .core import Broker
     from .session import Session
 
+# The broker's connection limit, which ``AbuseLimits.connection_opened`` reports but does not
+# count as a trip.
+MAX_CONNECTIONS = "max_connections"
 # Limit names: the BrokerConfig fields, and the ``limit`` label of the trip counter.
 MAX_CONNECTIONS_PER_ADDRESS = "max_connections_per_address"
 CONNECT_RATE_PER_ADDRESS = "connect_rate_per_address"
@@ -92,7 +97,9 @@ MIN_PRUNE_INTERVAL = 1.0
 class SharedCounts(Protocol):
     """Connection counts and CONNECT buckets kept for every worker of an engine."""
 
-    def open(self, address: str) -> tuple[str, int] | None: ...
+    def open(self, address: str, force: bool = False) -> tuple[str, int] | None: ...
+
+    def connections(self) -> int: ...
 
     def close_connection(self, address: str) -> None: ...
 
@@ -189,22 +196,44 @@ class AbuseLimits:
 
     # --- connections per address ------------------------------------------------------
 
-    def connection_opened(self, connection: MQTTConnection) -> bool:
-        """Count a new connection against its source address; return False if over the limit."""
+    def connection_opened(self, connection: MQTTConnection) -> str | None:
+        """Count a new connection against its source address and, with several workers,
+        against the engine's connections.
+
+        Return None, or the limit that the connection is over (MAX_CONNECTIONS_PER_ADDRESS
+        or MAX_CONNECTIONS), which leaves it uncounted. A per-address trip is logged here,
+        and the broker logs or handles the other.
+        """
         if self.shared is not None:
             return self._shared_opened(self.shared, connection)
         limit = self.max_connections_per_address
         if not limit:
-            return True
+            return None
         address = peer_address(connection.peer)
         if not address:
-            return True  # a transport that reports no peer address
+            return None  # a transport that reports no peer address
         count = self.connections_by_address.get(address, 0)
         if count >= limit:
             self._address_full(connection, address, count)
-            return False
+            return MAX_CONNECTIONS_PER_ADDRESS
         self.connections_by_address[address] = count + 1
-        return True
+        return None
+
+    def count_over_limit(self, connection: MQTTConnection) -> None:
+        """Count a connection accepted over MAX_CONNECTIONS, without checking the limits,
+        once it takes over the session of a connected client. The old connection closes
+        next and removes its own count."""
+        address = peer_address(connection.peer)
+        if self.shared is not None:
+            self.shared.open(address, force=True)
+        elif self.max_connections_per_address and address:
+            self.connections_by_address[address] = self.connections_by_address.get(address, 0) + 1
+
+    def engine_connections(self) -> int:
+        """Return the connections open in the whole engine: every worker's, with several."""
+        if self.shared is not None:
+            return self.shared.connections()
+        return len(self.broker.connections)
 
     def _address_full(self, connection: MQTTConnection, address: str, count: int) -> None:
         self.trip(
@@ -217,27 +246,18 @@ class AbuseLimits:
             self.max_connections_per_address,
         )
 
-    def _shared_opened(self, shared: SharedCounts, connection: MQTTConnection) -> bool:
+    def _shared_opened(self, shared: SharedCounts, connection: MQTTConnection) -> str | None:
         if connection.counted_by_peer():
-            return True
+            return None
         address = peer_address(connection.peer)
         rejected = shared.open(address)
         if rejected is None:
-            return True
+            return None
         limit, count = rejected
         if limit == MAX_CONNECTIONS_PER_ADDRESS:
             self._address_full(connection, address, count)
-        else:
-            self.broker._log_rarely(
-                "max-connections",
-                "",
-                "connection from %s rejected: the workers hold %d connections, the maximum "
-                "is %d (max_connections)",
-                connection.peer,
-                count,
-                self.broker.config.max_connections,
-            )
-        return False
+            return MAX_CONNECTIONS_PER_ADDRESS
+        return MAX_CONNECTIONS
 
     def connections_from(self, address: str) -> int:
         """Return how many connections from ``address`` are counted (0 without a limit)."""

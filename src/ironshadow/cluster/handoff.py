@@ -58,14 +58,16 @@ class ClusterConnection(MQTTConnection):
     ``early`` is the list of chunks read before the router decided where the connection
     lives, and None once decided. ``adopted`` contains the bytes that another worker read
     before it passed the connection here, fed to the codec as soon as the transport exists.
+    ``counted`` tells whether that worker counted it for this one in the shared limits.
     """
 
-    __slots__ = ("adopted", "early")
+    __slots__ = ("adopted", "counted", "early")
 
-    def __init__(self, broker: Broker, adopted: bytes | None = None) -> None:
+    def __init__(self, broker: Broker, adopted: bytes | None = None, counted: bool = True) -> None:
         super().__init__(broker)
         self.early: list[bytes] | None = [] if adopted is None else None
         self.adopted = adopted
+        self.counted = counted
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -74,8 +76,8 @@ class ClusterConnection(MQTTConnection):
             self.data_received(adopted)
 
     def counted_by_peer(self) -> bool:
-        # Cleared only after the broker has taken the connection in.
-        return self.adopted is not None
+        # ``adopted`` is cleared only after the broker has taken the connection in.
+        return self.adopted is not None and self.counted
 
     def data_received(self, data: bytes) -> None:
         early = self.early

@@ -173,14 +173,16 @@ class SharedLimits:
 
     # --- connections ------------------------------------------------------------------
 
-    def open(self, address: str) -> tuple[str, int] | None:
+    def open(self, address: str, force: bool = False) -> tuple[str, int] | None:
         """Count a connection that this worker accepted from ``address``.
 
         Return None, or the limit that rejects it (ENGINE_CONNECTIONS or
         ADDRESS_CONNECTIONS) and the count that reached it. A rejected one is not counted.
+        With ``force`` it is counted without checking the limits, as a connection that
+        takes over a client's session is.
         """
         with self._locked():
-            if self.max_connections:
+            if self.max_connections and not force:
                 total = sum(self._totals)
                 if total >= self.max_connections:
                     return ENGINE_CONNECTIONS, total
@@ -188,7 +190,7 @@ class SharedLimits:
                 slot = self._slot(address, True)
                 if slot >= 0:
                     count = self._address_count(slot)
-                    if count >= self.max_per_address:
+                    if count >= self.max_per_address and not force:
                         return ADDRESS_CONNECTIONS, count
                     self._counts[self.index * self.slots + slot] += 1
             self._totals[self.index] += 1

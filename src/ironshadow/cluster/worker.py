@@ -223,17 +223,19 @@ class WorkerSpec:
         return os.path.join(self.directory, f"handoff-{index}.sock")
 
 
-def _handoff_record(address: str, data: bytes) -> bytes:
+def _handoff_record(address: str, counted: bool, data: bytes) -> bytes:
     """Return what a hand-off sends with a socket: the client's address, for the owner's
-    connection counts, then the bytes read from the socket so far."""
+    connection counts, whether the sender counted the connection (not one accepted over
+    the connection limit), then the bytes read from the socket."""
     encoded = address.encode()
-    return bytes((len(encoded),)) + encoded + data
+    return bytes((len(encoded),)) + encoded + bytes((counted,)) + data
 
 
-def _read_handoff_record(record: bytes) -> tuple[str, bytes]:
-    """Return the client's address and the bytes read so far from a hand-off record."""
+def _read_handoff_record(record: bytes) -> tuple[str, bool, bytes]:
+    """Return the client's address, whether it is counted for this worker, and the bytes
+    read so far from a hand-off record."""
     length = record[0]
-    return record[1 : 1 + length].decode(), record[1 + length :]
+    return record[1 : 1 + length].decode(), bool(record[1 + length]), record[2 + length :]
 
 
 @dataclass(slots=True)
@@ -746,12 +748,14 @@ class ClusterWorker:
         transport = connection.transport
         sock = transport.get_extra_info("socket")
         address = peer_address(connection.peer)
-        shared = self.shared_limits
+        # A connection accepted over the limit is not counted anywhere: the owner checks
+        # the limits again, and it may take over its client's session there.
+        shared = None if connection.over_limit else self.shared_limits
         if shared is not None:
             # NOTE: a hand-off queued for a peer that restarts before the queue is sent is
             # dropped, and stays counted for that peer until it exits again.
             shared.move(address, self.index, owner)
-        record = _handoff_record(address, b"".join(early))
+        record = _handoff_record(address, not connection.over_limit, b"".join(early))
         if sock is None or not self._senders[owner].send(sock.fileno(), record):
             if shared is not None:
                 shared.move(address, owner, self.index)
@@ -776,43 +780,47 @@ class ClusterWorker:
         return self._adopting + sum(sender.queued for sender in self._senders.values())
 
     def _adopt(self, fd: int, record: bytes) -> None:
-        address, data = _read_handoff_record(record)
+        address, counted, data = _read_handoff_record(record)
         if fd == LOST_SOCKET:
-            self._adoption_failed(address)
+            self._adoption_failed(address, counted)
             return
         try:
             sock = socket.socket(fileno=fd)
         except OSError as exc:
             os.close(fd)
             log.warning("a socket passed by a peer is not usable: %s", exc)
-            self._adoption_failed(address)
+            self._adoption_failed(address, counted)
             return
-        task = asyncio.get_running_loop().create_task(self._adopt_socket(sock, address, data))
+        task = asyncio.get_running_loop().create_task(
+            self._adopt_socket(sock, address, counted, data)
+        )
         self._adopting += 1
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _adopt_socket(self, sock: socket.socket, address: str, data: bytes) -> None:
+    async def _adopt_socket(
+        self, sock: socket.socket, address: str, counted: bool, data: bytes
+    ) -> None:
         broker = self.broker
         try:
             await broker.loop.connect_accepted_socket(
-                lambda: ClusterConnection(broker, adopted=data), sock
+                lambda: ClusterConnection(broker, adopted=data, counted=counted), sock
             )
         except OSError as exc:
             self._adopting -= 1
             log.warning("adopting a connection passed by a peer failed: %s", exc)
             sock.close()
-            self._adoption_failed(address)
+            self._adoption_failed(address, counted)
             broker.descriptors_released()
             return
         # The connection is among the broker's connections now.
         self._adopting -= 1
         self.adopted += 1
 
-    def _adoption_failed(self, address: str) -> None:
+    def _adoption_failed(self, address: str, counted: bool) -> None:
         """Remove from this worker's counts a connection that a peer counted for it and that
         did not arrive, or that could not be wrapped in a transport."""
-        if self.shared_limits is not None:
+        if self.shared_limits is not None and counted:
             self.shared_limits.release(address, self.index)
 
     # --- subscriptions ----------------------------------------------------------------
@@ -1917,9 +1925,7 @@ class ClusterWorker:
         future: asyncio.Future[Any] = loop.create_future()
         link = self._links[peer]
         if link is None:
-            future.set_result(
-                fail("no bus link to it is open, as while it restarts")
-            )
+            future.set_result(fail("no bus link to it is open, as while it restarts"))
             return future
         if link.congested():
             future.set_result(fail("its bus link is congested"))
