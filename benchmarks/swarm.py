@@ -11,12 +11,16 @@ and keeps the JSON it prints last. The cases:
   messages (nobody subscribes): the bare cost of a QoS 0 message, for the CPU ratio;
 * ``storm``: a reconnect storm of ``--storm-devices`` devices, abrupt (connections reset),
   against IronShadow (with pending deltas) and Mosquitto (connections only);
+* ``storm-silent``: a reconnect storm of ``--storm-devices`` devices whose old connections
+  stay open and silent (``--silent``), against IronShadow with ``--max-connections`` set to
+  the fleet and the swarm's observer, so that the old connections hold every place;
 * ``desired``: delta convergence for a share of ``--desired-devices`` devices.
 
 Usage (from the repository root)::
 
     .venv/bin/python benchmarks/swarm.py --devices 1000,2000,5000 --frequency 100ms
     .venv/bin/python benchmarks/swarm.py --only storm --storm-devices 5000,19000
+    .venv/bin/python benchmarks/swarm.py --only storm-silent --storm-devices 5000
     .venv/bin/python benchmarks/swarm.py --only steady,steady-memory,steady-mosquitto \
         --devices 2000 --frequency 100ms
 
@@ -47,7 +51,15 @@ from support import (
     wait_for_free_ports,
 )
 
-CASES = ("ceiling", "steady", "steady-memory", "steady-mosquitto", "storm", "desired")
+CASES = (
+    "ceiling",
+    "steady",
+    "steady-memory",
+    "steady-mosquitto",
+    "storm",
+    "storm-silent",
+    "desired",
+)
 BROKER_START_TIMEOUT_S = 60.0
 BROKER_STOP_TIMEOUT_S = 30.0
 # Sockets in TIME-WAIT allowed before a case starts: 28,000 ephemeral ports less a fleet.
@@ -170,6 +182,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ]
                 add_row("storm IronShadow", with_broker(ironshadow, storm, 900))
                 add_row("storm Mosquitto", with_broker(mosquitto, storm, 900))
+        if "storm-silent" in cases:
+            for devices in arguments.storm_devices:
+                # The fleet and the swarm's observer fill the engine's places.
+                full = make_ironshadow_spec(
+                    arguments.ironshadow_cmd,
+                    f"--sys-interval 1 --max-connections {devices + 1} --log-level WARNING",
+                )
+                silent = [
+                    "--devices",
+                    str(devices),
+                    "--frequency",
+                    "10s",
+                    "--scenario",
+                    "storm",
+                    "--silent",
+                    "--connect-timeout",
+                    "120s",
+                    "--duration",
+                    "5s",
+                    "--warmup",
+                    "1s",
+                ]
+                add_row("storm silent IronShadow", with_broker(full, silent, 900))
         if "desired" in cases:
             desired = [
                 "--devices",

@@ -85,6 +85,41 @@ def test_storm_delivers_pending_deltas(make_engine):
     assert result["errors"] == 0
 
 
+def test_silent_storm_at_the_connection_limit(make_engine):
+    """The old connections of a silent drop hold every place of max_connections (60
+    devices and the swarm's observer), and yet every device reconnects and gets its delta."""
+    engine = make_engine(sys_interval=1, max_connections=61)
+    result = report(
+        run_swarm(
+            "--port", str(engine.port), "--devices", "60", "--frequency", "500ms",
+            "--duration", "1s", "--scenario", "storm", "--silent", "--json",
+        )
+    )  # fmt: skip
+    figures = result["scenario_figures"]
+    assert figures["storm_silent"] is True
+    assert figures["storm_missing_deltas"] == 0
+    assert result["errors"] == 0
+    assert engine.call(lambda: engine.server.broker.stats.connections_rejected) == 0
+
+
+def test_silent_needs_the_storm():
+    completed = run_swarm("--port", "1", "--silent")
+    assert completed.returncode == 2
+    assert "--silent is a way to drop the connections in --scenario storm" in completed.stderr
+
+
+def test_silent_counts_two_files_per_device():
+    def low_file_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+
+    completed = run_swarm(
+        "--port", "1", "--devices", "600", "--processes", "1", "--scenario", "storm",
+        "--silent", preexec_fn=low_file_limit,
+    )  # fmt: skip
+    assert completed.returncode == 2
+    assert "--devices 600 --silent over 1 processes needs 1200 open files" in completed.stderr
+
+
 def test_slow_devices_keep_their_connections(make_engine):
     """Devices that report less often than their keep alive send PINGREQ, so the engine,
     which closes a connection silent for 1.5 times its keep alive, keeps them all."""

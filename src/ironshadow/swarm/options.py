@@ -70,6 +70,8 @@ class SwarmOptions:
     engine_pid: int | None = None
     client_prefix: str = "swarm-"
     abrupt: bool = False
+    # storm: keep the old connections open and silent instead of closing them.
+    silent: bool = False
     ramp_rate: float = 1000.0
     share: float = 0.1
     max_in_flight: int = 10
@@ -297,12 +299,20 @@ def check(options: SwarmOptions) -> None:
             f"can send (about {MAX_RATE_PER_PROCESS:,} each); lower --devices, raise "
             "--frequency, or use --frequency 0 to publish as fast as possible"
         )
-    per_process = math.ceil(options.devices / processes)
+    if options.silent and (options.scenario != "storm" or options.abrupt):
+        raise SwarmUsageError(
+            "--silent is a way to drop the connections in --scenario storm, and --abrupt is "
+            "another: give --scenario storm and at most one of them"
+        )
+    # With --silent each device keeps its old connection open beside the new one.
+    sockets = options.devices * (2 if options.silent else 1)
+    per_process = math.ceil(sockets / processes)
     if per_process > devices_per_process():
         raise SwarmUsageError(
-            f"--devices {options.devices} over {processes} processes needs {per_process} open "
-            f"files per process, but the file limit is {open_file_limit()}; use at least "
-            f"{math.ceil(options.devices / devices_per_process())} --processes (each process "
+            f"--devices {options.devices}{' --silent' if options.silent else ''} over "
+            f"{processes} processes needs {per_process} open files per process, but the file "
+            f"limit is {open_file_limit()}; use at least "
+            f"{math.ceil(sockets / devices_per_process())} --processes (each process "
             "has its own limit) or raise the hard limit (ulimit -Hn)"
         )
     _check_source_addresses(options, default_source_addresses(options))
@@ -381,6 +391,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="storm: reset the connections without DISCONNECT, as a network drop does",
     )
     parser.add_argument(
+        "--silent",
+        action="store_true",
+        help="storm: leave the old connections open and send nothing more on them, as a "
+        "network drop that the broker does not notice does; the devices reconnect beside "
+        "them, so each holds two connections until the broker closes the old one",
+    )
+    parser.add_argument(
         "--ramp-rate",
         type=float,
         default=defaults.ramp_rate,
@@ -453,6 +470,7 @@ def from_arguments(arguments: argparse.Namespace) -> SwarmOptions:
         engine_pid=arguments.engine_pid,
         client_prefix=arguments.client_prefix,
         abrupt=arguments.abrupt,
+        silent=arguments.silent,
         ramp_rate=arguments.ramp_rate,
         share=arguments.share,
         connect_timeout=arguments.connect_timeout,

@@ -570,7 +570,13 @@ class Coordinator:
         options = self.options
         assert self.observer is not None
         await self.command("pause")
-        await self.command("drop", options.abrupt)
+        if options.abrupt:
+            mode = "abrupt"
+        elif options.silent:
+            mode = "silent"
+        else:
+            mode = "disconnect"
+        await self.command("drop", mode)
         await asyncio.sleep(0.5)
         if shadows:
             # Desired state set while the devices are away: each has a delta waiting.
@@ -590,6 +596,7 @@ class Coordinator:
         figures: dict[str, Any] = {
             "storm_reconnect_s": round(reconnect_s, 3),
             "storm_abrupt": options.abrupt,
+            "storm_silent": options.silent,
         }
         if shadows:
             results = await self.command(

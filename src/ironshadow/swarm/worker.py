@@ -282,6 +282,8 @@ class Worker:
         self._pinger: asyncio.TimerHandle | None = None
         # The broker's address per address family, resolved once for the bound sockets.
         self._targets: dict[int, Any] = {}
+        # Connections left open by a silent drop, closed with the devices at the end.
+        self.stale: list[asyncio.BaseTransport] = []
 
     # --- connecting ---------------------------------------------------------------------
 
@@ -371,11 +373,30 @@ class Worker:
         for device in self.devices:
             device.got_delta = self.loop.create_future()
 
-    def drop(self, abrupt: bool) -> dict[str, Any]:
+    def drop(self, mode: str) -> dict[str, Any]:
+        """Drop every device's connection: "disconnect" sends DISCONNECT and closes it,
+        "abrupt" resets it, and "silent" leaves it open and unused (see ``stale``)."""
         self.stop_publishing()
         for device in self.devices:
-            device.close(abrupt)
+            if mode == "silent":
+                self._leave_open(device)
+            else:
+                device.close(mode == "abrupt")
         return {"dropped": len(self.devices)}
+
+    def _leave_open(self, device: Device) -> None:
+        transport = device.transport
+        if transport is None:
+            return
+        if device.connected:
+            self.counters.connected -= 1
+        device.connected = False
+        device.transport = None
+        device.in_flight.clear()
+        # A plain protocol reads and discards what the broker still sends, such as the
+        # DISCONNECT of a session takeover, and does nothing when the broker closes it.
+        transport.set_protocol(asyncio.Protocol())
+        self.stale.append(transport)
 
     # --- desired: devices report the value their delta requests -------------------------
 
@@ -488,6 +509,9 @@ class Worker:
             self._pinger = None
         for device in self.devices:
             device.close(abrupt=False)
+        for transport in self.stale:
+            transport.abort()
+        self.stale.clear()
 
 
 async def _serve(
