@@ -99,6 +99,15 @@ def with_broker(spec, swarm_arguments: list[str], timeout_s: float) -> dict[str,
         )
 
 
+def storm_arguments(devices: int, drop: str) -> list[str]:
+    """Return the swarm arguments of a reconnect storm of ``devices`` devices, with
+    ``drop`` (--abrupt or --silent) as the way their connections are dropped."""
+    return [
+        "--devices", str(devices), "--frequency", "10s", "--scenario", "storm", drop,
+        "--connect-timeout", "120s", "--duration", "5s", "--warmup", "1s",
+    ]  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default=",".join(CASES), help="cases to run, comma-separated")
@@ -165,21 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     add_row(name, with_broker(spec, [*steady, *common], 900))
         if "storm" in cases:
             for devices in arguments.storm_devices:
-                storm = [
-                    "--devices",
-                    str(devices),
-                    "--frequency",
-                    "10s",
-                    "--scenario",
-                    "storm",
-                    "--abrupt",
-                    "--connect-timeout",
-                    "120s",
-                    "--duration",
-                    "5s",
-                    "--warmup",
-                    "1s",
-                ]
+                storm = storm_arguments(devices, "--abrupt")
                 add_row("storm IronShadow", with_broker(ironshadow, storm, 900))
                 add_row("storm Mosquitto", with_broker(mosquitto, storm, 900))
         if "storm-silent" in cases:
@@ -189,21 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     arguments.ironshadow_cmd,
                     f"--sys-interval 1 --max-connections {devices + 1} --log-level WARNING",
                 )
-                silent = [
-                    "--devices",
-                    str(devices),
-                    "--frequency",
-                    "10s",
-                    "--scenario",
-                    "storm",
-                    "--silent",
-                    "--connect-timeout",
-                    "120s",
-                    "--duration",
-                    "5s",
-                    "--warmup",
-                    "1s",
-                ]
+                silent = storm_arguments(devices, "--silent")
                 add_row("storm silent IronShadow", with_broker(full, silent, 900))
         if "desired" in cases:
             desired = [
