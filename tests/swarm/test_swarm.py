@@ -102,10 +102,18 @@ def test_silent_storm_at_the_connection_limit(make_engine):
     assert engine.call(lambda: engine.server.broker.stats.connections_rejected) == 0
 
 
-def test_silent_needs_the_storm():
-    completed = run_swarm("--port", "1", "--silent")
+@pytest.mark.parametrize("flag", ["--silent", "--abrupt"])
+def test_drop_flags_need_the_storm(flag):
+    completed = run_swarm("--port", "1", flag)
     assert completed.returncode == 2
-    assert "--silent is a way to drop the connections in --scenario storm" in completed.stderr
+    assert f"{flag} sets how --scenario storm drops the connections" in completed.stderr
+    assert "the scenario is steady" in completed.stderr
+
+
+def test_abrupt_and_silent_exclude_each_other():
+    completed = run_swarm("--port", "1", "--scenario", "storm", "--abrupt", "--silent")
+    assert completed.returncode == 2
+    assert "--abrupt resets the connections and --silent leaves them open" in completed.stderr
 
 
 def test_silent_counts_two_files_per_device():

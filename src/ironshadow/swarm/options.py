@@ -299,10 +299,15 @@ def check(options: SwarmOptions) -> None:
             f"can send (about {MAX_RATE_PER_PROCESS:,} each); lower --devices, raise "
             "--frequency, or use --frequency 0 to publish as fast as possible"
         )
-    if options.silent and (options.scenario != "storm" or options.abrupt):
+    for flag, enabled in (("--abrupt", options.abrupt), ("--silent", options.silent)):
+        if enabled and options.scenario != "storm":
+            raise SwarmUsageError(
+                f"{flag} sets how --scenario storm drops the connections, but the scenario is "
+                f"{options.scenario}; give --scenario storm or leave {flag} out"
+            )
+    if options.abrupt and options.silent:
         raise SwarmUsageError(
-            "--silent is a way to drop the connections in --scenario storm, and --abrupt is "
-            "another: give --scenario storm and at most one of them"
+            "--abrupt resets the connections and --silent leaves them open: give one of them"
         )
     # With --silent each device keeps its old connection open beside the new one.
     sockets = options.devices * (2 if options.silent else 1)

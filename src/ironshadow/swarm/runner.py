@@ -455,7 +455,8 @@ class Coordinator:
         if connected < options.devices:
             raise SwarmError(
                 f"only {connected} of {options.devices} devices connected to "
-                f"{options.host}:{options.port}; check the broker's connection limit and log"
+                f"{options.host}:{options.port}; check the broker's connection limit (the "
+                "swarm's observer takes one connection more than the devices) and log"
             )
         return max(result["seconds"] for result in results)
 
