@@ -469,7 +469,8 @@ class Broker:
         whole engine's with several workers, unless this worker's own limit is lower."""
         open_here = len(self.connections) - self.over_limit
         if self.limits.shared is None or open_here >= self.max_connections:
-            return f"{open_here} connections open, the maximum is {self.max_connections}"
+            noun = "connection" if open_here == 1 else "connections"
+            return f"{open_here} {noun} open, the maximum is {self.max_connections}"
         return (
             f"the workers hold {self.limits.engine_connections()} connections, the maximum "
             f"is {self.config.max_connections} (max_connections)"
@@ -990,7 +991,7 @@ class Broker:
                     ConnackReturnCode.SERVER_UNAVAILABLE,
                     f"{self._connection_limit_text()}. At the limit, only a client whose "
                     "previous connection is still open may connect, to take it over. Retry "
-                    "later",
+                    "later.",
                     quiet_repeats=True,
                     log_group="max-connections",
                 )
