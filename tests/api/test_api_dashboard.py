@@ -387,3 +387,36 @@ def test_openapi_page_renders_from_vendored_files(browser: Any) -> None:
         expect(operation.first).to_be_visible(timeout=scaled(10) * 1000)
         page.close()
     assert other_hosts == []
+
+
+def test_chart_spans_a_minute_at_first(browser: Any) -> None:
+    """A chart with one point, or points within a minute, shows the last minute rather
+    than the span that uPlot picks for a single time."""
+    with running_engine() as engine:
+        page = browser.new_page()
+        page.goto(_url(engine, "/"))
+        spans = page.evaluate(
+            """async () => {
+                const { TimeChart } = await import("/static/chart.js");
+                const box = document.createElement("div");
+                document.body.append(box);
+                const chart = new TimeChart(box, "test", ["a"], 100);
+                const span = async () => {
+                    await new Promise((done) => requestAnimationFrame(done));
+                    return [chart.plot.scales.x.min, chart.plot.scales.x.max];
+                };
+                chart.append(1000, [5]);
+                const one = await span();
+                chart.append(1010, [null]);
+                chart.append(1020, [6]);
+                const three = await span();
+                chart.append(1200, [7]);
+                const wide = await span();
+                chart.destroy();
+                return { one, three, wide };
+            }"""
+        )
+        page.close()
+    assert spans["one"] == [940, 1000]
+    assert spans["three"] == [960, 1020]
+    assert spans["wide"] == [1000, 1200]

@@ -4,6 +4,17 @@ import uPlot from "./vendor/uPlot.esm.js";
 
 const COLORS = ["#1d4ed8", "#b45309", "#1b7f3b", "#9333ea"];
 const HEIGHT = 200;
+// The shortest time span shown. With one point, uPlot would otherwise stretch the time axis
+// over 1,000 days.
+const MIN_SPAN_SECONDS = 60;
+
+// The x scale's range: uPlot's own, unless the points span less than MIN_SPAN_SECONDS.
+function timeRange(plot, min, max) {
+  const times = plot.data[0];
+  const last = times[times.length - 1];
+  if (times.length === 0 || last - times[0] >= MIN_SPAN_SECONDS) return [min, max];
+  return [last - MIN_SPAN_SECONDS, last];
+}
 
 export class TimeChart {
   constructor(container, title, seriesLabels, maxPoints = 2000) {
@@ -19,7 +30,7 @@ export class TimeChart {
       })),
     ];
     this.plot = new uPlot(
-      { title, width: this.width(container), height: HEIGHT, series, scales: { x: { time: true } } },
+      { title, width: this.width(container), height: HEIGHT, series, scales: { x: { time: true, range: timeRange } } },
       this.data,
       container,
     );
