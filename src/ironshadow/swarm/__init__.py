@@ -27,7 +27,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
         "state to their shadow topics, and report the rate the broker achieved, latencies, "
         "and engine and generator CPU and memory.",
         epilog="Example: ironshadow swarm --devices 5000 --frequency 100ms --duration 30s "
-        "--engine-pid $(pgrep -f 'ironshadow serve'). The achieved rate is read from the "
+        "--engine-pid $(pgrep -o -f 'ironshadow serve'), where -o picks the oldest "
+        "process, the one that started the workers, which are counted with it. The achieved "
+        "rate is read from the "
         "broker's $SYS/broker/publish/messages/received, so run the broker with a $SYS "
         "interval of 1 s (ironshadow serve --sys-interval 1).",
     )
