@@ -1154,6 +1154,34 @@ def test_takeover_at_the_engine_limit(tmp_path: Path) -> None:
     assert status == 0, cluster.log_tail()
 
 
+def test_closed_client_passed_to_stopped_owner(tmp_path: Path) -> None:
+    """A connection that its client closed while the hand-off waited for the stopped owner
+    does not take over the session of the client's live connection once the owner goes on."""
+    cluster = Cluster(tmp_path / "data")
+    try:
+        cluster.wait_until_running()
+        pids = worker_pids(cluster)
+        name = client_owned_by(1, "press")
+        live = RawClient(cluster.port)
+        assert live.connect(name, keep_alive=60).reason_code == ReasonCode.SUCCESS
+        os.kill(pids[1], signal.SIGSTOP)
+        try:
+            # A stopped worker accepts nothing, so another one reads this CONNECT and
+            # passes the connection on to worker 1, where it waits.
+            given_up = RawClient(cluster.port)
+            given_up.send(Connect(name, V5, keep_alive=60))
+            time.sleep(0.5)
+            given_up.close()
+            time.sleep(0.5)
+        finally:
+            os.kill(pids[1], signal.SIGCONT)
+        live.receive_none(wait=2.0)
+        assert live.is_open()
+    finally:
+        status = cluster.stop()
+    assert status == 0, cluster.log_tail()
+
+
 def test_restarted_worker_logs_awaited_peer(tmp_path: Path) -> None:
     cluster = Cluster(tmp_path / "data")
     try:

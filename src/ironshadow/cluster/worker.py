@@ -238,6 +238,16 @@ def _read_handoff_record(record: bytes) -> tuple[str, bool, bytes]:
     return record[1 : 1 + length].decode(), bool(record[1 + length]), record[2 + length :]
 
 
+def _closed_by_client(sock: socket.socket) -> bool:
+    """Return whether the client has closed or reset ``sock``, with nothing left to read."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False  # open, with nothing to read yet
+    except OSError:
+        return True  # reset
+
+
 @dataclass(slots=True)
 class _Move:
     """A session sent to another worker, whose messages this worker still collects."""
@@ -789,6 +799,21 @@ class ClusterWorker:
         except OSError as exc:
             os.close(fd)
             log.warning("a socket passed by a peer is not usable: %s", exc)
+            self._adoption_failed(address, counted)
+            return
+        if _closed_by_client(sock):
+            # Its CONNECT would otherwise take over the session of a newer connection of
+            # the same client, as when the hand-off waited while this worker was stopped.
+            # NOTE: a client that sent more packets before closing is not detected here.
+            self.broker._log_rarely(
+                "handoff-closed",
+                "",
+                "worker %d: a connection from %s passed by a peer was closed by its client "
+                "before this worker took it over; dropped it",
+                self.index,
+                address,
+            )
+            sock.close()
             self._adoption_failed(address, counted)
             return
         task = asyncio.get_running_loop().create_task(
