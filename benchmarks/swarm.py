@@ -13,7 +13,7 @@ and keeps the JSON it prints last. The cases:
   against IronShadow (with pending deltas) and Mosquitto (connections only);
 * ``storm-silent``: a reconnect storm of ``--storm-devices`` devices whose old connections
   stay open and silent (``--silent``), against IronShadow with ``--max-connections`` set to
-  the fleet and the swarm's observer, so that the old connections hold every place;
+  the fleet and the swarm's observer, so that the old connections occupy every place;
 * ``desired``: delta convergence for a share of ``--desired-devices`` devices.
 
 Usage (from the repository root)::

@@ -273,11 +273,11 @@ def test_engine_view_lists_workers(browser: Any, tmp_path: Path) -> None:
         expect(page.locator('#workers tr[data-worker="0"] td.pressure')).to_have_text("normal")
         screenshot(page, "engine-worker-down")
 
-        # The fleet view lists worker 0's things and says that worker 1's are missing.
+        # The fleet view lists worker 0's things and reports that worker 1's are missing.
         page.click('header a[data-view="fleet"]')
         notice = page.locator("#fleet-notice")
         expect(notice).to_contain_text(
-            "Worker 1 did not answer (restarting or stuck): its things are missing from this "
+            "Worker 1 did not respond (restarting or stuck): its things are missing from this "
             "list. Worker 1: no bus link to it is open"
         )
         expect(page.locator("#things tbody tr[data-thing]")).to_have_count(2)

@@ -451,19 +451,19 @@ def test_stopped_owner_gives_503(tmp_path: Path) -> None:
                 response = client.get(path)
                 assert response.status_code == 503, response.text
                 assert response.json()["message"] == (
-                    f"Thing {thing!r} belongs to worker 1, which did not answer: no reply "
+                    f"Thing {thing!r} belongs to worker 1, which did not respond: no reply "
                     "within 4 s. Retry the request shortly."
                 )
                 assert response.headers["Retry-After"] == "1"
-                # A write may have been applied before the reply was given up. (This one
-                # is, once worker 1 goes on: it waits in worker 1's socket.)
+                # A write may have been applied before the reply was given up. This one is
+                # applied once worker 1 goes on, because it waits in worker 1's socket.
                 response = client.post(path, json={"state": {"reported": {"on": True}}})
                 assert response.status_code == 503, response.text
                 assert "The update may have been applied there" in response.json()["message"]
                 response = client.get(f"/things/{thing}")
                 assert response.status_code == 503, response.text
                 assert response.json()["message"] == (
-                    f"Thing {thing!r} belongs to worker 1, which did not answer: no reply "
+                    f"Thing {thing!r} belongs to worker 1, which did not respond: no reply "
                     "within 4 s. Retry the request shortly."
                 )
                 families = scrape(client)

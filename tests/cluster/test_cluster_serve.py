@@ -1123,9 +1123,9 @@ def test_connection_limit_holds_in_a_burst(tmp_path: Path) -> None:
 
 
 def test_takeover_at_the_engine_limit(tmp_path: Path) -> None:
-    """Devices of every worker reconnect while their old connections still hold all the
-    places of --max-connections: each new connection is passed to the device's owner and
-    takes over there, and the limit still holds afterwards."""
+    """Devices of every worker reconnect while their old connections still occupy all the
+    places of --max-connections. Each new connection is passed to the device's owner and
+    takes over there, and afterwards the limit is still enforced."""
     cluster = Cluster(tmp_path / "data", WORKERS, "--max-connections", str(WORKERS))
     try:
         cluster.wait_until_running()

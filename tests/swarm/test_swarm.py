@@ -86,7 +86,7 @@ def test_storm_delivers_pending_deltas(make_engine):
 
 
 def test_silent_storm_at_the_connection_limit(make_engine):
-    """The old connections of a silent drop hold every place of max_connections (60
+    """The old connections of a silent drop occupy every place of max_connections (60
     devices and the swarm's observer), and yet every device reconnects and gets its delta."""
     engine = make_engine(sys_interval=1, max_connections=61)
     result = report(

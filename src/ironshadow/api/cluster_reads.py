@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..cluster import PeerCallError
+from ..cluster import PeerCallError, owner_not_responding
 from .errors import error_response
 from .things import ThingDirectory
 
@@ -118,11 +118,10 @@ def remote_owner(peers: Peers | None, thing: str) -> int | None:
 
 
 def unavailable(error: PeerCallError, thing: str) -> Response:
-    """Return the 503 for a read of ``thing`` whose owner did not answer."""
+    """Return the 503 for a read of ``thing`` whose owner did not respond."""
     return error_response(
         503,
-        f"Thing {thing!r} belongs to worker {error.peer}, which did not answer: "
-        f"{error.reason}. Retry the request shortly.",
+        f"{owner_not_responding(thing, error.peer, error.reason)} Retry the request shortly.",
         headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
     )
 

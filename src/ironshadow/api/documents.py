@@ -123,7 +123,7 @@ class ThingList(BaseModel):
     )
     timestamp: int = Field(description="When the response was generated, in epoch seconds.")
     unavailableWorkers: list[UnavailableWorker] = Field(
-        description="With several workers, those that did not answer in time (restarting or "
+        description="With several workers, those that did not respond in time (restarting or "
         "stuck). Their things are missing from this page, and nextToken goes on past them. "
         "Empty when every worker answered."
     )

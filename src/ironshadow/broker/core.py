@@ -86,9 +86,9 @@ ACCEPT_STOP_SHARE = 0.9
 ACCEPT_RESUME_SHARE = 0.85
 # Connections accepted over max_connections at once, at least: as many more as the open-file
 # limit leaves (see Broker.max_over_limit). Each waits for its CONNECT and stays only if it
-# takes over the session of a connected client, as a device does that reconnects after a
-# network drop that the engine did not notice: its old connection still occupies a place
-# until its keep alive expires.
+# takes over the session of a connected client. A device that reconnects after a network
+# drop that the engine did not notice does so, because its old connection still occupies a
+# place until its keep alive expires.
 MIN_OVER_LIMIT = 64
 # Seconds that a connection accepted over max_connections has to send CONNECT.
 OVER_LIMIT_CONNECT_TIMEOUT = 2.0

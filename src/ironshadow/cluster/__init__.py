@@ -10,13 +10,14 @@ docs/workers.md describes the whole.
 
 from .datadir import WorkerCountError, record_worker_count, worker_data_dir
 from .ownership import owner_of
-from .worker import ClusterWorker, PeerCallError, WorkerSpec
+from .worker import ClusterWorker, PeerCallError, WorkerSpec, owner_not_responding
 
 __all__ = [
     "ClusterWorker",
     "PeerCallError",
     "WorkerCountError",
     "WorkerSpec",
+    "owner_not_responding",
     "owner_of",
     "record_worker_count",
     "worker_data_dir",

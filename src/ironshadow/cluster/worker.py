@@ -293,15 +293,20 @@ class _Call:
         self.fail = fail
 
 
+def owner_not_responding(thing: str, owner: int, reason: str) -> str:
+    """Return the error message for a request about ``thing`` whose owner did not respond."""
+    return f"Thing {thing!r} belongs to worker {owner}, which did not respond: {reason}."
+
+
 class PeerCallError(Exception):
     """A procedure run on another worker failed, or its worker did not reply in time.
 
-    ``reason`` says why, in words for the user of the API (for example "no reply within
-    2 s"), without naming the procedure.
+    ``reason`` is the cause in words for the user of the API, such as "no reply within
+    2 s", and does not name the procedure.
     """
 
     def __init__(self, peer: int, reason: str) -> None:
-        super().__init__(f"worker {peer} did not answer: {reason}")
+        super().__init__(f"worker {peer} did not respond: {reason}")
         self.peer = peer
         self.reason = reason
 
@@ -1859,7 +1864,7 @@ class ClusterWorker:
             return None
 
         def fail(reason: str) -> Reply:
-            message = f"Thing {thing!r} belongs to worker {owner}, which did not answer: {reason}."
+            message = owner_not_responding(thing, owner, reason)
             if operation == "get":
                 message += " Retry the request shortly."
             else:
