@@ -139,6 +139,16 @@ class LoadResult:
         assert before, "no RSS sample in the second before the stall"
         return max(before)
 
+    def counts_from(self, start: float) -> list[int]:
+        """Return the acknowledged count at each whole second from ``start`` to the stall's end,
+        for a failure message that shows when the acknowledgements came."""
+        counts = []
+        for second in range(int(self.stall_ended - start) + 1):
+            at = [s for s in self.samples if s.time >= start + second]
+            if at:
+                counts.append(at[0].acknowledged)
+        return counts
+
     def acknowledged_between(self, start: float, end: float) -> float:
         """Return the PUBACKs per second between two moments, from the samples."""
         inside = [sample for sample in self.samples if start <= sample.time <= end]
@@ -148,7 +158,10 @@ class LoadResult:
 
 
 async def run_load(engine: EngineProcess, stall) -> LoadResult:
-    """Connect the devices, run the load around ``stall()`` and return what was measured."""
+    """Connect the devices, run the load around ``stall(began)`` and return what was measured.
+
+    ``stall`` calls ``began()`` once its command has taken effect, then waits STALL_SECONDS.
+    """
     devices = await asyncio.gather(
         *(Device.connect(engine.mqtt_port, index) for index in range(DEVICES))
     )
@@ -156,8 +169,7 @@ async def run_load(engine: EngineProcess, stall) -> LoadResult:
     samples: list[Sample] = []
 
     started = time.monotonic()
-    stall_started = started + WARMUP_SECONDS
-    stop_at = stall_started + STALL_SECONDS + RECOVERY_SECONDS
+    stop_at = started + WARMUP_SECONDS + STALL_SECONDS + RECOVERY_SECONDS
     drain_deadline = stop_at + scaled(15)
     runs = [asyncio.create_task(device.run(stop_at, drain_deadline)) for device in devices]
 
@@ -167,9 +179,18 @@ async def run_load(engine: EngineProcess, stall) -> LoadResult:
             samples.append(Sample(time.monotonic(), acknowledged, engine.memory("VmRSS")))
             await asyncio.sleep(SAMPLE_INTERVAL)
 
+    # The stall counts from the moment its command took effect, not from when it was due:
+    # under load this client's event loop may run the sleep or the command a second late.
+    stall_started = 0.0
+
+    def stall_began() -> None:
+        nonlocal stall_started
+        stall_started = time.monotonic()
+
     sampling = asyncio.create_task(sample())
     await asyncio.sleep(WARMUP_SECONDS)
-    await stall()
+    await stall(stall_began)
+    assert stall_started, "the stall did not say when it began"
     stall_ended = time.monotonic()
     await asyncio.gather(*runs)
     sampling.cancel()
@@ -204,13 +225,14 @@ def test_history_stall_keeps_devices_going(engine):
     the unlock every acknowledged update reaches ``shadow_updates``.
     """
 
-    async def lock_history() -> None:
+    async def lock_history(began) -> None:
         connection = await asyncpg.connect(engine.postgres_dsn)
         try:
             async with connection.transaction():
                 await connection.execute(
                     f"LOCK TABLE {engine.schema}.shadow_updates IN ACCESS EXCLUSIVE MODE"
                 )
+                began()
                 await asyncio.sleep(STALL_SECONDS)
         finally:
             await connection.close()
@@ -256,13 +278,14 @@ def test_hot_store_stall_slows_devices(engine, redis_server):
     every acknowledged update is in Redis after the pause and in PostgreSQL after the drain.
     """
 
-    async def pause_redis() -> None:
+    async def pause_redis(began) -> None:
         client = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
         try:
             # The pause outlasts the sleep and UNPAUSE ends it, so that writes cannot resume
             # (and flood the devices with PUBACKs) before the stall window ends.
             timeout_ms = int((STALL_SECONDS + 30) * 1000)
             await client.execute_command("CLIENT", "PAUSE", timeout_ms, "WRITE")
+            began()
             await asyncio.sleep(STALL_SECONDS)
             await client.execute_command("CLIENT", "UNPAUSE")
         finally:
@@ -284,7 +307,8 @@ def test_hot_store_stall_slows_devices(engine, redis_server):
     during = result.acknowledged_between(result.stall_started + 1, result.stall_ended - 0.5)
     assert before > 0
     assert during < 0.01 * before, (
-        f"acknowledged {during:.0f}/s in the pause, {before:.0f}/s before"
+        f"acknowledged {during:.0f}/s in the pause, {before:.0f}/s before; acknowledged "
+        f"count by second from the pause: {result.counts_from(result.stall_started)}"
     )
     log = engine.log_text()
     assert "slowing devices down" in log
