@@ -3,13 +3,14 @@ their bound and policy, and session takeover."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 
 from conftest import scaled
-from ironshadow.broker.core import INTERNAL_CLIENT_PREFIX
+from ironshadow.broker.core import INTERNAL_CLIENT_PREFIX, TAKEOVER_LOG_LINES
 from ironshadow.mqtt import Disconnect, PropertyId, ReasonCode
 from mqtt_client import V5, V311, TestClient, properties
 from raw_client import RawClient
@@ -227,3 +228,23 @@ def test_takeover_counts_one_session(broker):
     TestClient(broker.port, "dev", V311)
     TestClient(broker.port, "dev", V311)
     assert client_sessions(broker) == ["dev"]
+
+
+def test_takeover_log_counts_past_its_budget(broker, caplog):
+    """A storm of takeovers names TAKEOVER_LOG_LINES clients and counts the others in one
+    line, which the broker writes at shutdown if the minute has not ended."""
+    extra = 5
+    first = broker.engines[0]
+    ids = [f"dev{n}" for n in range(1000) if broker.owner(f"dev{n}") is first]
+    ids = ids[: TAKEOVER_LOG_LINES + extra]
+    with caplog.at_level(logging.INFO, logger="ironshadow.broker"):
+        old = [TestClient(broker.port, client_id, V311) for client_id in ids]
+        for client_id in ids:
+            TestClient(broker.port, client_id, V311)
+        for client in old:
+            assert client.disconnected.wait(scaled(5))
+        named = caplog.text.count("takes over its session from")
+        assert named == TAKEOVER_LOG_LINES
+        assert "more clients took over" not in caplog.text
+        broker.stop()
+    assert f"{extra} more clients took over their sessions in the last 60 s" in caplog.text

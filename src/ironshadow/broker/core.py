@@ -104,7 +104,50 @@ ACCESS_LOG_LINES = 20
 # Repeated warnings about one client (dropped messages, rejected connections) are logged
 # at most once per this many seconds.
 LOG_REPEAT_INTERVAL = 60.0
+# Session takeovers logged one by one per LOG_REPEAT_INTERVAL. Devices that reconnect after
+# a silent network drop take over thousands of sessions at once, so past this many, one line
+# at the end of the interval gives the number of the others.
+TAKEOVER_LOG_LINES = 20
 _PUBREL_HEADER = b"\x62\x02"
+
+
+class LogBudget:
+    """A log of one kind of INFO message: up to ``lines`` per ``interval`` seconds are
+    written, the others counted. An interval with skipped messages ends with one line,
+    ``summary`` formatted with their number, the interval in seconds and ``lines``."""
+
+    def __init__(self, lines: int, interval: float, summary: str) -> None:
+        self.lines = lines
+        self.interval = interval
+        self.summary = summary
+        self._logged = 0
+        self._skipped = 0
+        self._ends = 0.0
+        self._handle: asyncio.TimerHandle | None = None
+
+    def info(self, loop: asyncio.AbstractEventLoop, message: str, *args: object) -> None:
+        """Write ``message`` at INFO if the interval allows another line, or count it."""
+        now = loop.time()
+        if now >= self._ends:
+            self.flush()  # in case its timer has not run yet
+            self._ends = now + self.interval
+            self._logged = 0
+        if self._logged < self.lines:
+            self._logged += 1
+            log.info(message, *args)
+            return
+        if not self._skipped:
+            self._handle = loop.call_at(self._ends, self.flush)
+        self._skipped += 1
+
+    def flush(self) -> None:
+        """Write the summary line if messages were skipped; the broker calls it at shutdown."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._skipped:
+            log.info(self.summary, self._skipped, self.interval, self.lines)
+            self._skipped = 0
 
 
 def _sockets(server: asyncio.AbstractServer) -> list[socket.socket]:
@@ -175,6 +218,12 @@ class Broker:
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._sys_handle: asyncio.TimerHandle | None = None
         self._log_times: dict[tuple[str, str], float] = {}
+        self._takeover_log = LogBudget(
+            TAKEOVER_LOG_LINES,
+            LOG_REPEAT_INTERVAL,
+            "%d more clients took over their sessions in the last %.0f s; the first %d of "
+            "that interval are named above",
+        )
         self._deny = tuple(self.config.deny_subscriptions)
         descriptors = default_max_connections()
         self.max_connections = self.config.max_connections or descriptors
@@ -416,6 +465,7 @@ class Broker:
             self._listen_fd = None
         for session in self.sessions.values():
             session.cancel_timers()
+        self._takeover_log.flush()
         log.info("broker stopped; %d connection(s) closed", count)
 
     # --- connections ------------------------------------------------------------------
@@ -1004,8 +1054,12 @@ class Broker:
             self.stats.connections_accepted += 1
         if session is not None and session.connection is not None:
             old = session.connection
-            log.info("client %s from %s takes over its session from %s", client_id,
-                     connection.peer, old.peer)
+            self.log_takeover(
+                "client %s from %s takes over its session from %s",
+                client_id,
+                connection.peer,
+                old.peer,
+            )
             old.disconnect_reason = reasons.DUPLICATE_CLIENT_ID
             old.close(ReasonCode.SESSION_TAKEN_OVER)
             session = self.sessions.get(client_id)
@@ -1591,6 +1645,10 @@ class Broker:
             topics = self.sys_totals(topics)
         for topic, payload in topics:
             self.publish(Message(topic, payload.encode(), 0, True))
+
+    def log_takeover(self, message: str, *args: object) -> None:
+        """Log that a client took over its session, within TAKEOVER_LOG_LINES a minute."""
+        self._takeover_log.info(self.loop, message, *args)
 
     def _log_rarely(self, kind: str, key: str, message: str, *args: object) -> None:
         now = time.monotonic()

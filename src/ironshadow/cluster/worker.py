@@ -1748,7 +1748,7 @@ class ClusterWorker:
                 resume()
 
     def _close_taken_over(self, connection: MQTTConnection, client_id: str, worker: int) -> None:
-        log.info(
+        self.broker.log_takeover(
             "client %s from %s: a newer connection through worker %d takes over its session",
             client_id,
             connection.peer,
