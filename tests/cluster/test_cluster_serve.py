@@ -953,7 +953,9 @@ def test_connect_rate_is_shared(tmp_path: Path) -> None:
         ]
         assert len(listeners) == WORKERS, listeners
         for line in listeners:
-            assert "100 CONNECT packets per second" in line, line
+            assert "admits 100 CONNECT packets per second" in line, line
+            # Its own open-file limit, not the engine's --max-connections.
+            assert "this worker holds at most" in line, line
     finally:
         status = cluster.stop()
     assert status == 0, cluster.log_tail()

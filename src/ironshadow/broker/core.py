@@ -361,12 +361,25 @@ class Broker:
         addresses = ", ".join(
             f"{sock.getsockname()[0]}:{sock.getsockname()[1]}" for sock in _sockets(server)
         )
-        log.info(
-            "MQTT listener open on %s; at most %d connections, %s CONNECT packets per second",
-            addresses,
-            self.max_connections,
-            f"{config.connect_rate:g}" if config.connect_rate else "unlimited",
-        )
+        rate = f"{config.connect_rate:g}" if config.connect_rate else "unlimited"
+        if self.listen_socket is None:
+            log.info(
+                "MQTT listener open on %s; at most %d connections, %s CONNECT packets per "
+                "second",
+                addresses,
+                self.max_connections,
+                rate,
+            )
+        else:
+            # A cluster worker: --max-connections is counted for the whole engine (see
+            # AbuseLimits.shared), and the CONNECT rate is this worker's share.
+            log.info(
+                "MQTT listener open on %s; this worker holds at most %d connections (its "
+                "open-file limit) and admits %s CONNECT packets per second",
+                addresses,
+                self.max_connections,
+                rate,
+            )
         if tls_context is not None:
             self._log_tls_listener(self._servers[-1])
 
