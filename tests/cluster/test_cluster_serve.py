@@ -26,6 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 
 from conftest import free_port, kill_worker_repeatedly, open_clients, scaled
 from ironshadow.cluster import owner_of
+from ironshadow.cluster.heartbeat import SILENT_SECONDS
 from ironshadow.mqtt.constants import MQTT_3_1_1
 from ironshadow.mqtt.packets import Connack, Connect, Disconnect, Puback, Publish
 from ironshadow.mqtt.reason_codes import ReasonCode
@@ -529,6 +530,32 @@ def test_move_ends_without_stopped_worker(cluster: Cluster) -> None:
     finally:
         os.kill(stopped, signal.SIGCONT)
     assert f"client {client_id}: timed out after 1 s waiting for worker(s) 2" in cluster.log_text()
+
+
+def test_supervisor_logs_a_stopped_worker(tmp_path: Path) -> None:
+    """A worker stopped with SIGSTOP keeps its process, so it is not restarted. The
+    supervisor logs it after SILENT_SECONDS without a heartbeat, with its process state,
+    and logs it again once it runs."""
+    cluster = Cluster(tmp_path / "data", 2)
+    try:
+        cluster.wait_until_running()
+        pid = worker_pids(cluster)[1]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            cluster.wait_for_log(f"worker 1 (pid {pid}) has not run its event loop for")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        cluster.wait_for_log(f"worker 1 (pid {pid}) runs again, after about")
+        text = cluster.log_text()
+        assert "(process state: stopped by a signal)" in text
+        paused = re.search(r"runs again, after about ([\d.]+) s without", text)
+        assert paused is not None
+        assert float(paused.group(1)) >= SILENT_SECONDS
+        # Worker 0 ran all along.
+        assert text.count("has not run its event loop") == 1
+    finally:
+        status = cluster.stop()
+    assert status == 0, cluster.log_tail()
 
 
 def test_session_moves_through_three_workers(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from ..broker.core import FILE_DESCRIPTOR_RESERVE
+from .heartbeat import SILENT_SECONDS, Heartbeats, create_heartbeats, process_state
 from .limits import SharedLimits
 from .worker import WORKER_ENVIRONMENT, WorkerSpec
 
@@ -58,6 +59,8 @@ class _Worker:
     started_at: float = 0.0
     exits_in_a_row: int = 0
     restart_at: float | None = None
+    # The time of the last heartbeat before the worker fell silent, while it is silent.
+    silent_since: float | None = None
 
 
 # Share of a worker's connection limit that counts toward the fleet when ``--workers 0``
@@ -144,6 +147,8 @@ class Supervisor:
         # This process's view of each worker's counts in that table, made at its first exit.
         self._limit_views: dict[int, SharedLimits] = {}
         self.workers = [_Worker(index) for index in range(workers)]
+        self._heartbeat_fd = -1
+        self._heartbeats: Heartbeats | None = None
         self.directory = ""
         self._stopping = False
         self.status = 0
@@ -162,6 +167,8 @@ class Supervisor:
         # A Unix socket path may have at most 107 bytes on Linux, so a long TMPDIR is skipped.
         parent = None if len(tempfile.gettempdir()) <= MAX_SOCKET_FOLDER_LENGTH else "/tmp"
         self.directory = tempfile.mkdtemp(prefix="ironshadow-workers-", dir=parent)
+        self._heartbeat_fd = create_heartbeats(len(self.workers))
+        self._heartbeats = Heartbeats(self._heartbeat_fd, len(self.workers))
         try:
             for worker in self.workers:
                 self._start(worker)
@@ -180,6 +187,8 @@ class Supervisor:
                 sock.close()
             if self.limits_table is not None:
                 os.close(self.limits_table[0])
+            self._heartbeats.close()
+            os.close(self._heartbeat_fd)
         return self.status
 
     def _start(self, worker: _Worker, restart: bool = False) -> None:
@@ -206,10 +215,14 @@ class Supervisor:
             limits_fd,
             limits_slots,
             awaited,
+            self._heartbeat_fd,
         )
+        if self._heartbeats is not None:
+            self._heartbeats.clear(worker.index)
+        worker.silent_since = None
         environment = {**os.environ, WORKER_ENVIRONMENT: spec.to_environment()}
         inherited = (self.listener.fileno(), *http_fds)
-        for fd in (tls_fd, limits_fd):
+        for fd in (tls_fd, limits_fd, self._heartbeat_fd):
             if fd >= 0:
                 inherited += (fd,)
         worker.process = subprocess.Popen(
@@ -242,6 +255,42 @@ class Supervisor:
             restart_at = worker.restart_at
             if worker.process is None and restart_at is not None and now >= restart_at:
                 self._start(worker, restart=True)
+        self._check_heartbeats(now)
+
+    def _check_heartbeats(self, now: float) -> None:
+        """Log a serving worker that wrote no heartbeat for SILENT_SECONDS, and log it again
+        when it writes one. The supervisor does not restart it: a stopped worker may go on."""
+        heartbeats = self._heartbeats
+        if heartbeats is None:
+            return
+        for worker in self.workers:
+            process = worker.process
+            if process is None:
+                continue
+            last = heartbeats.last(worker.index)
+            if not last:
+                continue  # still starting
+            if worker.silent_since is None:
+                if now - last >= SILENT_SECONDS:
+                    worker.silent_since = last
+                    log.warning(
+                        "worker %d (pid %d) has not run its event loop for %.0f s (process "
+                        "state: %s); its clients and the requests for its things get no reply "
+                        "until it runs again",
+                        worker.index,
+                        process.pid,
+                        now - last,
+                        process_state(process.pid),
+                    )
+            elif last > worker.silent_since:
+                log.info(
+                    "worker %d (pid %d) runs again, after about %.1f s without running its "
+                    "event loop",
+                    worker.index,
+                    process.pid,
+                    last - worker.silent_since,
+                )
+                worker.silent_since = None
 
     def _worker_exited(self, worker: _Worker, pid: int, status: int, now: float) -> None:
         if status == SETTINGS_ERROR_STATUS:

@@ -76,6 +76,7 @@ from ..shadow import ShadowError, validate_shadow_name, validate_thing_name
 from ..shadow.names import NAMED_SHADOW_SEPARATOR
 from . import bus
 from .handoff import LOST_SOCKET, ClusterConnection, HandoffListener, HandoffSender
+from .heartbeat import Heartbeats
 from .limits import SharedLimits
 from .ownership import owner_of
 
@@ -88,7 +89,7 @@ log = logging.getLogger("ironshadow.cluster")
 WORKER_ENVIRONMENT = "IRONSHADOW_CLUSTER_WORKER"
 # Seconds between two attempts to open the bus link to a peer that is not listening yet.
 RECONNECT_INTERVAL = 0.2
-# Seconds between two checks that the supervisor is still alive.
+# Seconds between two checks that the supervisor is still alive, and between two heartbeats.
 PARENT_CHECK_INTERVAL = 1.0
 # Request number of a REQUEST frame whose sender waits for no RELEASED frame (QoS 0), and
 # the highest number before the numbers start again at 1.
@@ -178,6 +179,8 @@ class WorkerSpec:
     # every peer. A restarted worker leaves out the peers that are not running then, such
     # as one in its restart delay, and links with them when they start.
     awaited_peers: tuple[int, ...] | None = None
+    # Descriptor of the supervisor's table of heartbeats (cluster/heartbeat.py), or -1.
+    heartbeat_fd: int = -1
 
     def to_environment(self) -> str:
         return json.dumps(
@@ -192,6 +195,7 @@ class WorkerSpec:
                 "limits_fd": self.limits_fd,
                 "limits_slots": self.limits_slots,
                 "awaited_peers": self.awaited_peers,
+                "heartbeat_fd": self.heartbeat_fd,
             }
         )
 
@@ -214,6 +218,7 @@ class WorkerSpec:
             int(fields.get("limits_fd", -1)),
             int(fields.get("limits_slots", 0)),
             None if awaited is None else tuple(int(peer) for peer in awaited),
+            int(fields.get("heartbeat_fd", -1)),
         )
 
     def bus_path(self, index: int) -> str:
@@ -492,6 +497,9 @@ class ClusterWorker:
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._parent_timer: asyncio.TimerHandle | None = None
+        self._heartbeats: Heartbeats | None = None
+        if spec.heartbeat_fd >= 0:
+            self._heartbeats = Heartbeats(spec.heartbeat_fd, spec.workers)
         self._sys_timer: asyncio.TimerHandle | None = None
         # Connections passed to a peer, taken from a peer, and kept here because the hand-off
         # failed; published under $SYS/broker/workers/{index}/connections/.
@@ -601,7 +609,7 @@ class ClusterWorker:
         # message set on this worker goes to every peer.
         self._retained.on_store = self._retained_stored
         self._catch_up_retained()
-        self._parent_timer = loop.call_later(PARENT_CHECK_INTERVAL, self._check_parent)
+        self._check_parent()  # and the first heartbeat
         interval = self.broker.config.sys_interval
         if interval > 0:
             self._sys_timer = loop.call_later(interval, self._publish_sys)
@@ -624,6 +632,9 @@ class ClusterWorker:
             if timer is not None:
                 timer.cancel()
         self._parent_timer = self._sys_timer = None
+        if self._heartbeats is not None:
+            self._heartbeats.close()
+            self._heartbeats = None
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -736,6 +747,7 @@ class ClusterWorker:
         return len(foreign)
 
     def _check_parent(self) -> None:
+        """Stop this worker if the supervisor is gone; otherwise write a heartbeat for it."""
         if os.getppid() != self.spec.supervisor_pid:
             log.error(
                 "worker %d: the supervisor (pid %d) is gone; stopping",
@@ -744,6 +756,8 @@ class ClusterWorker:
             )
             self._stop()
             return
+        if self._heartbeats is not None:
+            self._heartbeats.beat(self.index)
         loop = asyncio.get_running_loop()
         self._parent_timer = loop.call_later(PARENT_CHECK_INTERVAL, self._check_parent)
 
