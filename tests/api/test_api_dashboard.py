@@ -94,6 +94,7 @@ def test_engine_status_counts_clients_and_updates(tmp_path: Path) -> None:
     assert status["readingPaused"] is False
     assert status["store"]["pressure"] is False
     assert status["store"]["pendingWrites"] >= 0
+    assert status["historyKept"] is True
 
 
 def test_engine_status_memory_only_has_no_store() -> None:
@@ -102,6 +103,7 @@ def test_engine_status_memory_only_has_no_store() -> None:
         schema = client.get("/openapi.json").json()
 
     assert status["store"] is None
+    assert status["historyKept"] is False
     assert schema["paths"]["/api/engine"]["get"]["operationId"] == "GetEngineStatus"
     assert "/" not in schema["paths"]
 
@@ -304,6 +306,23 @@ def test_engine_view_lists_workers(browser: Any, tmp_path: Path) -> None:
             for pid in pids:
                 os.kill(pid, signal.SIGCONT)
         expect(page.locator("p.message.error")).to_have_text("", timeout=timeout_ms)
+
+        # The thing view of a stopped worker's thing says why it shows nothing.
+        page.goto(base_url + f"/#/thing/{names[2]}")
+        expect(page.locator(".status")).to_have_text("unknown")  # forgotten at the restart
+        stopped = logged_worker_pids(log_path.read_text(), 1)[-1]
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            expect(page.locator("#thing-notice")).to_have_text(
+                f"Reading the thing failed: Thing '{names[2]}' belongs to worker 1, which did "
+                "not respond: no reply within 4 s. Retry the request shortly.",
+                timeout=2 * timeout_ms,
+            )
+            expect(page.locator(".status")).to_have_text("unavailable")
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        expect(page.locator("#thing-notice")).to_have_text("", timeout=timeout_ms)
+        expect(page.locator(".status")).to_have_text("unknown")
         page.close()
     finally:
         engine.terminate()
@@ -340,8 +359,19 @@ def test_thing_view_shows_named_shadows(browser: Any) -> None:
 
         page = browser.new_page()
         page.set_default_timeout(timeout_ms)
+        failed: list[str] = []
+
+        def note_failure(response: Any) -> None:
+            if not response.ok:
+                failed.append(response.url)
+
+        page.on("response", note_failure)
         page.goto(_url(engine, "/#/thing/mill-5"))
         expect(page.locator('#reported tr[data-field="temperature"] td.value')).to_have_text("30")
+        # The engine keeps shadows in memory only, so the page does not ask for history.
+        expect(page.locator("section p.muted")).to_have_text(
+            "No history: the engine runs with --memory-only true, so the charts start now."
+        )
         menu = page.locator("#shadow-name")
         expect(menu.locator("option")).to_have_text(["classic", "spindle"])
 
@@ -367,6 +397,7 @@ def test_thing_view_shows_named_shadows(browser: Any) -> None:
         assert delta.topic == f"{named}/update/delta"
         assert json.loads(delta.payload)["state"] == {"rpm": 1800}
         page.close()
+    assert failed == []
 
 
 def test_openapi_page_renders_from_vendored_files(browser: Any) -> None:

@@ -201,6 +201,7 @@ def merge_statuses(statuses: list[dict[str, Any]]) -> dict[str, Any]:
         },
         "readingPaused": any(status["readingPaused"] for status in up),
         "store": None,
+        "historyKept": any(status["historyKept"] for status in up),
         "workers": statuses,
     }
     stores = [status["store"] for status in up if status["store"] is not None]

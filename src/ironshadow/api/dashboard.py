@@ -70,6 +70,10 @@ class EngineStatus(BaseModel):
     store: EngineStore | None = Field(
         description="The write-behind queue to the hot store. Null with --memory-only."
     )
+    historyKept: bool = Field(
+        description="Whether the engine keeps history, which GET /things/{thing}/history "
+        "reads. False with --memory-only."
+    )
     workers: list[dict[str, Any]] | None = Field(
         default=None,
         description="With several worker processes: each worker's own figures, in worker "
@@ -113,6 +117,7 @@ def engine_status(engine: Engine, app: FastAPI | None) -> dict[str, Any]:
         },
         "readingPaused": bool(broker.reading_paused),
         "store": None,
+        "historyKept": engine.history_store is not None,
     }
 
     pipeline = engine.pipeline

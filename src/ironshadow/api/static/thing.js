@@ -27,6 +27,8 @@ export function mountThing(root, thing, shadowName = null) {
   const status = element("span", { class: "status" });
   const lastSeen = element("span", { class: "muted" });
   const version = element("span", { class: "muted", id: "shadow-version" });
+  // Why the thing's summary could not be read, such as a worker that does not respond.
+  const notice = element("p", { id: "thing-notice", class: "message error", role: "status" });
   const shadowMenu = element("select", { id: "shadow-name", "aria-label": "shadow" });
   shadowMenu.append(shadowOption(null));
   if (shadowName !== null) shadowMenu.append(shadowOption(shadowName));
@@ -62,6 +64,7 @@ export function mountThing(root, thing, shadowName = null) {
 
   root.append(
     element("h1", {}, `${thing} `, status, " ", lastSeen, " ", version),
+    notice,
     element("div", { class: "toolbar" }, element("label", { text: "Shadow" }), shadowMenu),
     element("div", { class: "panels" }, ...panels),
     element("section", {}, form),
@@ -114,6 +117,17 @@ export function mountThing(root, thing, shadowName = null) {
   }
 
   async function loadHistory() {
+    try {
+      const engine = await getJson("/api/engine");
+      if (!engine.historyKept) {
+        chartNote.textContent = "No history: the engine runs with --memory-only true, so the charts start now.";
+        historyLoaded = true;
+        for (const frame of framesBeforeHistory.splice(0)) plotFrame(frame);
+        return;
+      }
+    } catch {
+      // Request the history anyway: its own error message names the problem.
+    }
     const to = Date.now() / 1000;
     const params = new URLSearchParams({
       from: String(to - HISTORY_WINDOW_SECONDS),
@@ -149,7 +163,11 @@ export function mountThing(root, thing, shadowName = null) {
     }
   }
 
+  let summaryPending = false;
+
   async function loadSummary() {
+    if (summaryPending) return; // a worker that does not respond makes a request wait
+    summaryPending = true;
     try {
       const summary = await getJson(path);
       const state = summary.connected ? "connected" : "offline";
@@ -157,11 +175,22 @@ export function mountThing(root, thing, shadowName = null) {
       status.textContent = state;
       lastSeen.textContent = `last seen ${timeAgo(summary.lastSeen)}`;
       lastSeen.title = isoTime(summary.lastSeen);
+      notice.textContent = "";
       showShadowNames(summary.namedShadows || []);
     } catch (failure) {
       status.className = "status offline";
-      status.textContent = failure.status === 404 ? "unknown" : "";
-      lastSeen.textContent = failure.message;
+      lastSeen.title = "";
+      if (failure.status === 404) {
+        status.textContent = "unknown";
+        lastSeen.textContent = failure.message;
+        notice.textContent = "";
+      } else {
+        status.textContent = "unavailable";
+        lastSeen.textContent = "";
+        notice.textContent = `Reading the thing failed: ${failure.message}`;
+      }
+    } finally {
+      summaryPending = false;
     }
   }
 
