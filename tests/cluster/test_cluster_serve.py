@@ -27,8 +27,10 @@ from paho.mqtt.packettypes import PacketTypes
 from conftest import free_port, kill_worker_repeatedly, open_clients, scaled
 from ironshadow.cluster import owner_of
 from ironshadow.cluster.heartbeat import SILENT_SECONDS
-from ironshadow.mqtt.constants import MQTT_3_1_1
+from ironshadow.cluster.worker import HTTP_CALL_TIMEOUT
+from ironshadow.mqtt.constants import MQTT_3_1_1, MQTT_5
 from ironshadow.mqtt.packets import Connack, Connect, Disconnect, Puback, Publish
+from ironshadow.mqtt.properties import PropertyId
 from ironshadow.mqtt.reason_codes import ReasonCode
 from mqtt_client import V5, V311, TestClient, properties
 from raw_client import RawClient
@@ -532,17 +534,37 @@ def test_move_ends_without_stopped_worker(cluster: Cluster) -> None:
     assert f"client {client_id}: timed out after 1 s waiting for worker(s) 2" in cluster.log_text()
 
 
-def test_supervisor_logs_a_stopped_worker(tmp_path: Path) -> None:
+def test_stopped_worker_is_logged_and_skipped(tmp_path: Path) -> None:
     """A worker stopped with SIGSTOP keeps its process, so it is not restarted. The
     supervisor logs it after SILENT_SECONDS without a heartbeat, with its process state,
-    and logs it again once it runs."""
+    and logs again once it runs. Meanwhile the other worker rejects the CONNECT of a client
+    that the stopped one serves and fails its things' REST requests at once."""
     cluster = Cluster(tmp_path / "data", 2)
+    name = next(f"kiln{n}" for n in range(100) if owner_of(f"kiln{n}", 2) == 1)
+    base = f"http://{HOST}:{cluster.http_port}"
     try:
         cluster.wait_until_running()
         pid = worker_pids(cluster)[1]
         os.kill(pid, signal.SIGSTOP)
         try:
             cluster.wait_for_log(f"worker 1 (pid {pid}) has not run its event loop for")
+            # Worker 0 accepts every connection and request while worker 1 is stopped.
+            for version, code in ((MQTT_5, ReasonCode.SERVER_UNAVAILABLE), (MQTT_3_1_1, 3)):
+                connack = RawClient(cluster.port, version).connect(name)
+                assert connack.reason_code == code
+            reason = RawClient(cluster.port).connect(name).properties[PropertyId.REASON_STRING]
+            assert reason.startswith(
+                f"Worker 1, which serves client id '{name}', did not respond: it has not run "
+            )
+            started = time.monotonic()
+            update = {"state": {"reported": {"heat": 900}}}
+            response = httpx.post(f"{base}/things/{name}/shadow", json=update, timeout=10)
+            assert time.monotonic() - started < HTTP_CALL_TIMEOUT
+            assert response.status_code == 503
+            message = response.json()["message"]
+            assert "(stopped or stuck). The update was not sent there: retry it shortly." in (
+                message
+            )
         finally:
             os.kill(pid, signal.SIGCONT)
         cluster.wait_for_log(f"worker 1 (pid {pid}) runs again, after about")
@@ -553,6 +575,9 @@ def test_supervisor_logs_a_stopped_worker(tmp_path: Path) -> None:
         assert float(paused.group(1)) >= SILENT_SECONDS
         # Worker 0 ran all along.
         assert text.count("has not run its event loop") == 1
+        assert RawClient(cluster.port).connect(name).reason_code == ReasonCode.SUCCESS
+        response = httpx.post(f"{base}/things/{name}/shadow", json=update, timeout=10)
+        assert response.status_code == 200, response.text
     finally:
         status = cluster.stop()
     assert status == 0, cluster.log_tail()

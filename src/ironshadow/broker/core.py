@@ -237,7 +237,8 @@ class Broker:
         # Set by a cluster worker before start(). ``listen_socket`` is the TCP listening
         # socket that the supervisor bound, used instead of binding one, and
         # ``tcp_connection_class`` the protocol of its connections. ``connect_router`` may
-        # pass a connection to another worker at CONNECT, and returns True when it did.
+        # pass a connection to another worker at CONNECT, or reject it, and returns True
+        # when it did either.
         # ``subscribe_barrier(finish)`` may delay the SUBACK of a SUBSCRIBE until the other
         # workers have its new filters. It returns True when it will call ``finish`` later,
         # and False to have it called now. ``finish`` sends the SUBACK and the retained

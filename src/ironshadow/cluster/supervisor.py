@@ -309,6 +309,8 @@ class Supervisor:
         worker.exits_in_a_row += 1
         worker.restart_at = now + delay
         self._clear_counts(worker.index)
+        if self._heartbeats is not None:
+            self._heartbeats.clear(worker.index)  # so that no peer takes it for stopped
         if status < 0:
             cause = f"was killed by {signal.Signals(-status).name}"
         else:

@@ -70,13 +70,13 @@ from ..engine.service import (
 from ..engine.topics import REQUEST_OPERATIONS, parse_shadow_topic
 from ..mqtt.encoding import decode_string, encode_string
 from ..mqtt.packets import Connect
-from ..mqtt.reason_codes import ReasonCode
+from ..mqtt.reason_codes import ConnackReturnCode, ReasonCode
 from ..mqtt.topics import parse_shared_subscription, topic_matches
 from ..shadow import ShadowError, validate_shadow_name, validate_thing_name
 from ..shadow.names import NAMED_SHADOW_SEPARATOR
 from . import bus
 from .handoff import LOST_SOCKET, ClusterConnection, HandoffListener, HandoffSender
-from .heartbeat import Heartbeats
+from .heartbeat import SILENT_SECONDS, Heartbeats
 from .limits import SharedLimits
 from .ownership import owner_of
 
@@ -289,13 +289,20 @@ class _Call:
         peer: int,
         future: asyncio.Future[Any],
         timer: asyncio.TimerHandle,
-        fail: Callable[[str], Any],
+        fail: Callable[[str, bool], Any],
     ) -> None:
         self.peer = peer
         self.future = future
         self.timer = timer
-        # Returns the caller's result when no reply comes, given the reason.
+        # Returns the caller's result when no reply comes, given the reason and whether the
+        # request was sent.
         self.fail = fail
+
+
+def silence_reason(silence: float) -> str:
+    """Return the reason, for an error message, that a worker silent for ``silence`` seconds
+    was not sent a request."""
+    return f"it has not run for {silence:.0f} s (stopped or stuck)"
 
 
 def owner_not_responding(thing: str, owner: int, reason: str) -> str:
@@ -774,6 +781,19 @@ class ClusterWorker:
         owner = owner_of(client_id, self.workers)
         if owner == self.index:
             return False
+        silence = self.peer_silence(owner)
+        if silence:
+            # The owner would take the socket but not read it until it runs again.
+            self.broker._reject_connect(
+                connection,
+                ReasonCode.SERVER_UNAVAILABLE,
+                ConnackReturnCode.SERVER_UNAVAILABLE,
+                f"Worker {owner}, which serves client id {client_id!r}, did not respond: "
+                f"{silence_reason(silence)}. Retry later.",
+                quiet_repeats=True,
+                log_group="owner-silent",
+            )
+            return True
         transport = connection.transport
         sock = transport.get_extra_info("socket")
         address = peer_address(connection.peer)
@@ -1877,10 +1897,12 @@ class ClusterWorker:
         if owner == self.index:
             return None
 
-        def fail(reason: str) -> Reply:
+        def fail(reason: str, sent: bool) -> Reply:
             message = owner_not_responding(thing, owner, reason)
             if operation == "get":
                 message += " Retry the request shortly."
+            elif not sent:
+                message += f" The {operation} was not sent there: retry it shortly."
             else:
                 message += (
                     f" The {operation} may have been applied there: read the shadow before "
@@ -1897,6 +1919,22 @@ class ClusterWorker:
         """Return the worker that owns the thing or client id ``name``."""
         return owner_of(name, self.workers)
 
+    def peer_silence(self, peer: int) -> float:
+        """Return the seconds since ``peer`` last ran its event loop when they are at least
+        SILENT_SECONDS, as while it is stopped or stuck, or 0.0.
+
+        Without the supervisor's heartbeats (an in-process test cluster) it is always 0.0,
+        and so it is for a peer that is starting: the supervisor clears its heartbeat when
+        it exits and when it starts.
+        """
+        if self._heartbeats is None:
+            return 0.0
+        last = self._heartbeats.last(peer)
+        if not last:
+            return 0.0
+        silence = time.monotonic() - last
+        return silence if silence >= SILENT_SECONDS else 0.0
+
     async def call(
         self, peer: int, procedure: str, arguments: dict[str, Any], timeout: float = CALL_TIMEOUT
     ) -> Any:
@@ -1906,7 +1944,7 @@ class ClusterWorker:
         body = number.to_bytes(4, "big") + encode_string(procedure) + orjson.dumps(arguments)
 
         result = await self._call(
-            peer, bus.CALL, body, timeout, lambda reason: PeerCallError(peer, reason)
+            peer, bus.CALL, body, timeout, lambda reason, _sent: PeerCallError(peer, reason)
         )
         if isinstance(result, PeerCallError):
             raise result
@@ -1944,7 +1982,7 @@ class ClusterWorker:
                 bus.METRICS,
                 self._next_call_number().to_bytes(4, "big"),
                 METRICS_CALL_TIMEOUT,
-                lambda _reason: None,
+                lambda _reason, _sent: None,
             )
             for peer in self._links
         }
@@ -1961,21 +1999,26 @@ class ClusterWorker:
         kind: int,
         body: bytes,
         timeout: float,
-        fail: Callable[[str], Any],
+        fail: Callable[[str, bool], Any],
     ) -> asyncio.Future[Any]:
         """Send a call frame whose body starts with its call number, and return the future
-        of its result: the reply, or ``fail(reason)`` when none comes within ``timeout``."""
+        of its result: the reply, or ``fail(reason, sent)`` when none comes within
+        ``timeout`` or the frame could not be sent."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         link = self._links[peer]
         if link is None:
-            future.set_result(fail("no bus link to it is open, as while it restarts"))
+            future.set_result(fail("no bus link to it is open, as while it restarts", False))
+            return future
+        silence = self.peer_silence(peer)
+        if silence:
+            future.set_result(fail(silence_reason(silence), False))
             return future
         if link.congested():
-            future.set_result(fail("its bus link is congested"))
+            future.set_result(fail("its bus link is congested", False))
             return future
         if not link.send(bus.frame(kind, body)):
-            future.set_result(fail("its bus link has just closed"))
+            future.set_result(fail("its bus link has just closed", False))
             return future
         number = int.from_bytes(body[:4], "big")
         timer = loop.call_later(timeout, self._call_timed_out, number, timeout)
@@ -1988,7 +2031,7 @@ class ClusterWorker:
             reason = f"no reply within {timeout:g} s"
             self._log_call_failure(call.peer, reason)
             if not call.future.done():
-                call.future.set_result(call.fail(reason))
+                call.future.set_result(call.fail(reason, True))
 
     def _log_call_failure(self, peer: int, reason: str) -> None:
         """Count a call that got no reply, and log it at most once a minute."""
@@ -2015,7 +2058,7 @@ class ClusterWorker:
             call.timer.cancel()
             self._log_call_failure(call.peer, reason)
             if not call.future.done():
-                call.future.set_result(call.fail(reason))
+                call.future.set_result(call.fail(reason, True))
 
     def _finish_call(self, number: int, result: Any) -> None:
         call = self._calls.pop(number, None)
