@@ -157,6 +157,8 @@ async def _serve(
     log.info("IronShadow %s running; stop with Ctrl-C or SIGTERM%s", __version__, build)
     await stop.wait()
     log.info("shutting down")
+    if cluster is not None:
+        cluster.stopping = True
     await api.stop()
     if cluster is not None:
         await cluster.stop()

@@ -1023,6 +1023,8 @@ def test_sigterm_stops_every_worker(tmp_path: Path) -> None:
         status = cluster.stop()
     assert status == 0, cluster.log_tail()
     assert "all 3 workers stopped" in cluster.log_text()
+    # The workers stop together, so none reports its peers' links closing.
+    assert "bus link to worker" not in cluster.log_text().split("SIGTERM received")[1]
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

@@ -504,6 +504,9 @@ class ClusterWorker:
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._parent_timer: asyncio.TimerHandle | None = None
+        # Set when this worker begins to shut down. The supervisor stops every worker at
+        # once, so a bus link that closes from then on is neither logged nor reopened.
+        self.stopping = False
         self._heartbeats: Heartbeats | None = None
         if spec.heartbeat_fd >= 0:
             self._heartbeats = Heartbeats(spec.heartbeat_fd, spec.workers)
@@ -1195,6 +1198,8 @@ class ClusterWorker:
             self._links[peer] = None
             self._forget_syncs(peer)
             self._fail_calls(peer, "its bus link closed before it replied")
+            if self.stopping:
+                return
             # The supervisor logs why the peer stopped, if it did.
             log.info(
                 "worker %d: bus link to worker %d closed, as when it stops or restarts; "
