@@ -517,8 +517,10 @@ def test_stopped_owner_gives_503(tmp_path: Path) -> None:
             finally:
                 os.kill(pid, signal.SIGCONT)
 
-            response = client.get(path)
+            # Worker 1 is sent requests again from its first heartbeat, within milliseconds.
+            response = wait_for_status(client, path, 200)
             assert response.status_code == 200, response.text
+            # The first write was applied when worker 1 went on, the one not sent was not.
             assert response.json()["state"]["reported"] == {"on": True}
 
             os.kill(pid, signal.SIGKILL)
