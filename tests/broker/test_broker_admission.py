@@ -116,6 +116,16 @@ def test_connections_over_the_limit_bounded(make_broker):
     assert waiting.connect("first").reason_code == ReasonCode.SUCCESS
 
 
+def test_room_over_the_limit_per_worker(make_broker, workers):
+    """Connections may wait over --max-connections in the descriptors that the engine's
+    limit leaves: a worker holds about its share of the engine's connections."""
+    broker = make_broker(max_connections=3000)
+    share = 3000 // workers
+    for engine in broker.engines:
+        room = engine.call(lambda engine=engine: engine.broker.max_over_limit)
+        assert room == max(core.MIN_OVER_LIMIT, core.default_max_connections() - share)
+
+
 def rejected_connections(broker) -> int:
     return sum(
         engine.call(lambda engine=engine: engine.broker.stats.connections_rejected)

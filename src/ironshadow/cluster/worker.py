@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import socket
 import struct
@@ -47,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ..broker.connection import CLOSED, CONNECTED, MQTTConnection
-from ..broker.core import INTERNAL_CLIENT_PREFIX, default_max_connections
+from ..broker.core import INTERNAL_CLIENT_PREFIX, MIN_OVER_LIMIT, default_max_connections
 from ..broker.hooks import DUPLICATE_CLIENT_ID, BrokerHooks
 from ..broker.limits import peer_address
 from ..broker.message import Message
@@ -572,6 +573,13 @@ class ClusterWorker:
         # --max-connections is the engine's, checked in the shared table. What this process
         # may hold is bounded by its own open-file limit.
         broker.max_connections = default_max_connections()
+        engine_limit = broker.config.max_connections
+        if engine_limit:
+            # Client ids spread the engine's connections over the workers, so about a share
+            # of them live here. The descriptors left above it may hold connections that
+            # wait over the engine's limit to take over a session (see MIN_OVER_LIMIT).
+            share = math.ceil(engine_limit / self.workers)
+            broker.max_over_limit = max(MIN_OVER_LIMIT, broker.max_connections - share)
         self.shared_limits = self._open_shared_limits()
         broker.limits.shared = self.shared_limits
         broker.connect_router = self._route_connect
