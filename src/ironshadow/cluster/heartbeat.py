@@ -12,9 +12,10 @@ slot with its own clock. A slot of 0 means that the worker is not serving yet.
 from __future__ import annotations
 
 import mmap
-import os
 import struct
 import time
+
+from .limits import create_memfd
 
 # Seconds without a heartbeat after which the supervisor logs that a worker does not run.
 SILENT_SECONDS = 5.0
@@ -35,14 +36,7 @@ _PROCESS_STATES = {
 def create_heartbeats(workers: int) -> int:
     """Create a zeroed table of ``workers`` slots in a memfd and return its descriptor,
     inheritable by the workers."""
-    fd = os.memfd_create("ironshadow-heartbeats")
-    try:
-        os.ftruncate(fd, _SLOT.size * workers)
-        os.set_inheritable(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return create_memfd("ironshadow-heartbeats", _SLOT.size * workers)
 
 
 class Heartbeats:

@@ -96,16 +96,22 @@ def table_size(workers: int, slots: int) -> int:
     return 8 * workers + 8 + 8 * slots + 4 * workers * slots + 16 * slots
 
 
-def create_table(workers: int, slots: int) -> int:
-    """Create a zeroed table in a memfd and return its descriptor, inheritable by workers."""
-    fd = os.memfd_create("ironshadow-limits")
+def create_memfd(name: str, size: int) -> int:
+    """Create a zeroed memfd of ``size`` bytes and return its descriptor, inheritable by the
+    workers."""
+    fd = os.memfd_create(name)
     try:
-        os.ftruncate(fd, table_size(workers, slots))
+        os.ftruncate(fd, size)
         os.set_inheritable(fd, True)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def create_table(workers: int, slots: int) -> int:
+    """Create a zeroed table in a memfd and return its descriptor, inheritable by workers."""
+    return create_memfd("ironshadow-limits", table_size(workers, slots))
 
 
 def address_key(address: str) -> int:
