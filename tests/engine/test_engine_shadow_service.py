@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import time
+
 import orjson
 
+from conftest import scaled
 from ironshadow.engine import service as service_module
 from ironshadow.engine.service import REPLAYS_PER_ITERATION
-from ironshadow.mqtt import MQTT_5, Connack, Connect, PropertyId, Publish, Subscribe, Subscription
+from ironshadow.mqtt import (
+    MQTT_5,
+    Connack,
+    Connect,
+    Disconnect,
+    PropertyId,
+    Publish,
+    Subscribe,
+    Subscription,
+)
 from ironshadow.shadow import Shadow
 from mqtt_client import V5, V311, TestClient
 from raw_client import RawClient
@@ -224,6 +236,23 @@ def test_presence_events(engine):
     assert clean["clientInitiatedDisconnect"] is True
     last_seen = owner.call(owner.server.shadows.last_seen.get, "press-7")
     assert isinstance(last_seen, int)
+
+
+def test_one_shot_publisher_is_remembered(engine):
+    """A client that sends its update and DISCONNECT at once, as mosquitto_pub does, leaves
+    a shadow behind, so the engine keeps its last connect for the thing list."""
+    client = RawClient(engine.port, MQTT_5)
+    client.connect("lathe-3")
+    update = orjson.dumps({"state": {"reported": {"rpm": 700}}})
+    client.send(Publish("$aws/things/lathe-3/shadow/update", update), Disconnect())
+    client.wait_closed()
+    owner = engine.owner("lathe-3")
+    shadows = owner.server.shadows
+    deadline = time.monotonic() + scaled(5)
+    while owner.call(shadows.shadows.get, "lathe-3") is None:
+        assert time.monotonic() < deadline, "the update was not applied"
+        time.sleep(0.01)
+    assert isinstance(owner.call(shadows.last_seen.get, "lathe-3"), int)
 
 
 def test_too_many_requests_in_flight(engine):

@@ -505,7 +505,13 @@ class ShadowService(BrokerHooks):
     def client_disconnected(self, connection, reason: str) -> None:  # type: ignore[no-untyped-def]
         now = time.time()
         client_id = connection.client_id
-        if connection.session.expiry_interval or self._has_shadow(client_id):
+        # Requests still in flight count as the shadow they may create: mosquitto_pub sends
+        # its one update in the same read as its DISCONNECT, before the update is applied.
+        if (
+            connection.session.expiry_interval
+            or self._has_shadow(client_id)
+            or client_id in self._inflight
+        ):
             self.last_seen[client_id] = int(now)
         else:
             # A client that leaves neither a session nor a shadow behind (a command-line
