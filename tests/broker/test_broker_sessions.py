@@ -4,6 +4,7 @@ their bound and policy, and session takeover."""
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 import pytest
@@ -247,4 +248,6 @@ def test_takeover_log_counts_past_its_budget(broker, caplog):
         assert named == TAKEOVER_LOG_LINES
         assert "more clients took over" not in caplog.text
         broker.stop()
-    assert f"{extra} more clients took over their sessions in the last 60 s" in caplog.text
+    assert re.search(
+        f"{extra} more clients took over their sessions in the last \\d+ s", caplog.text
+    )

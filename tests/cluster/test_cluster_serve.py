@@ -575,6 +575,7 @@ def test_stopped_worker_is_logged_and_skipped(tmp_path: Path) -> None:
         assert float(paused.group(1)) >= SILENT_SECONDS
         # Worker 0 ran all along.
         assert text.count("has not run its event loop") == 1
+        assert f"connection of client '{name}' from" in text
         assert RawClient(cluster.port).connect(name).reason_code == ReasonCode.SUCCESS
         response = httpx.post(f"{base}/things/{name}/shadow", json=update, timeout=10)
         assert response.status_code == 200, response.text

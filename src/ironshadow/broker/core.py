@@ -114,7 +114,8 @@ _PUBREL_HEADER = b"\x62\x02"
 class LogBudget:
     """A log of one kind of INFO message: up to ``lines`` per ``interval`` seconds are
     written, the others counted. An interval with skipped messages ends with one line,
-    ``summary`` formatted with their number, the interval in seconds and ``lines``."""
+    ``summary`` formatted with their number, the seconds of the interval so far (less than
+    ``interval`` at shutdown) and ``lines``."""
 
     def __init__(self, lines: int, interval: float, summary: str) -> None:
         self.lines = lines
@@ -127,7 +128,7 @@ class LogBudget:
 
     def info(self, loop: asyncio.AbstractEventLoop, message: str, *args: object) -> None:
         """Write ``message`` at INFO if the interval allows another line, or count it."""
-        now = loop.time()
+        now = time.monotonic()
         if now >= self._ends:
             self.flush()  # in case its timer has not run yet
             self._ends = now + self.interval
@@ -137,7 +138,7 @@ class LogBudget:
             log.info(message, *args)
             return
         if not self._skipped:
-            self._handle = loop.call_at(self._ends, self.flush)
+            self._handle = loop.call_later(self._ends - now, self.flush)
         self._skipped += 1
 
     def flush(self) -> None:
@@ -146,7 +147,9 @@ class LogBudget:
             self._handle.cancel()
             self._handle = None
         if self._skipped:
-            log.info(self.summary, self._skipped, self.interval, self.lines)
+            started = self._ends - self.interval
+            elapsed = min(time.monotonic(), self._ends) - started
+            log.info(self.summary, self._skipped, elapsed, self.lines)
             self._skipped = 0
 
 

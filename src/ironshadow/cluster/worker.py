@@ -795,6 +795,7 @@ class ClusterWorker:
         silence = self.peer_silence(owner)
         if silence:
             # The owner would take the socket but not read it until it runs again.
+            connection.client_id = client_id
             self.broker._reject_connect(
                 connection,
                 ReasonCode.SERVER_UNAVAILABLE,

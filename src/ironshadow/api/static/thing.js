@@ -10,6 +10,10 @@ import { element, flatten, formatValue, isoTime, timeAgo } from "./format.js";
 const HISTORY_WINDOW_SECONDS = 3600;
 const HISTORY_LIMIT = 20000;
 const SUMMARY_REFRESH_SECONDS = 2;
+// A read that has no reply by then is given up. Its connection may belong to a worker that
+// is stopped, and the reads that follow go over other connections, at last a new one that a
+// running worker accepts.
+const READ_TIMEOUT_SECONDS = 5;
 const SECTIONS = ["desired", "reported", "delta"];
 
 // The hash of a thing view: #/thing/{thing} for the classic shadow and
@@ -169,7 +173,7 @@ export function mountThing(root, thing, shadowName = null) {
     if (summaryPending) return; // a worker that does not respond makes a request wait
     summaryPending = true;
     try {
-      const summary = await getJson(path);
+      const summary = await getJson(path, { timeoutSeconds: READ_TIMEOUT_SECONDS });
       const state = summary.connected ? "connected" : "offline";
       status.className = `status ${state}`;
       status.textContent = state;
