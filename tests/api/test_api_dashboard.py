@@ -279,8 +279,8 @@ def test_engine_view_lists_workers(browser: Any, tmp_path: Path) -> None:
         page.click('header a[data-view="fleet"]')
         notice = page.locator("#fleet-notice")
         expect(notice).to_contain_text(
-            "Worker 1 did not respond (restarting or stuck): its things are missing from this "
-            "list. Worker 1: no bus link to it is open"
+            "Worker 1 did not respond, so its things are missing from this list. Worker 1: no "
+            "bus link to it is open"
         )
         expect(page.locator("#things tbody tr[data-thing]")).to_have_count(2)
         for name in names[:2]:
@@ -309,7 +309,7 @@ def test_engine_view_lists_workers(browser: Any, tmp_path: Path) -> None:
 
         page.close()
 
-        # The thing view of a stopped worker's thing says why it shows nothing. The page is
+        # The thing view of a stopped worker's thing shows why it is empty. The page is
         # loaded in a new browser context (its own connections) while worker 0 is stopped,
         # so that its connections are worker 1's.
         os.kill(pids[0], signal.SIGSTOP)
@@ -317,8 +317,11 @@ def test_engine_view_lists_workers(browser: Any, tmp_path: Path) -> None:
             page = browser.new_context().new_page()
             page.set_default_timeout(timeout_ms)
             page.goto(base_url + f"/#/thing/{names[2]}")
-            # Worker 1 forgot the thing at its restart.
+            # Worker 1 forgot the thing at its restart. The 404 shows below the heading.
             expect(page.locator(".status")).to_have_text("unknown", timeout=timeout_ms)
+            expect(page.locator("#thing-notice.muted")).to_have_text(
+                f"Thing not found: '{names[2]}' has no shadow and has never connected"
+            )
         finally:
             os.kill(pids[0], signal.SIGCONT)
         stopped = pids[1]
@@ -335,10 +338,74 @@ def test_engine_view_lists_workers(browser: Any, tmp_path: Path) -> None:
                 timeout=3 * timeout_ms,
             )
             expect(page.locator(".status")).to_have_text("unavailable")
+            expect(page.locator("#thing-notice.error")).to_have_count(1)
+            # The heading contains the name, the status and the shadow version only.
+            expect(page.locator("h1")).to_have_text(f"{names[2]} unavailable  no shadow yet")
         finally:
             os.kill(stopped, signal.SIGCONT)
-        expect(page.locator("#thing-notice")).to_have_text("", timeout=timeout_ms)
+        expect(page.locator("#thing-notice.muted")).to_contain_text(
+            "has no shadow and has never connected", timeout=timeout_ms
+        )
         expect(page.locator(".status")).to_have_text("unknown")
+        page.close()
+    finally:
+        engine.terminate()
+        assert engine.wait(scaled(30)) == 0
+        log.close()
+
+
+def test_thing_view_recovers_after_owner_stop(browser: Any, tmp_path: Path) -> None:
+    """A thing view opened while the thing's worker is stopped shows why it is empty, and
+    reads the shadow and the history again by itself once the worker runs."""
+    from playwright.sync_api import expect
+
+    timeout_ms = scaled(10) * 1000
+    mqtt_port, http_port = free_port(), free_port()
+    log_path = tmp_path / "engine.log"
+    log = log_path.open("wb")
+    engine = subprocess.Popen(
+        [
+            sys.executable, "-m", "ironshadow", "serve",
+            "--workers", "2",
+            "--mqtt-port", str(mqtt_port),
+            "--http-port", str(http_port),
+            "--data-dir", str(tmp_path / "data"),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        base_url = f"http://127.0.0.1:{http_port}"
+        _wait_for_http(base_url, engine)
+        thing = name_owned_by(1, 2, "oven")
+        device = TestClient(mqtt_port, client_id=thing)
+        report(device, thing, temperature=21)  # QoS 1: stored once acknowledged
+        device.close()
+
+        pid = logged_worker_pids(log_path.read_text(), 1)[-1]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            # Once worker 1 counts as stopped, worker 0 rejects its requests with 503 at once.
+            deadline = time.monotonic() + scaled(20)
+            while "has not run its event loop" not in log_path.read_text():
+                assert time.monotonic() < deadline, "the supervisor did not log worker 1"
+                time.sleep(0.1)
+            page = browser.new_page()
+            page.set_default_timeout(timeout_ms)
+            page.goto(base_url + f"/#/thing/{thing}")
+            expect(page.locator(".status")).to_have_text("unavailable")
+            expect(page.locator("#thing-notice.error")).to_contain_text("belongs to worker 1")
+            expect(page.locator("section p.muted")).to_contain_text("History not loaded: ")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        cell = page.locator('#reported tr[data-field="temperature"] td.value')
+        expect(cell).to_have_text("21", timeout=timeout_ms)
+        expect(page.locator("section p.muted")).to_have_text(
+            "History of the last 60 minutes, then live."
+        )
+        expect(page.locator('[data-chart="temperature"]')).to_have_count(1)
+        expect(page.locator("#thing-notice")).to_have_text("")
         page.close()
     finally:
         engine.terminate()

@@ -10,6 +10,10 @@ import { element, flatten, formatValue, isoTime, timeAgo } from "./format.js";
 const HISTORY_WINDOW_SECONDS = 3600;
 const HISTORY_LIMIT = 20000;
 const SUMMARY_REFRESH_SECONDS = 2;
+// A read that has no reply by then is given up. Its connection may belong to a worker that
+// is stopped, and the reads that follow go over other connections, at last a new one that a
+// running worker accepts.
+const READ_TIMEOUT_SECONDS = 5;
 const SECTIONS = ["desired", "reported", "delta"];
 
 // The hash of a thing view: #/thing/{thing} for the classic shadow and
@@ -27,8 +31,9 @@ export function mountThing(root, thing, shadowName = null) {
   const status = element("span", { class: "status" });
   const lastSeen = element("span", { class: "muted" });
   const version = element("span", { class: "muted", id: "shadow-version" });
-  // Why the thing's summary could not be read, such as a worker that does not respond.
-  const notice = element("p", { id: "thing-notice", class: "message error", role: "status" });
+  // Why the thing or its shadow could not be read, such as a worker that does not respond,
+  // or that the thing is unknown.
+  const notice = element("p", { id: "thing-notice", class: "message", role: "status" });
   const shadowMenu = element("select", { id: "shadow-name", "aria-label": "shadow" });
   shadowMenu.append(shadowOption(null));
   if (shadowName !== null) shadowMenu.append(shadowOption(shadowName));
@@ -75,6 +80,10 @@ export function mountThing(root, thing, shadowName = null) {
   const charts = new Map();
   let historyRequested = false;
   let historyLoaded = false;
+  // Reads that failed other than with 404, repeated once the thing can be read again.
+  let shadowFailed = false;
+  let historyFailed = false;
+  let summaryFailed = false;
   const framesBeforeHistory = [];
 
   function showState(state, newVersion) {
@@ -118,7 +127,7 @@ export function mountThing(root, thing, shadowName = null) {
 
   async function loadHistory() {
     try {
-      const engine = await getJson("/api/engine");
+      const engine = await getJson("/api/engine", { timeoutSeconds: READ_TIMEOUT_SECONDS });
       if (!engine.historyKept) {
         chartNote.textContent = "No history: the engine runs with --memory-only true, so the charts start now.";
         historyLoaded = true;
@@ -135,7 +144,9 @@ export function mountThing(root, thing, shadowName = null) {
       ...nameQuery,
     });
     try {
-      const history = await getJson(`${path}/history?${params}`);
+      const history = await getJson(`${path}/history?${params}`, {
+        timeoutSeconds: READ_TIMEOUT_SECONDS,
+      });
       const byField = new Map();
       for (const point of history.points) {
         if (!byField.has(point.field)) byField.set(point.field, []);
@@ -146,20 +157,43 @@ export function mountThing(root, thing, shadowName = null) {
         chartFor(field).load(rows);
       }
       chartNote.textContent = `History of the last ${HISTORY_WINDOW_SECONDS / 60} minutes, then live.`;
+      historyFailed = false;
     } catch (failure) {
-      chartNote.textContent = `No history (${failure.message}); the charts start now.`;
+      historyFailed = true;
+      chartNote.textContent = `History not loaded: ${failure.message} The charts start now.`;
     }
     historyLoaded = true;
     for (const frame of framesBeforeHistory.splice(0)) plotFrame(frame);
   }
 
+  function showNotice(text, isError) {
+    notice.className = isError ? "message error" : "message muted";
+    notice.textContent = text;
+  }
+
   async function loadShadow() {
     try {
-      const document = await getJson(shadowPath);
+      const document = await getJson(shadowPath, { timeoutSeconds: READ_TIMEOUT_SECONDS });
       showState(document.state, document.version);
+      shadowFailed = false;
     } catch (failure) {
-      if (failure.status === 404) showState({}, -1);
-      else version.textContent = `Reading the shadow failed: ${failure.message}`;
+      if (failure.status === 404) {
+        showState({}, -1);
+      } else {
+        shadowFailed = true;
+        showNotice(`Reading the shadow failed: ${failure.message}`, true);
+      }
+    }
+  }
+
+  // Read the shadow again if it failed, and after the thing could not be read, the history
+  // too. Feed frames that arrive meanwhile wait for the history, as at the start.
+  function readAgain(afterOutage) {
+    if (shadowFailed) loadShadow();
+    if (afterOutage && historyFailed) {
+      historyFailed = false;
+      historyLoaded = false;
+      loadHistory();
     }
   }
 
@@ -168,30 +202,33 @@ export function mountThing(root, thing, shadowName = null) {
   async function loadSummary() {
     if (summaryPending) return; // a worker that does not respond makes a request wait
     summaryPending = true;
+    let failed = false;
     try {
-      const summary = await getJson(path);
+      const summary = await getJson(path, { timeoutSeconds: READ_TIMEOUT_SECONDS });
       const state = summary.connected ? "connected" : "offline";
       status.className = `status ${state}`;
       status.textContent = state;
       lastSeen.textContent = `last seen ${timeAgo(summary.lastSeen)}`;
       lastSeen.title = isoTime(summary.lastSeen);
-      notice.textContent = "";
+      showNotice("", false);
       showShadowNames(summary.namedShadows || []);
     } catch (failure) {
       status.className = "status offline";
+      lastSeen.textContent = "";
       lastSeen.title = "";
       if (failure.status === 404) {
         status.textContent = "unknown";
-        lastSeen.textContent = failure.message;
-        notice.textContent = "";
+        showNotice(failure.message, false);
       } else {
+        failed = true;
         status.textContent = "unavailable";
-        lastSeen.textContent = "";
-        notice.textContent = `Reading the thing failed: ${failure.message}`;
+        showNotice(`Reading the thing failed: ${failure.message}`, true);
       }
     } finally {
       summaryPending = false;
     }
+    if (!failed && (summaryFailed || shadowFailed)) readAgain(summaryFailed);
+    summaryFailed = failed;
   }
 
   // Offer the classic shadow, every named shadow of the thing, and the one shown even if

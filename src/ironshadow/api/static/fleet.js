@@ -138,7 +138,7 @@ export function mountFleet(root) {
     const workers = missing.map((entry) => entry.worker).join(", ");
     const plural = missing.length > 1;
     return (
-      `${plural ? "Workers" : "Worker"} ${workers} did not respond (restarting or stuck): ` +
+      `${plural ? "Workers" : "Worker"} ${workers} did not respond, so ` +
       `${plural ? "their" : "its"} things are missing from this list. ` +
       missing.map((entry) => `Worker ${entry.worker}: ${entry.error}.`).join(" ")
     );
