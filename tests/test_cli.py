@@ -337,3 +337,35 @@ def test_huge_max_connections_needs_explicit_workers(tmp_path):
     assert "--max-connections 100000000 needs" in output
     assert "set --workers" in output
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unreachable_max_connections_warns(tmp_path, workers):
+    from ironshadow.broker.core import FILE_DESCRIPTOR_RESERVE
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no hard open-file limit: any --max-connections can be reached")
+    # Each process raises its soft limit to the hard one and keeps a reserve for itself.
+    limit = workers * (hard - FILE_DESCRIPTOR_RESERVE) + 1
+    engine = start_engine(
+        tmp_path,
+        "--mqtt-port", str(free_port()),
+        "--workers", str(workers),
+        "--memory-only", "true",
+        "--max-connections", str(limit),
+    )  # fmt: skip
+    lines = []
+    try:
+        assert engine.stdout is not None
+        for line in engine.stdout:
+            lines.append(line)
+            if "running; stop with" in line:
+                break
+    finally:
+        engine.terminate()
+        engine.communicate(timeout=scaled(30))
+    output = "".join(lines)
+    assert f"--max-connections {limit} cannot be reached: " in output
+    assert "--workers 0 starts the" in output
+    assert "running; stop with" in output

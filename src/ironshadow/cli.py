@@ -32,6 +32,7 @@ from .auth import AclError, AuthPolicy, UserStoreError
 from .auth import command as auth_command
 from .auth.tokens import DEFAULT_TOKEN_LIFETIME
 from .broker.config import BrokerConfig
+from .broker.core import default_max_connections
 from .broker.tls import TLSConfigError, TLSListenerError
 from .cluster import ClusterWorker, WorkerCountError, WorkerSpec, worker_data_dir
 from .cluster.limits import create_table, needs_table, table_slots
@@ -68,6 +69,26 @@ def _raise_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (ValueError, OSError) as exc:
             log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+
+
+def _warn_over_file_limits(max_connections: int, workers: int) -> None:
+    """Warn when ``workers`` processes cannot hold ``max_connections`` connections within
+    their open-file limits, so that the limit cannot be reached."""
+    per_process = default_max_connections()
+    if not max_connections or max_connections <= workers * per_process:
+        return
+    if workers == 1:
+        held = f"one process may open at most {per_process} connections (its open-file limit)"
+    else:
+        held = (
+            f"{workers} workers may open at most {workers * per_process} connections "
+            f"({per_process} each, their open-file limit)"
+        )
+    try:
+        advice = f"--workers 0 starts the {auto_workers(max_connections)} workers it needs"
+    except ValueError as exc:
+        advice = str(exc)  # too many workers: the message says what to change
+    log.warning("--max-connections %d cannot be reached: %s; %s", max_connections, held, advice)
 
 
 def _install_event_loop_policy() -> None:
@@ -242,6 +263,8 @@ def _run_serve(args: argparse.Namespace) -> int:
             mqtt_state_in_data_dir=worker is not None,
         )
     _raise_file_limit()
+    if worker is None:
+        _warn_over_file_limits(config.max_connections, workers)
     _install_event_loop_policy()
     try:
         if worker is None and workers > 1:
