@@ -78,17 +78,19 @@ def _warn_over_file_limits(max_connections: int, workers: int) -> None:
     if not max_connections or max_connections <= workers * per_process:
         return
     if workers == 1:
-        held = f"one process may open at most {per_process} connections (its open-file limit)"
+        capacity = f"one process may open at most {per_process} connections (its open-file limit)"
     else:
-        held = (
+        capacity = (
             f"{workers} workers may open at most {workers * per_process} connections "
             f"({per_process} each, their open-file limit)"
         )
     try:
         advice = f"--workers 0 starts the {auto_workers(max_connections)} workers it needs"
     except ValueError as exc:
-        advice = str(exc)  # too many workers: the message says what to change
-    log.warning("--max-connections %d cannot be reached: %s; %s", max_connections, held, advice)
+        advice = str(exc)  # too many workers: the message names what to change
+    log.warning(
+        "--max-connections %d cannot be reached: %s; %s", max_connections, capacity, advice
+    )
 
 
 def _install_event_loop_policy() -> None:
