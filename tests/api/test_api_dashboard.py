@@ -327,15 +327,16 @@ def test_engine_view_lists_workers(browser: Any, tmp_path: Path) -> None:
         stopped = pids[1]
         os.kill(stopped, signal.SIGSTOP)
         try:
-            # A read over a connection of worker 1 waits 5 s, and a later one goes over a
-            # new connection, which worker 0 accepts.
+            # A read over a connection of worker 1 waits 5 s and closes it. The browser may
+            # hold up to 6 such connections to the host, and a read after them goes over a
+            # new connection, which worker 0 accepts: up to 6 times 5 s and the 2 s refresh.
             expect(page.locator("#thing-notice")).to_have_text(
                 re.compile(
                     f"Reading the thing failed: Thing '{names[2]}' belongs to worker 1, which "
                     r"did not respond: (no reply within 4 s|it has not run for \d+ s \(stopped "
                     r"or stuck\))\. Retry the request shortly\."
                 ),
-                timeout=3 * timeout_ms,
+                timeout=6 * timeout_ms,
             )
             expect(page.locator(".status")).to_have_text("unavailable")
             expect(page.locator("#thing-notice.error")).to_have_count(1)
