@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -216,31 +217,52 @@ def test_dashboard_views_follow_mqtt_device(browser: Any, tmp_path: Path) -> Non
         page.close()
 
 
+@dataclass
+class Workers:
+    """``ironshadow serve --workers 2`` in a subprocess, with its log in a file."""
+
+    mqtt_port: int
+    base_url: str
+    log_path: Path
+
+
+@contextlib.contextmanager
+def two_workers(tmp_path: Path, *flags: str) -> Iterator[Workers]:
+    """Start ``ironshadow serve --workers 2`` on free ports, wait until its HTTP port replies,
+    and check that it stops cleanly on SIGTERM afterwards."""
+    mqtt_port, http_port = free_port(), free_port()
+    log_path = tmp_path / "engine.log"
+    with log_path.open("wb") as log:
+        engine = subprocess.Popen(
+            [
+                sys.executable, "-m", "ironshadow", "serve",
+                "--workers", "2",
+                "--mqtt-port", str(mqtt_port),
+                "--http-port", str(http_port),
+                "--data-dir", str(tmp_path / "data"),
+                *flags,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            base_url = f"http://127.0.0.1:{http_port}"
+            _wait_for_http(base_url, engine)
+            yield Workers(mqtt_port, base_url, log_path)
+        finally:
+            engine.terminate()
+            assert engine.wait(scaled(30)) == 0
+
+
 def test_engine_view_lists_workers(browser: Any, tmp_path: Path) -> None:
     """With two worker processes the engine view adds up the workers and shows each one's
     clients in a row of its own, and marks a worker that does not reply."""
     from playwright.sync_api import expect
 
     timeout_ms = scaled(10) * 1000
-    mqtt_port, http_port = free_port(), free_port()
-    log_path = tmp_path / "engine.log"
-    log = log_path.open("wb")
-    engine = subprocess.Popen(
-        [
-            sys.executable, "-m", "ironshadow", "serve",
-            "--workers", "2",
-            "--mqtt-port", str(mqtt_port),
-            "--http-port", str(http_port),
-            "--data-dir", str(tmp_path / "data"),
-            "--memory-only",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        base_url = f"http://127.0.0.1:{http_port}"
-        _wait_for_http(base_url, engine)
+    with two_workers(tmp_path, "--memory-only") as engine:
+        mqtt_port, base_url, log_path = engine.mqtt_port, engine.base_url, engine.log_path
         # A plain TCP client is handed to the worker that owns its id: two on worker 0,
         # one on worker 1.
         owners = [0, 0, 1]
@@ -349,10 +371,6 @@ def test_engine_view_lists_workers(browser: Any, tmp_path: Path) -> None:
         )
         expect(page.locator(".status")).to_have_text("unknown")
         page.close()
-    finally:
-        engine.terminate()
-        assert engine.wait(scaled(30)) == 0
-        log.close()
 
 
 def test_thing_view_recovers_after_owner_stop(browser: Any, tmp_path: Path) -> None:
@@ -361,24 +379,8 @@ def test_thing_view_recovers_after_owner_stop(browser: Any, tmp_path: Path) -> N
     from playwright.sync_api import expect
 
     timeout_ms = scaled(10) * 1000
-    mqtt_port, http_port = free_port(), free_port()
-    log_path = tmp_path / "engine.log"
-    log = log_path.open("wb")
-    engine = subprocess.Popen(
-        [
-            sys.executable, "-m", "ironshadow", "serve",
-            "--workers", "2",
-            "--mqtt-port", str(mqtt_port),
-            "--http-port", str(http_port),
-            "--data-dir", str(tmp_path / "data"),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        base_url = f"http://127.0.0.1:{http_port}"
-        _wait_for_http(base_url, engine)
+    with two_workers(tmp_path) as engine:
+        mqtt_port, base_url, log_path = engine.mqtt_port, engine.base_url, engine.log_path
         thing = name_owned_by(1, 2, "oven")
         device = TestClient(mqtt_port, client_id=thing)
         report(device, thing, temperature=21)  # QoS 1: stored once acknowledged
@@ -408,10 +410,6 @@ def test_thing_view_recovers_after_owner_stop(browser: Any, tmp_path: Path) -> N
         expect(page.locator('[data-chart="temperature"]')).to_have_count(1)
         expect(page.locator("#thing-notice")).to_have_text("")
         page.close()
-    finally:
-        engine.terminate()
-        assert engine.wait(scaled(30)) == 0
-        log.close()
 
 
 def _wait_for_http(base_url: str, engine: subprocess.Popen[bytes]) -> None:
