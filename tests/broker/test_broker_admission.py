@@ -118,7 +118,7 @@ def test_connections_over_the_limit_bounded(make_broker):
 
 def test_room_over_the_limit_per_worker(make_broker, workers):
     """Connections may wait over --max-connections in the descriptors that the engine's
-    limit leaves: a worker holds about its share of the engine's connections."""
+    limit leaves: a worker has about its share of the engine's connections."""
     broker = make_broker(max_connections=3000)
     share = 3000 // workers
     for engine in broker.engines:
